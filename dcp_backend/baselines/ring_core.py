@@ -1,0 +1,239 @@
+"""The shared ring engine of ring, zigzag and LoongTrain: a double ring with a pluggable block kernel.
+
+``C`` ring positions are cut into windows of ``w`` consecutive positions (``nw = C / w`` windows).
+Position ``c = (win, j)`` (``win = c // w``, ``j = c % w``) holds at outer step ``o`` and inner step ``t``
+the K/V block that started at position ``((win - o) % nw, (j - t) % w)``: the *inner ring* rotates a
+block through the window, the *outer ring* hands each position the next window's block, its transfer
+overlapped with the whole inner sweep. ``w = C`` is the plain single ring; LoongTrain uses ``w < C``.
+
+Forward: every step launches the next transfer, computes local queries against the held block through
+the block kernel, and merges (out, lse) by log-sum-exp. Backward: K/V travel the same way; the partial
+dK/dV of a block travel with it (each step computes into a fresh partial, adds the accumulator that
+arrived from the previous position and passes the sum on), so every block's gradient ends at its owner.
+Sends and receives between any two ranks are posted in the same order on both sides (NCCL matches
+point-to-point messages in order), and tags separate the four message kinds for gloo.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dcp_backend.comm import CommCounters, Exchange
+from dcp_backend.kernels import BlockKernel, acc_dtype, merge_into_
+from dcp_backend.baselines.layout import PairWork
+
+TAG_KV_INNER, TAG_DKV_INNER, TAG_KV_OUTER, TAG_DKV_OUTER = 11, 12, 13, 14
+
+
+@dataclass(frozen=True)
+class RingGeometry:
+    num_positions: int
+    window: int
+    position: int
+    rank_of_position: tuple[int, ...]  # group rank of every ring position
+
+    @property
+    def num_windows(self) -> int:
+        return self.num_positions // self.window
+
+    def coords(self, c: int) -> tuple[int, int]:
+        return c // self.window, c % self.window
+
+    def at(self, win: int, j: int) -> int:
+        return (win % self.num_windows) * self.window + (j % self.window)
+
+    def source(self, o: int, t: int, c: int | None = None) -> int:
+        """Ring position whose block position ``c`` (default: mine) holds at outer step o, inner step t."""
+        win, j = self.coords(self.position if c is None else c)
+        return self.at(win - o, j - t)
+
+    def rank(self, c: int) -> int:
+        return self.rank_of_position[c]
+
+    @property
+    def inner_next(self) -> int:
+        win, j = self.coords(self.position)
+        return self.rank(self.at(win, j + 1))
+
+    @property
+    def inner_prev(self) -> int:
+        win, j = self.coords(self.position)
+        return self.rank(self.at(win, j - 1))
+
+    @property
+    def outer_next(self) -> int:
+        win, j = self.coords(self.position)
+        return self.rank(self.at(win + 1, j))
+
+    @property
+    def outer_prev(self) -> int:
+        win, j = self.coords(self.position)
+        return self.rank(self.at(win - 1, j))
+
+
+@dataclass(eq=False)
+class RingRankWork:
+    """Everything one position needs at run time; built once per plan and reused by every layer."""
+
+    geometry: RingGeometry
+    works: dict  # source position -> PairWork (with torch index tensors cached in _torch)
+    tokens: np.ndarray  # tokens held by every position (receive-buffer sizes)
+
+    def torch_rows(self, src: int, device: torch.device):
+        pw: PairWork = self.works[src]
+        cache = pw.work._cache
+        key = ("rows", str(device))
+        if key not in cache:
+            cache[key] = (torch.from_numpy(pw.q_rows).to(device), torch.from_numpy(pw.kv_rows).to(device))
+        return cache[key]
+
+
+def _block_buffer(n: int, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    return torch.empty((2, n, like.shape[-2], like.shape[-1]), dtype=dtype or like.dtype, device=like.device)
+
+
+def ring_forward(q, k, v, rw: RingRankWork, kernel: BlockKernel, scale: float, group,
+                 counters: CommCounters | None = None):
+    """Returns (out [T,H,D] in q.dtype, lse [T,H] in the accumulation dtype)."""
+    geo = rw.geometry
+    acc = acc_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=acc, device=q.device)
+    outer_block = torch.stack([k, v])
+    for o in range(geo.num_windows):
+        outer_x = None
+        if o < geo.num_windows - 1:
+            nxt = _block_buffer(int(rw.tokens[geo.source(o + 1, 0)]), k)
+            outer_x = Exchange(group, "LoongTrain outer-ring K/V exchange", counters=counters)
+            outer_x.send(outer_block, geo.outer_next, TAG_KV_OUTER)
+            outer_x.recv(nxt, geo.outer_prev, TAG_KV_OUTER)
+            outer_x.launch()
+        cur = outer_block
+        for t in range(geo.window):
+            inner_x = None
+            if t < geo.window - 1:
+                nxt_in = _block_buffer(int(rw.tokens[geo.source(o, t + 1)]), k)
+                inner_x = Exchange(group, "ring K/V exchange", counters=counters)
+                inner_x.send(cur, geo.inner_next, TAG_KV_INNER)
+                inner_x.recv(nxt_in, geo.inner_prev, TAG_KV_INNER)
+                inner_x.launch()
+            src = geo.source(o, t)
+            pw = rw.works[src]
+            if not pw.empty:
+                qr, kr = rw.torch_rows(src, q.device)
+                o_b, l_b = kernel.forward(q.index_select(0, qr), cur[0].index_select(0, kr),
+                                          cur[1].index_select(0, kr), pw.work, scale)
+                merge_into_(out, lse, o_b, l_b, rows=qr)
+            if inner_x is not None:
+                inner_x.wait()
+                cur = nxt_in
+        if outer_x is not None:
+            outer_x.wait()
+            outer_block = nxt
+    return out.to(q.dtype), lse
+
+
+def ring_backward(dout, q, k, v, out, lse, rw: RingRankWork, kernel: BlockKernel, scale: float, group,
+                  counters: CommCounters | None = None):
+    """Returns (dq, dk, dv) in the input dtype; ``out``/``lse`` are the merged forward results."""
+    geo = rw.geometry
+    acc = acc_dtype(q.dtype)
+    w, nw = geo.window, geo.num_windows
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    pending: list[Exchange] = []
+    outer_block = torch.stack([k, v])
+    own_dkv = None
+    for o in range(nw):
+        start = Exchange(group, "outer-ring K/V and dK/dV exchange", counters=counters)
+        outer_acc = None
+        if o > 0:  # the accumulator of this step's outer block, from the previous window
+            outer_acc = _block_buffer(int(rw.tokens[geo.source(o, 0)]), k, acc)
+            start.recv(outer_acc, geo.outer_prev, TAG_DKV_OUTER)
+        if o < nw - 1:
+            nxt = _block_buffer(int(rw.tokens[geo.source(o + 1, 0)]), k)
+            start.send(outer_block, geo.outer_next, TAG_KV_OUTER)
+            start.recv(nxt, geo.outer_prev, TAG_KV_OUTER)
+        start.launch()
+        cur = outer_block
+        for t in range(w):
+            step = Exchange(group, "ring K/V and dK/dV exchange", counters=counters)
+            inner_acc = None
+            if t > 0:
+                inner_acc = _block_buffer(int(rw.tokens[geo.source(o, t)]), k, acc)
+                step.recv(inner_acc, geo.inner_prev, TAG_DKV_INNER)
+            if t < w - 1:
+                nxt_in = _block_buffer(int(rw.tokens[geo.source(o, t + 1)]), k)
+                step.send(cur, geo.inner_next, TAG_KV_INNER)
+                step.recv(nxt_in, geo.inner_prev, TAG_KV_INNER)
+            step.launch()
+            src = geo.source(o, t)
+            pw = rw.works[src]
+            partial = torch.zeros((2,) + tuple(cur.shape[1:]), dtype=acc, device=q.device)
+            if not pw.empty:
+                qr, kr = rw.torch_rows(src, q.device)
+                dq_b, dk_b, dv_b = kernel.backward(
+                    dout.index_select(0, qr), q.index_select(0, qr), cur[0].index_select(0, kr),
+                    cur[1].index_select(0, kr), out.index_select(0, qr), lse.index_select(0, qr), pw.work, scale,
+                )
+                dq.index_add_(0, qr, dq_b.to(acc))
+                partial[0].index_add_(0, kr, dk_b)
+                partial[1].index_add_(0, kr, dv_b)
+            step.wait()
+            if inner_acc is not None:
+                partial += inner_acc
+            if w > 1:  # pass the accumulator on; after the sweep it is back at the block's holder
+                fwd = Exchange(group, "ring dK/dV exchange", counters=counters)
+                fwd.send(partial, geo.inner_next, TAG_DKV_INNER)
+                fwd.launch()
+                pending.append(fwd)
+            else:
+                window_total = partial
+            if t < w - 1:
+                cur = nxt_in
+        if w > 1:  # receive the window's total for my outer block
+            window_total = _block_buffer(int(rw.tokens[geo.source(o, 0)]), k, acc)
+            fin = Exchange(group, "ring dK/dV exchange", counters=None)
+            fin.recv(window_total, geo.inner_prev, TAG_DKV_INNER)
+            fin.launch().wait()
+        start.wait()
+        if outer_acc is not None:
+            window_total = window_total + outer_acc
+        if nw > 1:
+            send = Exchange(group, "outer-ring dK/dV exchange", counters=counters)
+            send.send(window_total, geo.outer_next, TAG_DKV_OUTER)
+            send.launch()
+            pending.append(send)
+        else:
+            own_dkv = window_total
+        if o < nw - 1:
+            outer_block = nxt
+    if nw > 1:
+        own_dkv = _block_buffer(int(rw.tokens[geo.position]), k, acc)
+        fin = Exchange(group, "outer-ring dK/dV exchange", counters=None)
+        fin.recv(own_dkv, geo.outer_prev, TAG_DKV_OUTER)
+        fin.launch().wait()
+    for x in pending:
+        x.wait()
+    return dq.to(q.dtype), own_dkv[0].to(k.dtype), own_dkv[1].to(v.dtype)
+
+
+class RingAttentionFn(torch.autograd.Function):
+    """Differentiable ring attention for one rank (wraps :func:`ring_forward` / :func:`ring_backward`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rw, kernel, scale, group, counters):
+        with torch.no_grad():
+            out, lse = ring_forward(q, k, v, rw, kernel, scale, group, counters)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.rw, ctx.kernel, ctx.scale, ctx.group, ctx.counters = rw, kernel, scale, group, counters
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        with torch.no_grad():
+            dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.rw, ctx.kernel, ctx.scale,
+                                       ctx.group, ctx.counters)
+        return dq, dk, dv, None, None, None, None, None

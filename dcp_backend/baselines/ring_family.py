@@ -1,0 +1,206 @@
+"""Plan and backend base shared by the ring-family baselines (ring, zigzag, LoongTrain).
+
+A ring-family plan is a static token layout over ``C`` ring positions (see :mod:`.layout`), a window
+size for the double ring, and a head-parallel degree ``hp`` (LoongTrain; 1 otherwise). Group rank
+``r`` is ring position ``r // hp`` and head slot ``r % hp`` (head groups are consecutive ranks, so the
+all-to-all stays inside a node; ring neighbours are ``hp`` ranks apart). A position's tokens are split
+into ``hp`` contiguous near-equal parts, one per head slot.
+
+Statistics (bytes moved inter/intra node, compute, memory) are derived from the same schedule the
+executor runs, so dry runs can compare baselines with DCP without executing anything.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from dcp_backend.backend import BackendOptions, CPBackend, Plan, PlanStats
+from dcp_backend.baselines.layout import ChunkLayout, PairWorkBuilder
+from dcp_backend.baselines.ring_core import RingAttentionFn, RingGeometry, RingRankWork
+from dcp_backend.batch import PackedBatch
+from dcp_backend.comm import CommCounters
+from dcp_backend.kernels import get_kernel
+from dcp_backend.masks import build_ranges, range_lengths
+from dcp_backend.spec import AttentionSpec, CPError
+
+
+@dataclass(frozen=True)
+class RingFamilyOptions(BackendOptions):
+    """devices_per_node: ranks per node (topology for statistics and LoongTrain's defaults);
+    None means all ranks on one node."""
+
+    devices_per_node: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.devices_per_node is not None and (
+            not isinstance(self.devices_per_node, int) or self.devices_per_node < 1
+        ):
+            raise CPError(f"devices_per_node must be a positive int, got {self.devices_per_node!r}")
+
+
+def check_topology(world_size: int, devices_per_node: int | None) -> int:
+    dpn = devices_per_node or world_size
+    if world_size % dpn:
+        raise CPError(
+            f"world size {world_size} is not a multiple of devices_per_node={dpn}: the world must be "
+            "nodes x devices_per_node"
+        )
+    return dpn
+
+
+class RingFamilyPlan(Plan):
+    backend = "ring-family"
+
+    def __init__(self, batch: PackedBatch, spec: AttentionSpec, world_size: int, options, *, layout: ChunkLayout,
+                 window: int, head_parallel: int, backend: str):
+        super().__init__(batch, spec, world_size, options)
+        self.backend = backend
+        self.layout = layout
+        self.window = window
+        self.head_parallel = head_parallel
+        self.num_positions = layout.num_positions
+        self.devices_per_node = check_topology(world_size, getattr(options, "devices_per_node", None))
+        self._rank_work: dict[int, RingRankWork] = {}
+
+    # -------------------------------------------------------------- placement
+    def position_of(self, rank: int) -> int:
+        return rank // self.head_parallel
+
+    def rank_of_position(self, c: int, slot: int = 0) -> int:
+        return c * self.head_parallel + slot
+
+    @cached_property
+    def slot_bounds(self) -> np.ndarray:
+        """[C, hp+1]: each position's buffer split into hp contiguous parts."""
+        tok = self.layout.tokens_per_position
+        k = np.arange(self.head_parallel + 1)
+        return (tok[:, None] * k[None, :]) // self.head_parallel
+
+    def slot_tokens(self, c: int) -> np.ndarray:
+        return np.diff(self.slot_bounds[c])
+
+    def _local_indices(self, rank: int) -> np.ndarray:
+        c, slot = divmod(rank, self.head_parallel)
+        idx = self.layout.global_indices(c)
+        b = self.slot_bounds[c]
+        return idx[b[slot]:b[slot + 1]]
+
+    def geometry(self, rank: int) -> RingGeometry:
+        slot = rank % self.head_parallel
+        return RingGeometry(
+            self.num_positions, self.window, self.position_of(rank),
+            tuple(self.rank_of_position(c, slot) for c in range(self.num_positions)),
+        )
+
+    @cached_property
+    def _builder(self) -> PairWorkBuilder:
+        return PairWorkBuilder(self.layout, self.spec.mask, self.spec.mask_args)
+
+    def rank_work(self, rank: int) -> RingRankWork:
+        """The (cached) per-source attention work of ``rank``'s ring position."""
+        if rank not in self._rank_work:
+            c = self.position_of(rank)
+            works = {src: self._builder.build(c, src) for src in range(self.num_positions)}
+            self._rank_work[rank] = RingRankWork(self.geometry(rank), works, self.layout.tokens_per_position)
+        return self._rank_work[rank]
+
+    # -------------------------------------------------------------- statistics
+    def stats(self, element_size: int = 2) -> PlanStats:
+        """Bytes, compute and memory per rank for this schedule (K/V in ``element_size`` bytes)."""
+        spec, hp, n = self.spec, self.head_parallel, self.world_size
+        C, w = self.num_positions, self.window
+        nw = C // w
+        dpn = self.devices_per_node
+        acc_size = 8 if element_size == 8 else 4
+        kv_heads = max(spec.num_kv_heads // hp, 1)
+        kv_tok = 2 * kv_heads * spec.head_dim  # K and V elements per token per rank
+        tokens_c = self.layout.tokens_per_position
+        fwd = np.zeros((n, 2))  # [rank, intra/inter]
+        bwd = np.zeros((n, 2))
+
+        def add(arr, src_rank, dst_rank, nbytes):
+            arr[src_rank, int(src_rank // dpn != dst_rank // dpn)] += nbytes
+
+        for r in range(n):
+            geo = self.geometry(r)
+            for o in range(nw):
+                if o < nw - 1:
+                    b = tokens_c[geo.source(o, 0)] * kv_tok * element_size
+                    add(fwd, r, geo.outer_next, b)
+                    add(bwd, r, geo.outer_next, b)
+                if nw > 1:  # outer dK/dV accumulator
+                    add(bwd, r, geo.outer_next, tokens_c[geo.source(o, 0)] * kv_tok * acc_size)
+                for t in range(w):
+                    if t < w - 1:
+                        b = tokens_c[geo.source(o, t)] * kv_tok * element_size
+                        add(fwd, r, geo.inner_next, b)
+                        add(bwd, r, geo.inner_next, b)
+                    if w > 1:
+                        add(bwd, r, geo.inner_next, tokens_c[geo.source(o, t)] * kv_tok * acc_size)
+            if hp > 1:  # head-parallel all-to-alls (q, k, v in; out back; and their gradients)
+                c, slot = divmod(r, hp)
+                mine = self.slot_tokens(c)[slot]
+                q_tok, kv_tok_a2a = spec.num_heads // hp * spec.head_dim, kv_heads * spec.head_dim
+                for peer_slot in range(hp):
+                    if peer_slot == slot:
+                        continue
+                    peer = self.rank_of_position(c, peer_slot)
+                    theirs = self.slot_tokens(c)[peer_slot]
+                    add(fwd, r, peer, mine * (q_tok + 2 * kv_tok_a2a) * element_size + theirs * q_tok * element_size)
+                    add(bwd, r, peer, theirs * (q_tok + 2 * kv_tok_a2a) * element_size + mine * q_tok * element_size)
+        ranges = build_ranges(self.batch, spec.mask, spec.mask_args)
+        per_token = range_lengths(ranges)
+        compute, tokens, memory = [], [], []
+        for r in range(n):
+            c = self.position_of(r)
+            idx_c = self.layout.global_indices(c)
+            compute.append(int(per_token[idx_c].sum()) * (spec.num_heads // hp))
+            local = self.num_local_tokens(r)
+            tokens.append(local)
+            held = int(tokens_c[c])
+            biggest = int(tokens_c.max())
+            act = local * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * element_size
+            ring_bufs = (held + 2 * biggest) * kv_tok * element_size + held * (spec.num_heads // hp) * spec.head_dim * acc_size
+            memory.append(act + ring_bufs)
+        return PlanStats(
+            backend=self.backend, world_size=n, nodes=n // dpn, devices_per_node=dpn,
+            fwd_inter_node_bytes=int(fwd[:, 1].sum()), fwd_intra_node_bytes=int(fwd[:, 0].sum()),
+            bwd_inter_node_bytes=int(bwd[:, 1].sum()), bwd_intra_node_bytes=int(bwd[:, 0].sum()),
+            compute_pair_heads=tuple(compute), tokens=tuple(tokens), memory_bytes=tuple(memory),
+            extra={"window": w, "head_parallel": hp,
+                   "fwd_bytes_per_rank": fwd.sum(1).astype(np.int64).tolist(),
+                   "bwd_bytes_per_rank": bwd.sum(1).astype(np.int64).tolist()},
+        )
+
+
+class RingFamilyBackend(CPBackend):
+    """Shared attention path: (optional head all-to-all) + double ring over the block kernel."""
+
+    Options = RingFamilyOptions
+    PlanType = RingFamilyPlan
+
+    def __init__(self, group=None, options=None):
+        super().__init__(group, options)
+        self.counters = CommCounters()
+
+    def _attention(self, q, k, v, plan: RingFamilyPlan):
+        rank = self.rank
+        kernel = get_kernel(self.options.kernel, q.device)
+        rw = plan.rank_work(rank)
+        return RingAttentionFn.apply(q, k, v, rw, kernel, plan.spec.scale, self.group, self.counters)
+
+    def _kv_heads_check(self, spec: AttentionSpec, hp: int) -> None:
+        if spec.num_heads % hp:
+            raise CPError(
+                f"{self.name}: num_heads ({spec.num_heads}) must be divisible by the head-parallel degree ({hp})"
+            )
+        if spec.num_kv_heads % hp and hp % spec.num_kv_heads:
+            raise CPError(
+                f"{self.name}: num_kv_heads ({spec.num_kv_heads}) and the head-parallel degree ({hp}) must "
+                "divide one another (KV heads are split, or replicated when there are fewer than hp)"
+            )
+

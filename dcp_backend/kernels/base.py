@@ -1,0 +1,116 @@
+"""The block-kernel interface and the shared segment grouping used by the dense kernels.
+
+A block kernel computes, for an :class:`~dcp_backend.kernels.work.AttnWork`,
+
+* ``forward(q [Tq,H,D], k [Tk,Hkv,D], v, work, scale) -> (out [Tq,H,D] in q.dtype, lse [Tq,H] in acc_dtype)``
+  where a row with no visible key has ``out = 0`` and ``lse = -inf``;
+* ``backward(dout, q, k, v, out, lse, work, scale) -> (dq, dk, dv)`` where ``out``/``lse`` are the
+  *final* (merged over all blocks) values of those query rows, so the result is this block's exact
+  contribution to the gradient (flash-attention style: ``dS = P * (dP - rowsum(dout * out))`` with
+  ``P = exp(S - lse)``). ``dk``/``dv`` come back in the accumulation dtype (fp32, or fp64 for fp64).
+
+GQA: ``H`` is a multiple of ``Hkv``; query head ``h`` uses KV head ``h // (H // Hkv)``. Kernels never
+need K/V repeated by the caller.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dcp_backend.kernels.work import KIND_CAUSAL, KIND_FULL, KIND_GENERAL, AttnWork, dense_visibility
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for outputs, lse and gradients: float64 stays float64, all else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class BlockKernel:
+    """Base class: subclasses implement :meth:`forward` and :meth:`backward`."""
+
+    name = "abstract"
+
+    def forward(self, q, k, v, work: AttnWork, scale: float):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def backward(self, dout, q, k, v, out, lse, work: AttnWork, scale: float):  # pragma: no cover
+        raise NotImplementedError
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return True
+
+
+@dataclass(eq=False)
+class SegmentGroup:
+    """Segments of one work with equal (kind, q_len, k_len), executed as one batched call."""
+
+    kind: int
+    batch: int
+    q_len: int
+    k_len: int
+    q_rows: torch.Tensor  # [batch * q_len] rows of the work's q
+    k_rows: torch.Tensor  # [batch * k_len] rows of the work's kv
+    visible: np.ndarray | None  # [batch, q_len, k_len] bool for KIND_GENERAL
+    masks: dict  # dtype/device -> additive float mask [batch, 1, q_len, k_len]
+
+    def additive_mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        if self.visible is None:
+            return None
+        key = (dtype, str(device))
+        if key not in self.masks:
+            m = torch.zeros(self.visible.shape, dtype=dtype)
+            m.masked_fill_(torch.from_numpy(~self.visible), float("-inf"))
+            self.masks[key] = m.unsqueeze(1).to(device)
+        return self.masks[key]
+
+
+def segment_groups(work: AttnWork) -> list[SegmentGroup]:
+    """Group segments by (kind, q_len, k_len); cached on the work object."""
+    cache = work._cache
+    if "groups" in cache:
+        return cache["groups"]
+    kinds = work.kinds()
+    qlens, klens = work.q_lens, work.k_lens
+    groups: list[SegmentGroup] = []
+    live = np.nonzero((qlens > 0) & (klens > 0))[0]
+    if live.size:
+        keys = np.stack([kinds[live], qlens[live], klens[live]], axis=1)
+        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        for gi, (kind, ql, kl) in enumerate(uniq.tolist()):
+            segs = live[inverse.reshape(-1) == gi]
+            q_rows = (work.cu_q[segs][:, None] + np.arange(ql)[None, :]).reshape(-1)
+            k_rows = (work.cu_k[segs][:, None] + np.arange(kl)[None, :]).reshape(-1)
+            visible = None
+            if kind == KIND_GENERAL:
+                visible = np.stack([dense_visibility(work, int(s)) for s in segs])
+            groups.append(
+                SegmentGroup(
+                    int(kind), int(segs.size), int(ql), int(kl),
+                    torch.from_numpy(q_rows), torch.from_numpy(k_rows), visible, {},
+                )
+            )
+    cache["groups"] = groups
+    return groups
+
+
+def empty_rows(work: AttnWork) -> torch.Tensor:
+    """Query rows that see no key at all in this work (their lse must be -inf); cached."""
+    if "empty_rows" not in work._cache:
+        n_visible = (work.ranges[..., 1] - work.ranges[..., 0]).sum(axis=1)
+        work._cache["empty_rows"] = torch.from_numpy(np.nonzero(n_visible == 0)[0])
+    return work._cache["empty_rows"]
+
+
+def rows_on(t: torch.Tensor, device: torch.device, cache: dict, key) -> torch.Tensor:
+    """A cached copy of an index tensor on ``device``."""
+    if t.device == device:
+        return t
+    k = (key, str(device))
+    if k not in cache:
+        cache[k] = t.to(device)
+    return cache[k]
+
+
+__all__ = ["BlockKernel", "acc_dtype", "SegmentGroup", "segment_groups", "empty_rows", "KIND_FULL", "KIND_CAUSAL", "KIND_GENERAL"]
