@@ -1,0 +1,265 @@
+"""Documents -> packed micro-batches -> this rank's planned share, loaded ahead by data-loader workers.
+
+1. A document source gives token arrays: :class:`IndexedDocuments` (a megatron.core indexed dataset
+   written by ``tools/preprocess_data.py``, one document per entry) or :class:`MockDocuments` (random
+   tokens, lengths from :mod:`megatron.training.length_datasets`).
+2. :func:`build_schedule` turns documents into *pieces* (a document of n tokens trains n-1 next-token
+   predictions: inputs ``doc[:-1]``, labels ``doc[1:]``). A document with more than ``seq_length``
+   inputs is an error unless ``split_long`` is set, in which case it becomes consecutive pieces of at
+   most ``seq_length`` inputs (overlapping by one token, so every label is trained exactly once; each
+   piece is attended as its own document with positions from 0). Each epoch shuffles the pieces with a
+   seeded permutation and packs them whole into micro-batches with
+   :func:`~megatron.training.length_datasets.pack_batches`. Nothing is dropped or repeated within an
+   epoch; epochs follow each other until the run has enough micro-batches.
+3. :class:`PlannedBatches` is a map-style dataset over global micro-batch indices. An item is built
+   in a data-loader worker: it reads the micro-batch's tokens, asks the CP backend for the plan
+   (deterministic, so every rank of the CP group computes the same plan without talking to the
+   others), and keeps only the tokens ``plan.local_indices(cp_rank)`` names, with their labels, loss
+   mask and within-document position ids. Workers are spawned processes (no inherited process
+   group), ``num_workers`` of them, each ``prefetch`` batches ahead: planning overlaps training.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import dcp_backend as cp
+from dcp_backend.batch import PackedBatch
+
+from megatron.training.flops import attention_pairs
+from megatron.training.length_datasets import pack_batches, sample_lengths
+
+
+# ------------------------------------------------------------------------------------------ sources
+class IndexedDocuments:
+    """Documents of a megatron.core ``IndexedDataset`` (one sequence per document); opened lazily."""
+
+    def __init__(self, path_prefix: str):
+        self.path_prefix = path_prefix
+        self._ds = None
+        self.lengths = np.asarray(self._dataset().sequence_lengths, dtype=np.int64)
+
+    def _dataset(self):
+        if self._ds is None:
+            from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+            self._ds = IndexedDataset(self.path_prefix, mmap=True)
+        return self._ds
+
+    def tokens(self, doc: int, start: int, end: int) -> np.ndarray:
+        return np.asarray(self._dataset().get(int(doc), offset=int(start), length=int(end - start)), dtype=np.int64)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_ds"] = None
+        return state
+
+
+class MockDocuments:
+    """Random tokens (seeded per document) with lengths drawn from a synthetic length dataset."""
+
+    def __init__(self, dataset: str, num_docs: int, seed: int, max_len: int, vocab_size: int, scale: float = 1.0):
+        self.vocab_size = int(vocab_size)
+        self.seed = int(seed)
+        # A document of n+1 tokens trains n predictions: draw input lengths, add the final label.
+        self.lengths = sample_lengths(dataset, num_docs, seed, max_len, scale) + 1
+
+    def tokens(self, doc: int, start: int, end: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, 0xD0C, int(doc)])
+        return rng.integers(0, self.vocab_size, size=int(self.lengths[doc]), dtype=np.int64)[start:end]
+
+
+# ----------------------------------------------------------------------------------------- schedule
+@dataclass
+class Schedule:
+    """Pieces (token ranges of documents) and the pieces of every global micro-batch, in order."""
+
+    piece_doc: np.ndarray
+    piece_start: np.ndarray
+    piece_end: np.ndarray  # exclusive; a piece trains (end - start - 1) predictions
+    batches: list[np.ndarray] = field(default_factory=list)
+    skipped_short_docs: int = 0
+    split_docs: int = 0
+
+    @property
+    def piece_inputs(self) -> np.ndarray:
+        return self.piece_end - self.piece_start - 1
+
+    def seqlens(self, g: int) -> np.ndarray:
+        return self.piece_inputs[self.batches[g]]
+
+
+class DocumentTooLongError(ValueError):
+    pass
+
+
+def build_schedule(doc_lengths: np.ndarray, seq_length: int, seed: int, split_long: bool,
+                   num_micro_batches: int) -> Schedule:
+    """Pieces and at least ``num_micro_batches`` packed micro-batches (see the module docstring)."""
+    lengths = np.asarray(doc_lengths, dtype=np.int64)
+    usable = np.nonzero(lengths >= 2)[0]
+    if usable.size == 0:
+        raise ValueError("no document has 2 or more tokens: nothing to train on")
+    inputs = lengths[usable] - 1
+    too_long = inputs > seq_length
+    if too_long.any() and not split_long:
+        worst = int(np.argmax(inputs))
+        raise DocumentTooLongError(
+            f"{int(too_long.sum())} document(s) have more than --seq-length={seq_length} training tokens "
+            f"(the longest, document {int(usable[worst])}, has {int(inputs[worst])}); pass --split-long-documents "
+            "to split them into budget-sized pieces, or raise --seq-length"
+        )
+    per_doc = np.maximum(1, -(-inputs // seq_length))  # pieces per document
+    doc = np.repeat(usable, per_doc)
+    first = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+    j = np.arange(doc.size) - first  # piece number inside its document
+    start = j * seq_length
+    end = np.minimum(start + seq_length + 1, lengths[doc])
+    sched = Schedule(doc, start, end, skipped_short_docs=int(lengths.size - usable.size),
+                     split_docs=int(too_long.sum()))
+    piece_inputs = sched.piece_inputs
+    epoch = 0
+    while len(sched.batches) < num_micro_batches:
+        perm = np.random.default_rng([seed, 0xE90C, epoch]).permutation(doc.size)
+        for b in pack_batches(piece_inputs[perm], seq_length):
+            sched.batches.append(perm[np.asarray(b, dtype=np.int64)])
+        epoch += 1
+    return sched
+
+
+# ------------------------------------------------------------------------------------------ batches
+@dataclass
+class MicroBatch:
+    """This rank's share of one packed micro-batch (tensors in local storage order) and its plan."""
+
+    index: int
+    tokens: torch.Tensor  # [n_local] int64
+    labels: torch.Tensor  # [n_local] int64
+    loss_mask: torch.Tensor  # [n_local] float32
+    position_ids: torch.Tensor  # [n_local] int64, position inside the token's own document
+    seqlens: np.ndarray  # all documents (pieces) of the micro-batch
+    plan: object
+    plan_seconds: float  # time the worker spent planning this batch
+    attention_pairs: int  # unmasked (query, key) pairs of the whole micro-batch, per head
+    plan_stats: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.seqlens.sum())
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    backend: str
+    options: dict
+    spec: cp.AttentionSpec
+    cp_rank: int
+    cp_size: int
+
+
+def prepare_plan(plan, rank: int) -> None:
+    """Precompute a plan's per-rank execution state here (in the worker) instead of in the first layer.
+
+    The CP contract has no such hook yet; plans that expose ``prepare(rank)`` (or the ring family's
+    ``rank_work(rank)``) get it called, others are left as they are.
+    """
+    prepare = getattr(plan, "prepare", None)
+    if callable(prepare):
+        prepare(rank)
+    elif callable(getattr(plan, "rank_work", None)):
+        plan.rank_work(rank)
+
+
+class PlannedBatches(torch.utils.data.Dataset):
+    """Global micro-batch index -> :class:`MicroBatch` for one CP rank (see the module docstring)."""
+
+    def __init__(self, source, schedule: Schedule, planner: PlannerConfig, group=None, with_stats: bool = True):
+        self.source = source
+        self.schedule = schedule
+        self.planner = planner
+        self.group = group  # the CP group when planning in the training process (num_workers=0)
+        self.with_stats = with_stats
+        self._backend = None
+
+    def __len__(self) -> int:
+        return len(self.schedule.batches)
+
+    def __getstate__(self):  # sent to spawned workers: no process group, no backend instance
+        state = dict(self.__dict__)
+        state["group"] = None
+        state["_backend"] = None
+        return state
+
+    def backend(self) -> cp.CPBackend:
+        if self._backend is None:
+            p = self.planner
+            self._backend = cp.get_backend(p.backend, group=self.group, world_size=p.cp_size, **p.options)
+        return self._backend
+
+    def __getitem__(self, g: int) -> MicroBatch:
+        s = self.schedule
+        pieces = s.batches[g]
+        seqlens = s.piece_inputs[pieces]
+        chunks = [self.source.tokens(d, a, b) for d, a, b in zip(s.piece_doc[pieces], s.piece_start[pieces],
+                                                                  s.piece_end[pieces])]
+        inputs = np.concatenate([c[:-1] for c in chunks])
+        labels = np.concatenate([c[1:] for c in chunks])
+        p = self.planner
+        t0 = time.perf_counter()
+        plan = self.backend().plan(seqlens, p.spec)
+        idx = plan.local_indices(p.cp_rank).numpy()
+        prepare_plan(plan, p.cp_rank)
+        plan_seconds = time.perf_counter() - t0
+        positions = PackedBatch.from_seqlens(seqlens).positions
+        stats = {}
+        if self.with_stats:
+            try:
+                st = plan.stats()
+                stats = {"comm_bytes_planned": int(st.fwd_inter_node_bytes + st.fwd_intra_node_bytes
+                                                   + st.bwd_inter_node_bytes + st.bwd_intra_node_bytes),
+                         "inter_node_bytes_planned": int(st.fwd_inter_node_bytes + st.bwd_inter_node_bytes),
+                         "compute_imbalance": float(st.compute_imbalance)}
+            except NotImplementedError:
+                pass
+        return MicroBatch(
+            index=int(g),
+            tokens=torch.from_numpy(inputs[idx]),
+            labels=torch.from_numpy(labels[idx]),
+            loss_mask=torch.ones(idx.size, dtype=torch.float32),
+            position_ids=torch.from_numpy(positions[idx]),
+            seqlens=seqlens,
+            plan=plan,
+            plan_seconds=plan_seconds,
+            attention_pairs=attention_pairs(seqlens, p.spec.mask, p.spec.mask_args),
+            plan_stats=stats,
+        )
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def micro_batch_indices(start_iteration: int, train_iters: int, global_batch: int, dp_rank: int,
+                        num_micro: int) -> list[int]:
+    """Global micro-batch indices this data-parallel rank consumes, iteration by iteration."""
+    return [it * global_batch + dp_rank * num_micro + m
+            for it in range(start_iteration, train_iters) for m in range(num_micro)]
+
+
+def build_loader(dataset: PlannedBatches, indices: list[int], num_workers: int, prefetch: int,
+                 timeout: float) -> torch.utils.data.DataLoader:
+    # Own generator: creating the loader must not draw from the global torch RNG (dropout), or a resumed
+    # run would see different random numbers than the run it continues.
+    kwargs = {"generator": torch.Generator().manual_seed(0)}
+    if num_workers > 0:
+        kwargs.update(multiprocessing_context="spawn", prefetch_factor=prefetch, timeout=timeout,
+                      worker_init_fn=_worker_init, persistent_workers=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=indices, num_workers=num_workers,
+                                       collate_fn=_identity, **kwargs)
+
+
+def _identity(x):
+    return x

@@ -1,0 +1,92 @@
+"""Packing schedule and per-rank planned batches (tokens, labels, positions) for every backend layout."""
+import numpy as np
+import pytest
+import torch
+
+import dcp_backend as cp
+from dcp_backend.batch import PackedBatch
+from megatron.training.data import (DocumentTooLongError, IndexedDocuments, MockDocuments, PlannedBatches,
+                                    PlannerConfig, build_loader, build_schedule, micro_batch_indices)
+from tests.megatron.training.synthetic import documents, write_indexed
+
+
+def test_schedule_rejects_long_documents_unless_split():
+    with pytest.raises(DocumentTooLongError, match="--split-long-documents"):
+        build_schedule(np.array([5, 40, 8]), seq_length=16, seed=0, split_long=False, num_micro_batches=1)
+
+
+def test_split_pieces_train_every_label_exactly_once():
+    lengths = np.array([5, 40, 1, 17, 33, 2])
+    s = build_schedule(lengths, seq_length=16, seed=0, split_long=True, num_micro_batches=1)
+    assert s.skipped_short_docs == 1 and s.split_docs == 2
+    assert s.piece_inputs.max() <= 16 and s.piece_inputs.min() >= 1
+    for d, n in enumerate(lengths):
+        labels = np.concatenate([np.arange(a + 1, b) for a, b in
+                                 zip(s.piece_start[s.piece_doc == d], s.piece_end[s.piece_doc == d])] or [[]])
+        assert sorted(labels.tolist()) == (list(range(1, n)) if n >= 2 else [])
+
+
+def test_epochs_cover_every_piece_once_and_respect_the_budget():
+    lengths = np.random.default_rng(0).integers(2, 60, size=50)
+    s = build_schedule(lengths, seq_length=64, seed=9, split_long=False, num_micro_batches=100)
+    assert len(s.batches) >= 100
+    flat = np.concatenate(s.batches)
+    per_epoch = s.piece_doc.size
+    whole = flat[: (flat.size // per_epoch) * per_epoch].reshape(-1, per_epoch)
+    assert whole.shape[0] >= 2
+    for epoch in whole:
+        assert sorted(epoch.tolist()) == list(range(per_epoch))
+    assert not np.array_equal(whole[0], whole[1])  # reshuffled per epoch
+    assert all(s.seqlens(g).sum() <= 64 for g in range(len(s.batches)))
+    again = build_schedule(lengths, seq_length=64, seed=9, split_long=False, num_micro_batches=100)
+    assert all(np.array_equal(a, b) for a, b in zip(s.batches, again.batches))
+
+
+def test_micro_batch_indices_split_the_global_batch_between_dp_ranks():
+    a = micro_batch_indices(2, 4, global_batch=4, dp_rank=0, num_micro=2)
+    b = micro_batch_indices(2, 4, global_batch=4, dp_rank=1, num_micro=2)
+    assert a == [8, 9, 12, 13] and b == [10, 11, 14, 15]
+
+
+@pytest.mark.parametrize("backend,options,world", [
+    ("ring", {}, 3), ("zigzag", {}, 4), ("loongtrain", {"head_parallel": 2}, 4),
+])
+def test_each_rank_gets_exactly_its_planned_tokens(tmp_path, backend, options, world):
+    docs = documents(30, 2, 90, seed=5)
+    source = IndexedDocuments(write_indexed(str(tmp_path / "d"), docs))
+    sched = build_schedule(source.lengths, seq_length=128, seed=1, split_long=True, num_micro_batches=3)
+    spec = cp.AttentionSpec(4, 2, 8, mask="lambda", mask_args={"sink": 2, "window": 8})
+    for g in range(3):
+        seqlens = sched.seqlens(g)
+        pieces = sched.batches[g]
+        full_in = np.concatenate([docs[d][a:b - 1] for d, a, b in zip(sched.piece_doc[pieces],
+                                                                     sched.piece_start[pieces], sched.piece_end[pieces])])
+        full_lab = np.concatenate([docs[d][a + 1:b] for d, a, b in zip(sched.piece_doc[pieces],
+                                                                      sched.piece_start[pieces], sched.piece_end[pieces])])
+        positions = PackedBatch.from_seqlens(seqlens).positions
+        seen = []
+        for rank in range(world):
+            mb = PlannedBatches(source, sched, PlannerConfig(backend, options, spec, rank, world))[g]
+            idx = mb.plan.local_indices(rank).numpy()
+            seen.append(idx)
+            assert torch.equal(mb.tokens, torch.from_numpy(full_in[idx]))
+            assert torch.equal(mb.labels, torch.from_numpy(full_lab[idx]))
+            assert torch.equal(mb.position_ids, torch.from_numpy(positions[idx]))
+            assert mb.loss_mask.sum().item() == idx.size
+            assert np.array_equal(mb.seqlens, seqlens) and mb.plan_seconds >= 0
+        assert sorted(np.concatenate(seen).tolist()) == list(range(int(seqlens.sum())))
+
+
+def test_worker_processes_deliver_the_same_batches(tmp_path):
+    source = MockDocuments("ldc", 200, seed=3, max_len=200, vocab_size=50, scale=0.01)
+    sched = build_schedule(source.lengths, seq_length=200, seed=2, split_long=False, num_micro_batches=6)
+    spec = cp.AttentionSpec(4, 2, 8)
+    ds = PlannedBatches(source, sched, PlannerConfig("zigzag", {}, spec, 1, 2))
+    inline = [ds[g] for g in range(6)]
+    loaded = list(build_loader(ds, list(range(6)), num_workers=2, prefetch=2, timeout=120))
+    assert [mb.index for mb in loaded] == list(range(6))
+    for a, b in zip(inline, loaded):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.position_ids, b.position_ids)
+        assert a.plan.fingerprint == b.plan.fingerprint
+        assert np.array_equal(a.plan.local_indices(1).numpy(), b.plan.local_indices(1).numpy())
+        assert a.attention_pairs == b.attention_pairs and b.plan_stats["comm_bytes_planned"] > 0
