@@ -8,7 +8,9 @@ Each RUN is a run directory (``pretrain_gpt.py --log-dir``: ``train_log.jsonl``,
 Writes, PNG and PDF:
 
 * ``iteration_time``: end-to-end iteration time per backend and mask (bars, mean +- std after dropping
-  ``--warmup`` iterations; one panel per dataset), as in the DCP paper's figures 14-15;
+  ``--warmup`` iterations; one panel per dataset), as in the DCP paper's figures 14-15. Times are
+  averaged over the iterations that every run of the same dataset and mask has, so backends are
+  compared on the same batches (the speedup column too);
 * ``loss_curves``: lm loss per iteration, one line per backend, one panel per (dataset, mask) (figure 20);
 * ``summary.md``: one row per run (iteration time, tokens/s, TFLOP/s/GPU, losses, plan wait), with the
   speedup over ``ring`` where a ring run of the same dataset and mask exists.
@@ -84,10 +86,19 @@ class Run:
         it, val = zip(*pts)
         return np.asarray(it), np.asarray(val, dtype=np.float64)
 
-    def steady(self, key: str, warmup: int) -> np.ndarray:
+    def steady(self, key: str, warmup: int, iterations: set | None = None) -> np.ndarray:
+        """Values after the first ``warmup`` iterations (only ``iterations``, if given)."""
         it, val = self.series(key)
         keep = it > warmup
+        if iterations is not None:
+            keep &= np.isin(it, sorted(iterations))
         return val[keep] if keep.any() else val
+
+
+def common_iterations(runs: list[Run]) -> set:
+    """Iterations every run has: backends are compared on the same batches."""
+    sets = [{r["iteration"] for r in run.records} for run in runs]
+    return set.intersection(*sets) if sets else set()
 
 
 def _meta_from_args(run: Run, folder: str) -> None:
@@ -157,12 +168,14 @@ def plot_iteration_time(runs: list[Run], out: str, warmup: int) -> list[str]:
     for ax, ds in zip(axes[0], datasets):
         sub = [r for r in runs if r.dataset == ds]
         masks = sorted({r.mask for r in sub})
+        common = {mk: common_iterations([r for r in sub if r.mask == mk]) for mk in masks}
         backends = _order({r.label for r in sub})
         width = 0.8 / max(1, len(backends))
         for j, b in enumerate(backends):
             means, stds = [], []
             for mk in masks:
-                t = np.concatenate([r.steady("elapsed_ms", warmup) for r in sub if r.mask == mk and r.label == b]
+                t = np.concatenate([r.steady("elapsed_ms", warmup, common[mk]) for r in sub
+                                    if r.mask == mk and r.label == b]
                                    or [np.zeros(0)]) / 1000.0
                 means.append(t.mean() if t.size else np.nan)
                 stds.append(t.std() if t.size else 0.0)
@@ -215,15 +228,17 @@ def summary_table(runs: list[Run], warmup: int) -> str:
     lines = ["| dataset | mask | backend | ranks | iterations | iteration time (ms) | speedup vs ring | tokens/s | "
              "TFLOP/s/GPU | first loss | last loss | plan wait (ms) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups = {(r.dataset, r.mask) for r in runs}
+    common = {g: common_iterations([r for r in runs if (r.dataset, r.mask) == g]) for g in groups}
     ring = {}
     for r in runs:
         if r.label == "ring":
-            ring[(r.dataset, r.mask)] = r.steady("elapsed_ms", warmup).mean()
+            ring[(r.dataset, r.mask)] = r.steady("elapsed_ms", warmup, common[(r.dataset, r.mask)]).mean()
     for r in sorted(runs, key=lambda r: (r.dataset, r.mask, _order([r.label, "ring"]).index(r.label), r.source)):
-        t = r.steady("elapsed_ms", warmup)
-        tok = r.steady("tokens_per_second", warmup)
-        tf = r.steady("tflops_per_gpu", warmup)
-        wait = r.steady("plan_wait_ms", warmup)
+        t = r.steady("elapsed_ms", warmup, common[(r.dataset, r.mask)])
+        tok = r.steady("tokens_per_second", warmup, common[(r.dataset, r.mask)])
+        tf = r.steady("tflops_per_gpu", warmup, common[(r.dataset, r.mask)])
+        wait = r.steady("plan_wait_ms", warmup, common[(r.dataset, r.mask)])
         _, loss = r.series("lm_loss")
         base = ring.get((r.dataset, r.mask))
         speed = f"{base / t.mean():.2f}x" if base is not None and t.size else ""

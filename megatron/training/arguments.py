@@ -45,8 +45,10 @@ BACKEND_FLAGS: dict[str, list[tuple[str, object, str]]] = {
         ("devices_per_node", int, "ranks per node (the world must be nodes x devices_per_node)"),
         ("num_stages", int, "communication/compute overlap stages after the local stage"),
         ("compute_imbalance", float, "allowed compute imbalance (epsilon)"),
+        ("memory_imbalance", float, "allowed memory (tokens held) imbalance (epsilon)"),
         ("inter_node_imbalance_factor", float, "extra imbalance allowed when partitioning across nodes"),
         ("seed", int, "planner seed"),
+        ("partitioner", str, "placement solver (e.g. mtkahypar, greedy)"),
     ],
     "loongtrain": [
         ("head_parallel", int, "head-parallel (all-to-all) degree"),

@@ -349,7 +349,7 @@ def pretrain(argv=None, *, args=None, hooks: TrainHooks | None = None, printer=p
         trainer.setup()
         trainer.print_rank0(f"> training {args.train_iters - trainer.iteration} iterations")
         history = trainer.train()
-        trainer.print_rank0("> after training is done")
+        trainer.print_last("> after training is done")
         return history
     finally:
         trainer.close()

@@ -36,7 +36,8 @@ def test_parse_line_reads_named_fields_in_any_order():
 
 def test_figures_and_summary(tmp_path, capsys):
     runs = [_write_run(tmp_path / "r1", "ring", "causal", [900, 500, 400, 400]),
-            _write_run(tmp_path / "r2", "dcp", "causal", [900, 300, 200, 200]),
+            # Longer run: only the iterations every causal run has are compared (5000 ms ones are not).
+            _write_run(tmp_path / "r2", "dcp", "causal", [900, 300, 200, 200, 5000, 5000]),
             _write_run(tmp_path / "r3", "zigzag", "lambda", [900, 300, 300, 300])]
     # A text log with args.json beside it.
     text = tmp_path / "r4"
@@ -57,6 +58,7 @@ def test_figures_and_summary(tmp_path, capsys):
     assert set(rows) == {"ring", "dcp", "zigzag", "loongtrain"}
     assert "| 400.0 +- 0.0 | 1.00x |" in rows["ring"]
     assert "| 200.0 +- 0.0 | 2.00x |" in rows["dcp"]  # warm-up iterations 1-2 dropped
+    assert "| dcp | 4 | 6 |" in rows["dcp"]
     assert "| 250.0 +- 0.0 | 1.60x |" in rows["loongtrain"]
     assert "| lambda | zigzag |" in rows["zigzag"] and "x |" not in rows["zigzag"].split("|")[7]
 
