@@ -127,6 +127,8 @@ def mtkahypar_partition(hg: Hypergraph, vertex_weight: np.ndarray, k: int, epsil
 
     if k == 1 or hg.num_vertices == 0:
         return np.zeros(hg.num_vertices, dtype=np.int64)
+    if hg.num_vertices <= k:  # nothing to optimise: one vertex per block
+        return np.arange(hg.num_vertices, dtype=np.int64)
     mtk = _mtk()
     ctx = mtk.context_from_preset(mtkahypar.PresetType.DETERMINISTIC)
     ctx.set_partitioning_parameters(k, max(float(epsilon), 0.01), mtkahypar.Objective.KM1)
@@ -200,6 +202,8 @@ def place(bs: BlockSet, comp_cost: np.ndarray, num_devices: int, devices_per_nod
                 # Data of other nodes read here join as light vertices (the partitioner picks the gateway).
                 used_here = _data_used_by(hg, local, n_comp)
                 keep = local | used_here
+                if not local.any():
+                    continue
                 sub, old = hg.subgraph(keep)
                 w = np.where(local[old], weight[old], 0.0)
                 w = np.maximum(w, 1e-9 * max(w.max(), 1e-30))
