@@ -13,6 +13,7 @@ the communication, attention and reduction instructions in the global key order 
 from __future__ import annotations
 
 import heapq
+import time
 
 import numpy as np
 
@@ -297,9 +298,42 @@ def _pass_program(bs: BlockSet, pl: Placement, sched: PassSchedule, device: int,
     return prog
 
 
-def compile_programs(bs: BlockSet, pl: Placement, fwd: PassSchedule, bwd: PassSchedule):
-    """Programs of every device: returns (layouts, forward programs, backward programs)."""
+class Programs:
+    """Per-device programs of one pass, compiled on first access (a rank needs only its own; statistics,
+    the verifier and serialisation compile the rest). Indexable like a list; entries may be preset."""
+
+    def __init__(self, bs: BlockSet, pl: Placement, sched: PassSchedule, layouts, backward: bool):
+        self._args = (bs, pl, sched, layouts, backward)
+        self._progs: list = [None] * pl.num_devices
+        self.compile_seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self._progs)
+
+    def __getitem__(self, d: int) -> DeviceProgram:
+        if self._progs[d] is None:
+            t0 = time.perf_counter()
+            self._progs[d] = _pass_program(*self._args[:3], d, self._args[3][d], self._args[4])
+            self.compile_seconds += time.perf_counter() - t0
+        return self._progs[d]
+
+    def __setitem__(self, d: int, prog: DeviceProgram) -> None:
+        self._progs[d] = prog
+
+    def __iter__(self):
+        return (self[d] for d in range(len(self)))
+
+    def compiled(self) -> list[int]:
+        return [d for d, p in enumerate(self._progs) if p is not None]
+
+
+def compile_programs(bs: BlockSet, pl: Placement, fwd: PassSchedule, bwd: PassSchedule, eager: bool = True):
+    """Programs of every device (compiled now if ``eager``, else on first access): returns (layouts,
+    forward programs, backward programs)."""
     layouts = [DeviceLayout(bs, pl, d) for d in range(pl.num_devices)]
-    fwd_progs = [_pass_program(bs, pl, fwd, d, layouts[d], False) for d in range(pl.num_devices)]
-    bwd_progs = [_pass_program(bs, pl, bwd, d, layouts[d], True) for d in range(pl.num_devices)]
+    fwd_progs = Programs(bs, pl, fwd, layouts, False)
+    bwd_progs = Programs(bs, pl, bwd, layouts, True)
+    if eager:
+        for d in range(pl.num_devices):
+            fwd_progs[d], bwd_progs[d]
     return layouts, fwd_progs, bwd_progs

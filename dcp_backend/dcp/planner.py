@@ -7,7 +7,6 @@ executor, the verifier, the statistics and the serialisation need.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,7 +26,6 @@ def pair_cost(bs: BlockSet) -> np.ndarray:
     return (bs.pair_count[bs.comp_pair(np.arange(bs.n_comp))] * bs.heads.hb).astype(np.float64)
 
 
-@dataclass(eq=False)
 class DCPPlan(Plan):
     """A compiled DCP plan (see :mod:`dcp_backend.dcp`)."""
 
@@ -45,7 +43,7 @@ class DCPPlan(Plan):
         self.layouts = layouts
         self.fwd_programs = fwd_programs
         self.bwd_programs = bwd_programs
-        self.timings = timings
+        self._timings = dict(timings)
         self.comp_cost = comp_cost
         self._executors: dict = {}
 
@@ -64,9 +62,31 @@ class DCPPlan(Plan):
     def _local_indices(self, rank: int) -> np.ndarray:
         return self.layouts[rank].global_indices()
 
+    def compile_for(self, rank: int) -> "DCPPlan":
+        """Compile ``rank``'s forward and backward programs now (planning workers call this so the
+        training process never compiles)."""
+        self._check_rank(rank)
+        self.fwd_programs[rank], self.bwd_programs[rank]
+        return self
+
+    def compile_all(self) -> "DCPPlan":
+        for r in range(self.world_size):
+            self.compile_for(r)
+        return self
+
     @property
     def planning_seconds(self) -> float:
+        """Seconds spent planning so far: blocks, partition, schedules, and compiling the programs
+        compiled up to now (all of them after ``compile_all``)."""
         return float(sum(self.timings.values()))
+
+    @property
+    def timings(self) -> dict[str, float]:
+        t = dict(self._timings)
+        progs = (self.fwd_programs, self.bwd_programs)
+        if all(hasattr(p, "compile_seconds") for p in progs):
+            t["compile"] = t.get("compile", 0.0) + sum(p.compile_seconds for p in progs)
+        return t
 
     def stats(self, element_size: int = 2) -> PlanStats:
         from dcp_backend.dcp.stats import plan_stats
@@ -85,7 +105,8 @@ def resolve_topology(world_size: int, devices_per_node: int | None) -> int:
 
 
 def make_plan(batch: PackedBatch, spec: AttentionSpec, world_size: int, options: DCPOptions,
-              element_size: int = 2) -> DCPPlan:
+              element_size: int = 2, compile_all: bool = False) -> DCPPlan:
+    """Plan one batch. Programs are compiled on first use per rank unless ``compile_all``."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     dpn = resolve_topology(world_size, options.devices_per_node)
@@ -111,9 +132,7 @@ def make_plan(batch: PackedBatch, spec: AttentionSpec, world_size: int, options:
     q_bwd = np.repeat((3 * bs.q_bytes_per_token(e) + bs.lse_bytes_per_token()) * tok, h.n_q)
     fwd = schedule_pass(bs, pl, cost, q_fwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=False)
     bwd = schedule_pass(bs, pl, cost, q_bwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=True)
-    t3 = time.perf_counter()
-    timings["schedule"] = t3 - t2
-    layouts, fp, bp = compile_programs(bs, pl, fwd, bwd)
-    timings["compile"] = time.perf_counter() - t3
+    timings["schedule"] = time.perf_counter() - t2
+    layouts, fp, bp = compile_programs(bs, pl, fwd, bwd, eager=compile_all)
     return DCPPlan(batch, spec, world_size, options, blocks=bs, placement=pl, fwd=fwd, bwd=bwd, layouts=layouts,
                    fwd_programs=fp, bwd_programs=bp, timings=timings, comp_cost=cost)

@@ -15,7 +15,7 @@ import numpy as np
 
 from dcp_backend.batch import PackedBatch
 from dcp_backend.dcp.blocks import build_blocks
-from dcp_backend.dcp.compile import DeviceLayout
+from dcp_backend.dcp.compile import compile_programs
 from dcp_backend.dcp.config import DCPOptions
 from dcp_backend.dcp.instructions import (Attention, Comm, CommOp, DeviceProgram, Fill, Reduce, StoreSpec,
                                           Wait)
@@ -88,7 +88,7 @@ def serialize(plan: DCPPlan, ranks=None, with_timings: bool = True) -> bytes:
         "world_size": plan.world_size,
         "block_size": plan.block_size,
         "devices_per_node": plan.devices_per_node,
-        "timings": plan.timings if with_timings else {},
+        "timings": {k: v for k, v in plan.timings.items() if k != "compile"} if with_timings else {},
         "owner": w.add(plan.placement.owner),
         "comp_device": w.add(plan.placement.comp_device),
         "comp_cost": w.add(plan.comp_cost),
@@ -163,12 +163,11 @@ def deserialize(data: bytes) -> DCPPlan:
                 raise CPError(f"serialised DCP plan has an unknown instruction {t!r}")
         return p
 
-    fwd_p: list = [None] * world
-    bwd_p: list = [None] * world
+    fwd_s, bwd_s = sched(header["fwd"]), sched(header["bwd"])
+    layouts, fwd_p, bwd_p = compile_programs(bs, pl, fwd_s, bwd_s, eager=False)  # absent ones compile lazily
     for r, (fp, bp) in header["programs"].items():
         fwd_p[int(r)] = program(fp)
         bwd_p[int(r)] = program(bp)
-    layouts = [DeviceLayout(bs, pl, d) for d in range(world)]
-    return DCPPlan(batch, spec, world, options, blocks=bs, placement=pl, fwd=sched(header["fwd"]),
-                   bwd=sched(header["bwd"]), layouts=layouts, fwd_programs=fwd_p, bwd_programs=bwd_p,
-                   timings=header["timings"], comp_cost=A(header["comp_cost"]))
+    return DCPPlan(batch, spec, world, options, blocks=bs, placement=pl, fwd=fwd_s, bwd=bwd_s, layouts=layouts,
+                   fwd_programs=fwd_p, bwd_programs=bwd_p, timings=header["timings"],
+                   comp_cost=A(header["comp_cost"]))

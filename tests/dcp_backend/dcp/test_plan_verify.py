@@ -110,9 +110,11 @@ def test_plans_are_deterministic_and_serialise():
     c = deserialize(serialize(a))
     verify_plan(c)
     assert serialize(c) == serialize(a)
-    assert c.stats().as_dict() == a.stats().as_dict()
+    timing = ("planning_seconds", "planning_seconds_by_phase")
+    assert {k: v for k, v in c.stats().as_dict().items() if k not in timing} == {
+        k: v for k, v in a.stats().as_dict().items() if k not in timing}
     one = deserialize(serialize(a, ranks=[5]))
-    assert one.fwd_programs[5] is not None and one.fwd_programs[0] is None
+    assert one.fwd_programs.compiled() == [5]  # only rank 5's programs travelled; others compile on demand
     assert np.array_equal(one.local_indices(2).numpy(), a.local_indices(2).numpy())
     with pytest.raises(CPError, match="magic"):
         deserialize(b"not a plan")
