@@ -235,7 +235,7 @@ def _why(exc: BaseException) -> str:
 
 
 def worker(args) -> list[dict]:
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     device = torch.device(args.device_resolved)
     dtype = DTYPES[args.dtype_resolved]
     spec_kw = dict(mask=args.mask, mask_args=args.mask_args)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import torch

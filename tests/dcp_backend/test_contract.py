@@ -26,8 +26,6 @@ SPEC = cp.AttentionSpec(4, 2, 8, mask="causal")
     (lambda: cp.get_backend("ring", world_size="2"), cp.CPError, "world_size must be a positive int"),
     (lambda: cp.get_backend("zigzag", world_size=2, kernel="cuda_magic"), cp.CPError, "unknown kernel 'cuda_magic'"),
     (lambda: cp.get_backend("loongtrain", world_size=2, window=0), cp.CPError, "window must be a positive int"),
-    (lambda: cp.get_backend("dcp", world_size=2) if not _has_dcp() else _raise_unavailable(),
-     cp.BackendUnavailableError, "'dcp' is not available"),
     (lambda: cp.AttentionSpec(5, 2, 8), cp.CPError, r"num_heads \(5\) must be a multiple of num_kv_heads \(2\)"),
     (lambda: cp.AttentionSpec(0, 1, 8), cp.CPError, "num_heads must be a positive int"),
     (lambda: cp.AttentionSpec(4, 2, 8, softmax_scale=-1.0), cp.CPError, "softmax_scale"),
@@ -55,22 +53,26 @@ def test_errors_without_process_group(call, exc, match):
         call()
 
 
-def _has_dcp():
-    import importlib.util
-
-    return importlib.util.find_spec("dcp_backend.dcp") is not None
-
-
-def _raise_unavailable():  # once DCP lands this case is vacuous; keep the parametrisation stable
-    raise cp.BackendUnavailableError("'dcp' is not available (placeholder: dcp exists now)")
-
-
 def _attend_without_group():
     be = cp.get_backend("ring", world_size=1)
     plan = be.plan([3], SPEC)
     q = torch.zeros(3, 4, 8)
     kv = torch.zeros(3, 2, 8)
     be.attention(q, kv, kv, plan)
+
+
+def test_builtin_backend_with_missing_module(monkeypatch, tmp_path):
+    from dcp_backend import registry
+
+    monkeypatch.setitem(registry._BUILTIN, "ghost", "dcp_backend.no_such_package.backend:GhostBackend")
+    with pytest.raises(cp.BackendUnavailableError, match="'ghost' is not available in this build"):
+        cp.get_backend("ghost", world_size=2)
+    # A module that exists but misses one of *its* dependencies is a different error and propagates.
+    (tmp_path / "ghost_dep_backend.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(registry._BUILTIN, "ghost2", "ghost_dep_backend:GhostBackend")
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
+        cp.get_backend("ghost2", world_size=2)
 
 
 def test_whole_float_lengths_are_accepted():

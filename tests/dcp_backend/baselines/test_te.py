@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import dcp_backend as cp
-from dcp_backend.baselines import te as te_mod
 from dcp_backend.baselines.te import TEBackend
 from dcp_backend.baselines.te_layout import TELayout, padded_lengths
 from dcp_backend.batch import PackedBatch
@@ -172,12 +171,22 @@ def _te_ready() -> str | None:
 def test_te_one_rank_matches_reference(mask):
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        from tests.distributed import free_port
+    if dist.is_initialized():
+        _te_one_rank(mask)
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    from tests.distributed import free_port
 
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group("nccl", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
+    try:
+        _te_one_rank(mask)
+    finally:
+        dist.destroy_process_group()
+
+
+def _te_one_rank(mask):
     lens = [7, 1, 33, 16]
     spec = cp.AttentionSpec(8, 2, 64, mask=mask)
     be = cp.get_backend("te")
@@ -196,3 +205,74 @@ def test_te_one_rank_matches_reference(mask):
     for got, want in ((out, ref), (ql.grad, qr.grad), (kl.grad, kr.grad), (vl.grad, vr.grad)):
         err = (got.double().cpu() - want[idx].detach()).abs().max() / want.abs().max()
         assert err < 3e-2
+
+
+# ------------------------------------------------------------------ the GPU path's tensor plumbing, on CPU
+
+class _FakeDPA:
+    """Stands in for TE's DotProductAttention on one rank: dense attention per document, reading only
+    what TE reads (THD: cu_seqlens, cu_seqlens_padded; BSHD: causal over each padded row)."""
+
+    def __init__(self, heads, kv_heads, dim, scale):
+        self.h, self.g, self.d, self.scale = heads, heads // kv_heads, dim, scale
+
+    def _attend(self, q, k, v, causal):
+        kk, vv = k.repeat_interleave(self.g, 1), v.repeat_interleave(self.g, 1)
+        s = torch.einsum("thd,shd->hts", q, kk) * self.scale
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        return torch.einsum("hts,shd->thd", torch.softmax(s, -1), vv).reshape(q.shape[0], -1)
+
+    def __call__(self, q, k, v, *, qkv_format, attn_mask_type, cu_seqlens_q=None, cu_seqlens_q_padded=None,
+                 pad_between_seqs=None, **kw):
+        if qkv_format == "thd":
+            assert pad_between_seqs is True and attn_mask_type in ("padding_causal", "padding")
+            out = q.new_zeros(q.shape[0], self.h * self.d)
+            for d in range(cu_seqlens_q.numel() - 1):
+                start = int(cu_seqlens_q_padded[d])
+                n = int(cu_seqlens_q[d + 1] - cu_seqlens_q[d])
+                sl = slice(start, start + n)
+                out = out.index_copy(0, torch.arange(start, start + n),
+                                     self._attend(q[sl], k[sl], v[sl], attn_mask_type == "padding_causal"))
+            return out
+        assert qkv_format == "bshd" and attn_mask_type == "causal"
+        return torch.stack([self._attend(q[b], k[b], v[b], True) for b in range(q.shape[0])])
+
+
+def _plumbing_worker(rank, world_size, cases):
+    TEBackend._check_device = lambda self, q: None
+    TEBackend._module = lambda self, plan, device: _FakeDPA(plan.spec.num_heads, plan.spec.num_kv_heads,
+                                                             plan.spec.head_dim, plan.spec.scale)
+    results = []
+    for comm_type, mask, lens in cases:
+        be = TEBackend(options=TEBackend.Options(cp_comm_type=comm_type))
+        spec = cp.AttentionSpec(4, 2, 8, mask=mask)
+        plan = be.plan(lens, spec)
+        g = torch.Generator().manual_seed(len(lens))
+        t = sum(lens)
+        q, do = (torch.randn(t, 4, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        k, v = (torch.randn(t, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        idx = plan.local_indices(rank)
+        ql, kl, vl = (x[idx].clone().requires_grad_(True) for x in (q, k, v))
+        out = be.attention(ql, kl, vl, plan)
+        out.backward(do[idx])
+        results.append((out.detach(), ql.grad, kl.grad, vl.grad))
+    return results
+
+
+def test_te_attention_plumbing_with_a_stand_in_kernel():
+    from tests.distributed import run_ranks
+
+    cases = [("p2p", "causal", [7, 1, 12, 2]), ("p2p", "full", [5, 1, 9]), ("a2a+p2p", "causal", [7, 1, 12, 2, 3])]
+    (res,) = run_ranks(_plumbing_worker, 1, cases)
+    for (comm_type, mask, lens), got in zip(cases, res):
+        spec = cp.AttentionSpec(4, 2, 8, mask=mask)
+        g = torch.Generator().manual_seed(len(lens))
+        t = sum(lens)
+        q, do = (torch.randn(t, 4, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        k, v = (torch.randn(t, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+        ref = dense_attention(q, k, v, lens, spec)
+        ref.backward(do)
+        for a, b in zip(got, (ref.detach(), q.grad, k.grad, v.grad)):
+            assert torch.allclose(a, b, atol=1e-10), (comm_type, mask)
