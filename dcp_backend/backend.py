@@ -206,8 +206,9 @@ class CPBackend:
         return q.device if comm.backend_name(self.group) == "nccl" else torch.device("cpu")
 
     def _check_inputs(self, q, k, v, plan) -> None:
-        if not isinstance(plan, self.PlanType):
-            raise CPError(f"{self.name}: got a {type(plan).__name__}; pass a plan made by this backend's plan()")
+        if not isinstance(plan, self.PlanType) or getattr(plan, "backend", None) != self.name:
+            made_by = getattr(plan, "backend", type(plan).__name__)
+            raise CPError(f"{self.name}: got a plan made by {made_by!r}; pass a plan made by this backend's plan()")
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise CPError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

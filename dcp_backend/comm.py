@@ -36,6 +36,16 @@ def backend_name(group=None) -> str:
     return str(dist.get_backend(group)).lower()
 
 
+def group_timeout(group=None, device: torch.device | str = "cpu"):
+    """The timeout of ``group`` (a ``timedelta``), or None when torch does not expose it (then subgroups
+    created with it fall back to torch's default)."""
+    pg = group if group is not None else dist.group.WORLD
+    try:
+        return pg._get_backend(torch.device(device)).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _fail(what: str, exc: BaseException) -> CommunicationError:
     rank = dist.get_rank() if is_initialized() else -1
     return CommunicationError(

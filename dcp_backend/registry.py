@@ -10,7 +10,7 @@ import importlib
 from typing import Callable
 
 from dcp_backend.backend import CPBackend
-from dcp_backend.spec import CPError
+from dcp_backend.spec import BackendUnavailableError, CPError
 
 _BUILTIN = {
     "ring": "dcp_backend.baselines.ring:RingBackend",
@@ -41,7 +41,18 @@ def backend_class(name: str) -> type[CPBackend]:
     if name not in _BUILTIN:
         raise CPError(f"unknown CP backend {name!r}; available: {', '.join(available_backends())}")
     module, attr = _BUILTIN[name].split(":")
-    cls = getattr(importlib.import_module(module), attr)
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        # The backend's own module (or its package) is absent from this build: say so clearly. A missing
+        # dependency *inside* an existing module is a different problem and propagates unchanged.
+        if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
+            raise
+        raise BackendUnavailableError(
+            f"CP backend {name!r} is not available in this build (module {module} is missing); "
+            f"other backends: {', '.join(n for n in available_backends() if n != name)}"
+        ) from exc
+    cls = getattr(mod, attr)
     _REGISTRY[name] = cls
     return cls
 

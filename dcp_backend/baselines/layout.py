@@ -9,8 +9,8 @@ contiguous in its buffer. Layouts:
 
 Documents shorter than the number of parts give empty parts (any length is valid). `pair_work`
 computes, for the q rows of one position against the kv rows of another, one attention segment per
-document that has at least one unmasked pair, with key ranges mapped into the source's buffer; fully
-masked document pairs are skipped.
+(query chunk, key chunk) pair of a document that has at least one unmasked pair, in rounds whose query
+rows are distinct; fully masked chunk pairs are skipped.
 """
 from __future__ import annotations
 
@@ -86,17 +86,29 @@ def zigzag_layout(batch: PackedBatch, n: int) -> ChunkLayout:
 
 
 @dataclass(eq=False)
-class PairWork:
-    """Attention of position ``dst``'s queries against position ``src``'s keys."""
+class Round:
+    """One kernel call: segments (query chunk x key chunk) whose query rows are all distinct."""
 
     work: AttnWork
     q_rows: np.ndarray  # rows of dst's buffer, in segment order
     kv_rows: np.ndarray  # rows of src's buffer, in segment order
+
+
+@dataclass(eq=False)
+class PairWork:
+    """Attention of position ``dst``'s queries against position ``src``'s keys, as rounds.
+
+    Every segment pairs one query chunk with one key chunk of the same document, so under the usual
+    masks it is fully visible, square causal, or skipped (a kernel never computes masked-out chunk
+    pairs); round ``c`` holds the pairs with the source's ``c``-th chunk of each document.
+    """
+
+    rounds: list
     pairs: int
 
     @property
     def empty(self) -> bool:
-        return self.work.num_segments == 0
+        return not self.rounds
 
 
 class PairWorkBuilder:
@@ -119,58 +131,37 @@ class PairWorkBuilder:
         q_doc, q_start, q_end, q_off = lay.doc[qs], lay.start[qs], lay.end[qs], lay.offset[qs]
         k_doc, k_start, k_end, k_off = lay.doc[ks], lay.start[ks], lay.end[ks], lay.offset[ks]
         if q_doc.size == 0 or k_doc.size == 0:
-            return PairWork(AttnWork.empty(), np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
-        # Rows of each document in the two buffers (chunks of a document are adjacent).
-        docs = np.intersect1d(q_doc, k_doc)
-        if docs.size == 0:
-            return PairWork(AttnWork.empty(), np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
-        qd_first = np.searchsorted(q_doc, docs)
-        qd_last = np.searchsorted(q_doc, docs, side="right")
-        kd_first = np.searchsorted(k_doc, docs)
-        kd_last = np.searchsorted(k_doc, docs, side="right")
-        q_len_doc = _seg_sum(q_end - q_start, qd_first, qd_last)
-        k_len_doc = _seg_sum(k_end - k_start, kd_first, kd_last)
-        q_row0 = q_off[qd_first]
-        k_row0 = k_off[kd_first]
-        # Query rows of dst that belong to these docs, with their document-local ranges.
-        q_rows = concat_aranges(q_row0, q_len_doc)
-        gidx = self._indices(dst)[q_rows]
-        ranges = self.ranges[gidx]  # [n, R, 2] document-local
-        row_doc_slot = np.repeat(np.arange(docs.size), q_len_doc)
-        # Map each range onto the source's chunks of that document (at most `kmax` chunks per doc).
-        kmax = int((kd_last - kd_first).max())
-        pieces = []
-        for c in range(kmax):
-            ci = kd_first + c
-            valid = ci < kd_last
-            ci = np.where(valid, ci, kd_first)
-            cs = np.where(valid, k_start[ci], 0)[row_doc_slot][:, None]
-            ce = np.where(valid, k_end[ci], 0)[row_doc_slot][:, None]
-            # position of this chunk inside the concatenation of the doc's kv chunks
-            base = (k_off[ci] - k_row0)[row_doc_slot][:, None]
+            return PairWork([], 0)
+        # The source's chunks of each document are adjacent: first/last chunk index per document.
+        k_first = np.searchsorted(k_doc, q_doc)
+        k_last = np.searchsorted(k_doc, q_doc, side="right")
+        q_len = q_end - q_start
+        q_rows_all = concat_aranges(q_off, q_len)
+        ranges = self.ranges[self._indices(dst)[q_rows_all]]  # [rows, R, 2] document-local
+        row_chunk = np.repeat(np.arange(q_doc.size), q_len)
+        rounds, total = [], 0
+        for c in range(int((k_last - k_first).max(initial=0))):
+            ci = k_first + c
+            has = ci < k_last  # query chunks whose document has a c-th source chunk
+            ci = np.where(has, ci, 0)
+            cs = k_start[ci][row_chunk][:, None]
+            ce = k_end[ci][row_chunk][:, None]
             s = np.maximum(ranges[..., 0], cs)
             e = np.minimum(ranges[..., 1], ce)
-            live = e > s
-            pieces.append(np.stack([np.where(live, s - cs + base, 0), np.where(live, e - cs + base, 0)], -1))
-        local = np.concatenate(pieces, axis=1)  # sorted by chunk start, so sorted and disjoint
-        counts = (local[..., 1] - local[..., 0]).sum(axis=1)
-        pairs_doc = np.bincount(row_doc_slot, weights=counts, minlength=docs.size).astype(np.int64)
-        keep_doc = pairs_doc > 0
-        if not keep_doc.any():
-            return PairWork(AttnWork.empty(), np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
-        keep_row = keep_doc[row_doc_slot]
-        local = _compact(local[keep_row])
-        q_rows = q_rows[keep_row]
-        ql, kl = q_len_doc[keep_doc], k_len_doc[keep_doc]
-        cu_q = np.concatenate([[0], np.cumsum(ql)])
-        cu_k = np.concatenate([[0], np.cumsum(kl)])
-        kv_rows = concat_aranges(k_row0[keep_doc], kl)
-        return PairWork(AttnWork(cu_q, cu_k, local), q_rows, kv_rows, int(pairs_doc.sum()))
-
-
-def _seg_sum(values: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
-    cs = np.concatenate([[0], np.cumsum(values)])
-    return cs[last] - cs[first]
+            live = (e > s) & has[row_chunk][:, None]
+            local = np.stack([np.where(live, s - cs, 0), np.where(live, e - cs, 0)], -1)
+            counts = (local[..., 1] - local[..., 0]).sum(axis=1)
+            pairs = np.bincount(row_chunk, weights=counts, minlength=q_doc.size).astype(np.int64)
+            keep = pairs > 0
+            if not keep.any():
+                continue
+            keep_row = keep[row_chunk]
+            kl = (k_end - k_start)[ci][keep]
+            work = AttnWork(np.concatenate([[0], np.cumsum(q_len[keep])]), np.concatenate([[0], np.cumsum(kl)]),
+                            _compact(local[keep_row]))
+            rounds.append(Round(work, q_rows_all[keep_row], concat_aranges(k_off[ci][keep], kl)))
+            total += int(pairs.sum())
+        return PairWork(rounds, total)
 
 
 def _compact(ranges: np.ndarray) -> np.ndarray:

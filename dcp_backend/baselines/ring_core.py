@@ -22,7 +22,7 @@ import torch
 
 from dcp_backend.comm import CommCounters, Exchange
 from dcp_backend.kernels import BlockKernel, acc_dtype, merge_into_
-from dcp_backend.baselines.layout import PairWork
+from dcp_backend.baselines.layout import Round
 
 TAG_KV_INNER, TAG_DKV_INNER, TAG_KV_OUTER, TAG_DKV_OUTER = 11, 12, 13, 14
 
@@ -78,16 +78,17 @@ class RingRankWork:
     """Everything one position needs at run time; built once per plan and reused by every layer."""
 
     geometry: RingGeometry
-    works: dict  # source position -> PairWork (with torch index tensors cached in _torch)
+    works: dict  # source position -> PairWork
     tokens: np.ndarray  # tokens held by every position (receive-buffer sizes)
 
-    def torch_rows(self, src: int, device: torch.device):
-        pw: PairWork = self.works[src]
-        cache = pw.work._cache
-        key = ("rows", str(device))
-        if key not in cache:
-            cache[key] = (torch.from_numpy(pw.q_rows).to(device), torch.from_numpy(pw.kv_rows).to(device))
-        return cache[key]
+
+def _rows(rnd: Round, device: torch.device):
+    """The round's row indices as tensors on ``device`` (cached on the work: once per plan)."""
+    cache = rnd.work._cache
+    key = ("rows", str(device))
+    if key not in cache:
+        cache[key] = (torch.from_numpy(rnd.q_rows).to(device), torch.from_numpy(rnd.kv_rows).to(device))
+    return cache[key]
 
 
 def _block_buffer(n: int, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -119,12 +120,10 @@ def ring_forward(q, k, v, rw: RingRankWork, kernel: BlockKernel, scale: float, g
                 inner_x.send(cur, geo.inner_next, TAG_KV_INNER)
                 inner_x.recv(nxt_in, geo.inner_prev, TAG_KV_INNER)
                 inner_x.launch()
-            src = geo.source(o, t)
-            pw = rw.works[src]
-            if not pw.empty:
-                qr, kr = rw.torch_rows(src, q.device)
+            for rnd in rw.works[geo.source(o, t)].rounds:
+                qr, kr = _rows(rnd, q.device)
                 o_b, l_b = kernel.forward(q.index_select(0, qr), cur[0].index_select(0, kr),
-                                          cur[1].index_select(0, kr), pw.work, scale)
+                                          cur[1].index_select(0, kr), rnd.work, scale)
                 merge_into_(out, lse, o_b, l_b, rows=qr)
             if inner_x is not None:
                 inner_x.wait()
@@ -168,14 +167,12 @@ def ring_backward(dout, q, k, v, out, lse, rw: RingRankWork, kernel: BlockKernel
                 step.send(cur, geo.inner_next, TAG_KV_INNER)
                 step.recv(nxt_in, geo.inner_prev, TAG_KV_INNER)
             step.launch()
-            src = geo.source(o, t)
-            pw = rw.works[src]
             partial = torch.zeros((2,) + tuple(cur.shape[1:]), dtype=acc, device=q.device)
-            if not pw.empty:
-                qr, kr = rw.torch_rows(src, q.device)
+            for rnd in rw.works[geo.source(o, t)].rounds:
+                qr, kr = _rows(rnd, q.device)
                 dq_b, dk_b, dv_b = kernel.backward(
                     dout.index_select(0, qr), q.index_select(0, qr), cur[0].index_select(0, kr),
-                    cur[1].index_select(0, kr), out.index_select(0, qr), lse.index_select(0, qr), pw.work, scale,
+                    cur[1].index_select(0, kr), out.index_select(0, qr), lse.index_select(0, qr), rnd.work, scale,
                 )
                 dq.index_add_(0, qr, dq_b.to(acc))
                 partial[0].index_add_(0, kr, dk_b)

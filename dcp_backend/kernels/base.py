@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dcp_backend.kernels.work import KIND_CAUSAL, KIND_FULL, KIND_GENERAL, AttnWork, dense_visibility
+from dcp_backend.kernels.work import (KIND_CAUSAL, KIND_CAUSAL_BR, KIND_FULL, KIND_GENERAL, AttnWork,
+                                     dense_visibility)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -52,8 +53,8 @@ class SegmentGroup:
     k_len: int
     q_rows: torch.Tensor  # [batch * q_len] rows of the work's q
     k_rows: torch.Tensor  # [batch * k_len] rows of the work's kv
-    visible: np.ndarray | None  # [batch, q_len, k_len] bool for KIND_GENERAL
-    masks: dict  # dtype/device -> additive float mask [batch, 1, q_len, k_len]
+    visible: np.ndarray | None  # [batch or 1, q_len, k_len] bool; None when no mask is needed
+    masks: dict  # dtype/device -> additive float mask [batch or 1, 1, q_len, k_len]
 
     def additive_mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         if self.visible is None:
@@ -64,6 +65,14 @@ class SegmentGroup:
             m.masked_fill_(torch.from_numpy(~self.visible), float("-inf"))
             self.masks[key] = m.unsqueeze(1).to(device)
         return self.masks[key]
+
+    def visibility(self) -> np.ndarray:
+        """Boolean [batch, q_len, k_len] (broadcast for shared masks)."""
+        if self.kind == KIND_FULL:
+            return np.ones((self.batch, self.q_len, self.k_len), dtype=bool)
+        if self.kind == KIND_CAUSAL:
+            return np.broadcast_to(np.tri(self.q_len, self.k_len, dtype=bool), (self.batch, self.q_len, self.k_len))
+        return np.broadcast_to(self.visible, (self.batch, self.q_len, self.k_len))
 
 
 def segment_groups(work: AttnWork) -> list[SegmentGroup]:
@@ -85,6 +94,8 @@ def segment_groups(work: AttnWork) -> list[SegmentGroup]:
             visible = None
             if kind == KIND_GENERAL:
                 visible = np.stack([dense_visibility(work, int(s)) for s in segs])
+            elif kind == KIND_CAUSAL_BR:  # one mask shared by the whole group
+                visible = np.tri(ql, kl, kl - ql, dtype=bool)[None]
             groups.append(
                 SegmentGroup(
                     int(kind), int(segs.size), int(ql), int(kl),
@@ -113,4 +124,4 @@ def rows_on(t: torch.Tensor, device: torch.device, cache: dict, key) -> torch.Te
     return cache[k]
 
 
-__all__ = ["BlockKernel", "acc_dtype", "SegmentGroup", "segment_groups", "empty_rows", "KIND_FULL", "KIND_CAUSAL", "KIND_GENERAL"]
+__all__ = ["BlockKernel", "acc_dtype", "SegmentGroup", "segment_groups", "empty_rows", "KIND_FULL", "KIND_CAUSAL", "KIND_CAUSAL_BR", "KIND_GENERAL"]

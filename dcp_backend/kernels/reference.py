@@ -4,18 +4,15 @@ Computes in float64 when given float64 and in float32 otherwise. Slow; for tests
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dcp_backend.kernels.base import BlockKernel, segment_groups
-from dcp_backend.kernels.work import KIND_CAUSAL, KIND_FULL, AttnWork
+from dcp_backend.kernels.work import AttnWork
 
 
 def _visible(g, device) -> torch.Tensor:
-    if g.kind == KIND_FULL:
-        return torch.ones(g.batch, g.q_len, g.k_len, dtype=torch.bool, device=device)
-    if g.kind == KIND_CAUSAL:
-        return torch.ones(g.q_len, g.k_len, dtype=torch.bool, device=device).tril().expand(g.batch, -1, -1)
-    return torch.from_numpy(g.visible).to(device)
+    return torch.from_numpy(np.array(g.visibility())).to(device)
 
 
 def _prep(x, rows, batch, length, group):

@@ -21,6 +21,7 @@ from dcp_backend.spec import CPError
 KIND_GENERAL = 0  # arbitrary ranges: an additive mask
 KIND_FULL = 1  # every row sees every key of the segment
 KIND_CAUSAL = 2  # square segment, row i sees keys [0, i+1)
+KIND_CAUSAL_BR = 3  # q_len < k_len, row i sees keys [0, k_len - q_len + i + 1) (bottom-right causal)
 
 
 @dataclass(eq=False)
@@ -122,8 +123,9 @@ def _classify(work: AttnWork) -> np.ndarray:
         if work.ranges.shape[1] > 1
         else np.ones(work.total_q, bool)
     )
+    qlen_row = work.q_lens[seg]
     full_row = (first[:, 0] == 0) & (first[:, 1] == klen_row) & rest_empty
-    causal_row = (first[:, 0] == 0) & (first[:, 1] == local_row + 1) & rest_empty
+    causal_row = (first[:, 0] == 0) & (first[:, 1] == local_row + 1 + klen_row - qlen_row) & rest_empty
     # Reduce row flags per segment (segments with zero q rows stay GENERAL and are skipped).
     nonempty = work.q_lens > 0
     starts = work.cu_q[:-1][nonempty]
@@ -131,9 +133,10 @@ def _classify(work: AttnWork) -> np.ndarray:
     causal_seg = np.zeros(n, bool)
     full_seg[nonempty] = np.logical_and.reduceat(full_row, starts)
     causal_seg[nonempty] = np.logical_and.reduceat(causal_row, starts)
-    causal_seg &= work.q_lens == work.k_lens
+    causal_seg &= work.q_lens <= work.k_lens
+    kinds[causal_seg & ~full_seg & (work.q_lens < work.k_lens)] = KIND_CAUSAL_BR
+    kinds[causal_seg & ~full_seg & (work.q_lens == work.k_lens)] = KIND_CAUSAL
     kinds[full_seg] = KIND_FULL
-    kinds[causal_seg & ~full_seg] = KIND_CAUSAL
     return kinds
 
 

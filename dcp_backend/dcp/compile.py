@@ -1,0 +1,339 @@
+"""Compilation of a placement and its stage schedules into per-device programs (forward and backward).
+
+For every device and pass: assign rows to received blocks (``block_size``-row slots, reused once the
+previous occupant's last reader, forward and result send are done), build one :class:`Attention` per
+stage with every computation block of that stage as segments (a segment is one query block against
+the concatenation of its key blocks in that stage, with per-row key ranges mapped into it), and emit
+the communication, attention and reduction instructions in the global key order shared by all ranks:
+
+    in1  attn0  wait(in1) in1p2 wait(in1p2) out0
+    in2  attn1  wait(in2) in2p2 wait(in2p2) wait(out0) out1  ...  attnS  wait(out S-1) outS wait(outS)
+    reduce
+"""
+from __future__ import annotations
+
+import heapq
+import time
+
+import numpy as np
+
+from dcp_backend.batch import concat_aranges
+from dcp_backend.dcp.blocks import BlockSet
+from dcp_backend.dcp.instructions import (ACC, MODEL, Attention, Comm, CommOp, DeviceProgram, Fill, Reduce,
+                                          StoreSpec, Wait)
+from dcp_backend.dcp.partition import Placement
+from dcp_backend.dcp.schedule import KIND_KV, KIND_Q, PassSchedule, Transfers, comp_inputs
+from dcp_backend.kernels.work import AttnWork
+
+# (store parts moved for an input block, parts of a result, receiving temp stores) per pass
+FWD_INPUT = {KIND_Q: ("q",), KIND_KV: ("k", "v")}
+BWD_INPUT = {KIND_Q: ("q", "o", "do", "lse"), KIND_KV: ("k", "v")}
+FWD_RESULT = {KIND_Q: (("o", "lse"), ("ro", "rlse"))}
+BWD_RESULT = {KIND_Q: (("dq",), ("rdq",)), KIND_KV: (("dk", "dv"), ("rdk", "rdv"))}
+
+
+class DeviceLayout:
+    """Where a device keeps its own tokens: owned token blocks back to back, in block order."""
+
+    def __init__(self, bs: BlockSet, pl: Placement, device: int):
+        self.bs = bs
+        self.blocks = np.nonzero(pl.owner == device)[0]
+        tok = bs.tb_tokens[self.blocks]
+        self.num_tokens = int(tok.sum())
+        self.tb_offset = np.full(bs.n_tb, -1, dtype=np.int64)
+        self.tb_offset[self.blocks] = np.concatenate([[0], np.cumsum(tok)[:-1]]) if tok.size else []
+
+    def global_indices(self) -> np.ndarray:
+        return self.bs.tb_global_indices(self.blocks)
+
+
+class _Rows:
+    """Row numbers of blocks inside one device's stores for one pass."""
+
+    def __init__(self, bs: BlockSet, layout: DeviceLayout, slots: dict):
+        self.bs, self.layout, self.slots = bs, layout, slots  # slots: (kind, block) -> slot index
+        h = bs.heads
+        self.q_base = layout.num_tokens * h.n_q
+        self.kv_base = layout.num_tokens * h.n_kv
+
+    def rows(self, kind: int, block: int) -> np.ndarray:
+        h, bs = self.bs.heads, self.bs
+        per = h.n_q if kind == KIND_Q else h.n_kv
+        tb, head = divmod(int(block), per)
+        n = int(bs.tb_tokens[tb])
+        off = self.layout.tb_offset[tb]
+        if off >= 0:
+            return (off + np.arange(n, dtype=np.int64)) * per + head
+        slot = self.slots[(kind, int(block))]
+        base = self.q_base if kind == KIND_Q else self.kv_base
+        return base + slot * bs.block_size + np.arange(n, dtype=np.int64)
+
+
+def _assign_slots(entries: list[tuple[int, int, int, int]]) -> tuple[dict, dict]:
+    """entries: (kind, block, launch_time, busy_end). Interval colouring per kind: a slot can take a
+    new block launched strictly after its previous occupant's busy_end. Returns slots and counts."""
+    slots, counts = {}, {KIND_Q: 0, KIND_KV: 0}
+    for kind in (KIND_Q, KIND_KV):
+        ents = sorted((e for e in entries if e[0] == kind), key=lambda e: (e[2], e[1]))
+        busy: list[tuple[int, int]] = []  # heap of (busy_end, slot)
+        free: list[int] = []
+        for _, block, launch, end in ents:
+            while busy and busy[0][0] < launch:
+                heapq.heappush(free, heapq.heappop(busy)[1])
+            if free:
+                s = heapq.heappop(free)
+            else:
+                s = counts[kind]
+                counts[kind] += 1
+            slots[(kind, block)] = s
+            heapq.heappush(busy, (end, s))
+    return slots, counts
+
+
+def _segments(bs: BlockSet, comps: np.ndarray, rows: _Rows):
+    """One segment per query block among ``comps``: returns (q_rows, kv_rows, AttnWork)."""
+    h = bs.heads
+    qid, kvid = comp_inputs(bs)
+    cq, ck = qid[comps], kvid[comps]
+    order = np.lexsort((ck, cq))
+    cq, ck, comps = cq[order], ck[order], comps[order]
+    first = np.ones(cq.size, dtype=bool)
+    first[1:] = cq[1:] != cq[:-1]
+    seg = np.cumsum(first) - 1
+    seg_q = cq[first]
+    q_tb = seg_q // h.n_q
+    kv_tb = ck // h.n_kv
+    q_len = bs.tb_tokens[q_tb]
+    kv_len = bs.tb_tokens[kv_tb]
+    cu_q = np.concatenate([[0], np.cumsum(q_len)])
+    seg_k_len = np.bincount(seg, weights=kv_len, minlength=seg_q.size).astype(np.int64)
+    cu_k = np.concatenate([[0], np.cumsum(seg_k_len)])
+    # offset of each kv block inside its segment's concatenation
+    kv_off = np.cumsum(kv_len) - kv_len - cu_k[seg]
+    q_rows = np.concatenate([rows.rows(KIND_Q, b) for b in seg_q]) if seg_q.size else np.zeros(0, np.int64)
+    kv_rows = np.concatenate([rows.rows(KIND_KV, b) for b in ck]) if ck.size else np.zeros(0, np.int64)
+    # Key ranges: explode (query row, key block) pairs, clip each row's ranges to the block, shift.
+    rep = q_len[seg]
+    row_in_seg = concat_aranges(np.zeros(ck.size, np.int64), rep)
+    piece_seg = np.repeat(seg, rep)
+    piece_kv = np.repeat(np.arange(ck.size), rep)
+    gtok = bs.tb_global_start[q_tb][piece_seg] + row_in_seg
+    r = bs.ranges[gtok]  # [pieces, R, 2] document-local
+    ks = bs.tb_start[kv_tb][piece_kv][:, None]
+    ke = bs.tb_end[kv_tb][piece_kv][:, None]
+    s = np.maximum(r[..., 0], ks)
+    e = np.minimum(r[..., 1], ke)
+    shift = (kv_off[piece_kv])[:, None] - ks
+    live = e > s
+    work_row = (cu_q[piece_seg] + row_in_seg)[:, None].repeat(r.shape[1], 1)[live]
+    ps, pe = (s + shift)[live], (e + shift)[live]
+    ranges = _merge_runs(work_row, ps, pe, int(cu_q[-1]))
+    return q_rows, kv_rows, AttnWork(cu_q, cu_k, ranges)
+
+
+def _merge_runs(row: np.ndarray, s: np.ndarray, e: np.ndarray, num_rows: int) -> np.ndarray:
+    """Per row, sort pieces, merge touching ones, and pack into canonical [rows, R, 2] ranges."""
+    if row.size == 0:
+        return np.zeros((num_rows, 1, 2), dtype=np.int64)
+    order = np.lexsort((s, row))
+    row, s, e = row[order], s[order], e[order]
+    new = np.ones(row.size, dtype=bool)
+    new[1:] = (row[1:] != row[:-1]) | (s[1:] > e[:-1])
+    run = np.cumsum(new) - 1
+    starts = np.nonzero(new)[0]
+    run_row, run_s = row[starts], s[starts]
+    run_e = np.maximum.reduceat(e, starts)
+    first_run = np.ones(run_row.size, dtype=bool)
+    first_run[1:] = run_row[1:] != run_row[:-1]
+    idx_in_row = np.arange(run_row.size) - np.maximum.accumulate(np.where(first_run, np.arange(run_row.size), 0))
+    width = int(idx_in_row.max()) + 1
+    out = np.zeros((num_rows, width, 2), dtype=np.int64)
+    out[run_row, idx_in_row, 0] = run_s
+    out[run_row, idx_in_row, 1] = run_e
+    del run
+    return out
+
+
+def _pass_program(bs: BlockSet, pl: Placement, sched: PassSchedule, device: int, layout: DeviceLayout,
+                  backward: bool) -> DeviceProgram:
+    h, B, S = bs.heads, bs.block_size, sched.num_stages
+    inputs, outputs = sched.inputs, sched.outputs
+    qid, kvid = comp_inputs(bs)
+    my_comps = np.nonzero(pl.comp_device == device)[0]
+    # --- slots for blocks received by this device (and how long each is busy)
+    recv_here = np.nonzero(inputs.dst == device)[0]
+    last_use = {}
+    for kind, ids in ((KIND_Q, qid), (KIND_KV, kvid)):
+        c = my_comps
+        for b, st in zip(ids[c].tolist(), sched.comp_stage[c].tolist()):
+            key = (kind, b)
+            last_use[key] = max(last_use.get(key, -1), st)
+    fwd_until = {}  # gateway: forwards of a block sent at time stage-1
+    for i in np.nonzero(inputs.src == device)[0]:
+        key = (int(inputs.kind[i]), int(inputs.block[i]))
+        fwd_until[key] = max(fwd_until.get(key, -1), int(inputs.stage[i]) - 1)
+    has_result = {KIND_Q: True, KIND_KV: backward}
+    entries = []
+    for i in recv_here:
+        key = (int(inputs.kind[i]), int(inputs.block[i]))
+        end = last_use.get(key, 0) + (1 if has_result[key[0]] else 0)
+        end = max(end, fwd_until.get(key, -1))
+        entries.append((key[0], key[1], int(inputs.stage[i]) - 1, end))
+    slots, counts = _assign_slots(entries)
+    rows = _Rows(bs, layout, slots)
+    n = layout.num_tokens
+    q_rows_total = n * h.n_q + counts[KIND_Q] * B
+    kv_rows_total = n * h.n_kv + counts[KIND_KV] * B
+    prog = DeviceProgram(device, n)
+    st = prog.stores
+    if not backward:
+        names_q = (("q", MODEL, True), ("o", ACC, True), ("lse", ACC, False))
+        names_kv = (("k", MODEL, True), ("v", MODEL, True))
+        results, in_parts = FWD_RESULT, FWD_INPUT
+    else:
+        names_q = (("q", MODEL, True), ("o", MODEL, True), ("do", MODEL, True), ("lse", ACC, False),
+                   ("dq", ACC, True))
+        names_kv = (("k", MODEL, True), ("v", MODEL, True), ("dk", ACC, True), ("dv", ACC, True))
+        results, in_parts = BWD_RESULT, BWD_INPUT
+    for name, dt, dim in names_q:
+        st[name] = StoreSpec(name, q_rows_total, h.hb, dim, dt)
+    for name, dt, dim in names_kv:
+        st[name] = StoreSpec(name, kv_rows_total, h.khb, dim, dt)
+    # --- results received by this device (temp rows) and their reductions
+    incoming = np.nonzero(outputs.dst == device)[0]
+    incoming = incoming[np.lexsort((outputs.src[incoming], outputs.block[incoming], outputs.kind[incoming]))]
+    temp_rows = {KIND_Q: 0, KIND_KV: 0}
+    recv_rows = {}  # transfer index -> temp rows
+    for i in incoming:
+        kind = int(outputs.kind[i])
+        nt = int(bs.tb_tokens[int(outputs.block[i]) // (h.n_q if kind == KIND_Q else h.n_kv)])
+        recv_rows[int(i)] = temp_rows[kind] + np.arange(nt, dtype=np.int64)
+        temp_rows[kind] += nt
+    for kind, (src_names, tmp_names) in results.items():
+        for name, tmp in zip(src_names, tmp_names):
+            spec = st[name]
+            st[tmp] = StoreSpec(tmp, temp_rows[kind], spec.heads, spec.with_dim, ACC)
+
+    def comm(key: str, sends_idx, recvs_idx, tr: Transfers, send_parts, recv_parts):
+        """One op per peer; a peer's transfers packed in (kind, block) order on both sides."""
+        ops = {}
+        for idx, peer_arr, parts_of, side in ((sends_idx, tr.dst, send_parts, "send"),
+                                              (recvs_idx, tr.src, recv_parts, "recv")):
+            idx = np.asarray(idx, dtype=np.int64)
+            idx = idx[np.lexsort((tr.block[idx], tr.kind[idx], peer_arr[idx]))]
+            ops[side] = [CommOp(int(peer), [p for i in idx[peer_arr[idx] == peer] for p in parts_of(int(i))])
+                         for peer in np.unique(peer_arr[idx])]
+        return Comm(key, ops["send"], ops["recv"])
+
+    def input_parts(i: int):
+        kind, block = int(inputs.kind[i]), int(inputs.block[i])
+        r = rows.rows(kind, block)
+        return [(name, r) for name in in_parts[kind]]
+
+    def result_parts(i: int):
+        kind, block = int(outputs.kind[i]), int(outputs.block[i])
+        r = rows.rows(kind, block)
+        return [(name, r) for name in results[kind][0]]
+
+    def result_recv(i: int):
+        kind = int(outputs.kind[i])
+        return [(name, recv_rows[i]) for name in results[kind][1]]
+
+    def fills(received: np.ndarray) -> list:
+        """Reset result rows of freshly received blocks (slots are reused)."""
+        out = []
+        for kind, (names, _) in results.items():
+            sel = received[inputs.kind[received] == kind]
+            if sel.size:
+                out.append(Fill(names, np.concatenate([rows.rows(kind, int(inputs.block[i])) for i in sel])))
+        return out
+
+    ins = prog.instructions
+    for s in range(S + 1):
+        if s < S:
+            sel = inputs.stage == s + 1
+            p1 = sel & (inputs.phase == 1)
+            recv1 = np.nonzero(p1 & (inputs.dst == device))[0]
+            ins.append(comm(f"in{s + 1}", np.nonzero(p1 & (inputs.src == device))[0], recv1, inputs,
+                            input_parts, input_parts))
+        comps = my_comps[sched.comp_stage[my_comps] == s]
+        if comps.size:
+            qr, kr, work = _segments(bs, comps, rows)
+            ins.append(Attention(s, qr, kr, work, np.sort(comps), backward))
+        if s < S:
+            ins.append(Wait(f"in{s + 1}"))
+            ins.extend(fills(recv1))
+            p2 = sel & (inputs.phase == 2)
+            recv2 = np.nonzero(p2 & (inputs.dst == device))[0]
+            ins.append(comm(f"in{s + 1}p2", np.nonzero(p2 & (inputs.src == device))[0], recv2, inputs,
+                            input_parts, input_parts))
+            ins.append(Wait(f"in{s + 1}p2"))
+            ins.extend(fills(recv2))
+        if s > 0:
+            ins.append(Wait(f"out{s - 1}"))
+        osel = outputs.stage == s
+        ins.append(comm(f"out{s}", np.nonzero(osel & (outputs.src == device))[0],
+                        np.nonzero(osel & (outputs.dst == device))[0], outputs, result_parts, result_recv))
+    ins.append(Wait(f"out{S}"))
+    # --- reductions of received partial results into owned rows
+    for kind, (dst_names, tmp_names) in results.items():
+        sel = [i for i in incoming if int(outputs.kind[i]) == kind]
+        if not sel:
+            continue
+        dst_rows = [rows.rows(kind, int(outputs.block[i])) for i in sel]
+        src_rows = [recv_rows[int(i)] for i in sel]
+        if not backward:  # log-sum-exp merges: one instruction per round so destination rows are unique
+            occurrence = {}
+            rounds: dict[int, list] = {}
+            for i, sr, dr in zip(sel, src_rows, dst_rows):
+                b = int(outputs.block[i])
+                rnd = occurrence.get(b, 0)
+                occurrence[b] = rnd + 1
+                rounds.setdefault(rnd, []).append((sr, dr))
+            for rnd in sorted(rounds):
+                srs, drs = zip(*rounds[rnd])
+                ins.append(Reduce("merge", tmp_names, dst_names, np.concatenate(srs), np.concatenate(drs)))
+        else:
+            ins.append(Reduce("sum", tmp_names, dst_names, np.concatenate(src_rows), np.concatenate(dst_rows)))
+    return prog
+
+
+class Programs:
+    """Per-device programs of one pass, compiled on first access (a rank needs only its own; statistics,
+    the verifier and serialisation compile the rest). Indexable like a list; entries may be preset."""
+
+    def __init__(self, bs: BlockSet, pl: Placement, sched: PassSchedule, layouts, backward: bool):
+        self._args = (bs, pl, sched, layouts, backward)
+        self._progs: list = [None] * pl.num_devices
+        self.compile_seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self._progs)
+
+    def __getitem__(self, d: int) -> DeviceProgram:
+        if self._progs[d] is None:
+            t0 = time.perf_counter()
+            self._progs[d] = _pass_program(*self._args[:3], d, self._args[3][d], self._args[4])
+            self.compile_seconds += time.perf_counter() - t0
+        return self._progs[d]
+
+    def __setitem__(self, d: int, prog: DeviceProgram) -> None:
+        self._progs[d] = prog
+
+    def __iter__(self):
+        return (self[d] for d in range(len(self)))
+
+    def compiled(self) -> list[int]:
+        return [d for d, p in enumerate(self._progs) if p is not None]
+
+
+def compile_programs(bs: BlockSet, pl: Placement, fwd: PassSchedule, bwd: PassSchedule, eager: bool = True):
+    """Programs of every device (compiled now if ``eager``, else on first access): returns (layouts,
+    forward programs, backward programs)."""
+    layouts = [DeviceLayout(bs, pl, d) for d in range(pl.num_devices)]
+    fwd_progs = Programs(bs, pl, fwd, layouts, False)
+    bwd_progs = Programs(bs, pl, bwd, layouts, True)
+    if eager:
+        for d in range(pl.num_devices):
+            fwd_progs[d], bwd_progs[d]
+    return layouts, fwd_progs, bwd_progs

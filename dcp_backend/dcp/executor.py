@@ -1,0 +1,186 @@
+"""The DCP executor: runs one device's compiled forward and backward programs over torch.distributed.
+
+Preparation happens once per (plan, device, dtype): index tensors of every instruction, message
+layouts, and the stores themselves (allocated once and reused by every layer of the iteration; only
+their result rows are reset per call). Each stage's inputs are launched (``batch_isend_irecv``) before
+the previous stage computes; attention runs as one block-kernel call per stage; partial results are
+merged (log-sum-exp) or summed into their owners' rows.
+
+On CUDA, NCCL runs transfers on its own streams; PyTorch orders them after the packing kernels of the
+current stream at launch and makes the current stream wait at ``wait()``, so stage s's attention
+overlaps stage s+1's transfers with correct ordering. On CPU (gloo) transfers proceed in gloo's
+threads while the kernel computes.
+"""
+from __future__ import annotations
+
+import torch
+
+from dcp_backend.comm import CommCounters, Exchange
+from dcp_backend.dcp.instructions import ACC, MODEL, Attention, Comm, DeviceProgram, Fill, Reduce, Wait
+from dcp_backend.kernels import BlockKernel, acc_dtype, merge_into_
+
+TAGS = {MODEL: 31, ACC: 32}
+
+
+class _Message:
+    """One peer's parts, split by dtype class: [(store, rows tensor, numel)] per class."""
+
+    def __init__(self, peer: int, by_class: dict):
+        self.peer = peer
+        self.by_class = by_class
+
+
+class ProgramRunner:
+    """Executes one :class:`DeviceProgram` (one pass of one device) for a given device and dtype."""
+
+    def __init__(self, program: DeviceProgram, head_dim: int, device: torch.device, dtype: torch.dtype):
+        self.program = program
+        self.device = device
+        self.dtype = dtype
+        self.acc = acc_dtype(dtype)
+        self.head_dim = head_dim
+        self.stores = {}
+        for name, spec in program.stores.items():
+            shape = (spec.rows, spec.heads, head_dim) if spec.with_dim else (spec.rows, spec.heads)
+            dt = dtype if spec.dtype == MODEL else self.acc
+            self.stores[name] = torch.empty(shape, dtype=dt, device=device)
+        self.steps = [self._prepare(ins) for ins in program.instructions]
+
+    # ------------------------------------------------------------------ preparation
+    def _t(self, a):
+        return torch.from_numpy(a).to(self.device)
+
+    def _message(self, op) -> _Message:
+        by_class: dict = {}
+        for name, rows in op.parts:
+            spec = self.program.stores[name]
+            per_row = spec.heads * (self.head_dim if spec.with_dim else 1)
+            by_class.setdefault(spec.dtype, []).append((name, self._t(rows), int(rows.size) * per_row))
+        return _Message(op.peer, by_class)
+
+    def _prepare(self, ins):
+        if isinstance(ins, Comm):
+            return ("comm", ins.key, [self._message(o) for o in ins.sends], [self._message(o) for o in ins.recvs])
+        if isinstance(ins, Wait):
+            return ("wait", ins.key)
+        if isinstance(ins, Attention):
+            return ("attn", ins.backward, self._t(ins.q_rows), self._t(ins.kv_rows), ins.work)
+        if isinstance(ins, Fill):
+            return ("fill", ins.stores, self._t(ins.rows))
+        if isinstance(ins, Reduce):
+            return ("reduce", ins.op, ins.src, ins.dst, self._t(ins.src_rows), self._t(ins.dst_rows))
+        raise TypeError(f"unknown instruction {type(ins).__name__}")
+
+    # ------------------------------------------------------------------ running
+    def _dtype_of(self, cls: str) -> torch.dtype:
+        return self.dtype if cls == MODEL else self.acc
+
+    def run(self, kernel: BlockKernel, scale: float, group, counters: CommCounters | None):
+        pending: dict[str, tuple] = {}
+        S = self.stores
+        for step in self.steps:
+            kind = step[0]
+            if kind == "comm":
+                _, key, sends, recvs = step
+                x = Exchange(group, f"DCP transfer {key}", counters=counters)
+                for m in sends:
+                    for cls, parts in m.by_class.items():
+                        buf = torch.cat([S[n].index_select(0, r).reshape(-1) for n, r, _ in parts])
+                        x.send(buf, m.peer, TAGS[cls])
+                bufs = []
+                for m in recvs:
+                    for cls, parts in m.by_class.items():
+                        buf = torch.empty(sum(p[2] for p in parts), dtype=self._dtype_of(cls), device=self.device)
+                        x.recv(buf, m.peer, TAGS[cls])
+                        bufs.append((buf, parts))
+                pending[key] = (x.launch(), bufs)
+            elif kind == "wait":
+                x, bufs = pending.pop(step[1])
+                x.wait()
+                for buf, parts in bufs:
+                    off = 0
+                    for name, rows, numel in parts:
+                        st = S[name]
+                        st.index_copy_(0, rows, buf[off:off + numel].view((rows.numel(),) + tuple(st.shape[1:])))
+                        off += numel
+            elif kind == "attn":
+                _, backward, qr, kr, work = step
+                if not backward:
+                    o, l = kernel.forward(S["q"].index_select(0, qr), S["k"].index_select(0, kr),
+                                          S["v"].index_select(0, kr), work, scale)
+                    merge_into_(S["o"], S["lse"], o, l, rows=qr)
+                else:
+                    dq, dk, dv = kernel.backward(
+                        S["do"].index_select(0, qr), S["q"].index_select(0, qr), S["k"].index_select(0, kr),
+                        S["v"].index_select(0, kr), S["o"].index_select(0, qr), S["lse"].index_select(0, qr),
+                        work, scale,
+                    )
+                    S["dq"].index_add_(0, qr, dq.to(self.acc))
+                    S["dk"].index_add_(0, kr, dk.to(self.acc))
+                    S["dv"].index_add_(0, kr, dv.to(self.acc))
+            elif kind == "fill":
+                _, names, rows = step
+                for n in names:
+                    S[n].index_fill_(0, rows, float("-inf") if n == "lse" else 0.0)
+            elif kind == "reduce":
+                _, op, src, dst, sr, dr = step
+                if op == "merge":
+                    merge_into_(S[dst[0]], S[dst[1]], S[src[0]].index_select(0, sr), S[src[1]].index_select(0, sr),
+                                rows=dr)
+                else:
+                    for s_name, d_name in zip(src, dst):
+                        S[d_name].index_add_(0, dr, S[s_name].index_select(0, sr))
+        if pending:  # pragma: no cover - compiled programs always wait what they launch
+            raise RuntimeError(f"DCP program ended with unfinished transfers {sorted(pending)}")
+
+    # ------------------------------------------------------------------ passes
+    def forward(self, q, k, v, kernel, scale, group, counters):
+        n = self.program.num_local_tokens
+        S = self.stores
+        nq_rows, nkv_rows = q.shape[0] * (q.shape[1] // S["q"].shape[1]), k.shape[0] * (k.shape[1] // S["k"].shape[1])
+        S["q"][:nq_rows].copy_(q.reshape(nq_rows, *S["q"].shape[1:]))
+        S["k"][:nkv_rows].copy_(k.reshape(nkv_rows, *S["k"].shape[1:]))
+        S["v"][:nkv_rows].copy_(v.reshape(nkv_rows, *S["v"].shape[1:]))
+        S["o"].zero_()
+        S["lse"].fill_(float("-inf"))
+        self.run(kernel, scale, group, counters)
+        out = S["o"][:nq_rows].reshape(n, q.shape[1], q.shape[2]).to(q.dtype)
+        lse = S["lse"][:nq_rows].reshape(n, q.shape[1]).clone()
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, kernel, scale, group, counters):
+        n = self.program.num_local_tokens
+        S = self.stores
+        nq_rows, nkv_rows = q.shape[0] * (q.shape[1] // S["q"].shape[1]), k.shape[0] * (k.shape[1] // S["k"].shape[1])
+        for name, t in (("q", q), ("o", out), ("do", dout)):
+            S[name][:nq_rows].copy_(t.reshape(nq_rows, *S[name].shape[1:]))
+        S["lse"][:nq_rows].copy_(lse.reshape(nq_rows, *S["lse"].shape[1:]))
+        S["k"][:nkv_rows].copy_(k.reshape(nkv_rows, *S["k"].shape[1:]))
+        S["v"][:nkv_rows].copy_(v.reshape(nkv_rows, *S["v"].shape[1:]))
+        for name in ("dq", "dk", "dv"):
+            S[name].zero_()
+        self.run(kernel, scale, group, counters)
+        dq = S["dq"][:nq_rows].reshape(n, q.shape[1], q.shape[2]).to(q.dtype)
+        dk = S["dk"][:nkv_rows].reshape(n, k.shape[1], k.shape[2]).to(k.dtype)
+        dv = S["dv"][:nkv_rows].reshape(n, v.shape[1], v.shape[2]).to(v.dtype)
+        return dq, dk, dv
+
+
+class DCPAttentionFn(torch.autograd.Function):
+    """Differentiable DCP attention of one rank: forward and backward programs of a plan."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, fwd_runner, bwd_runner, kernel, scale, group, counters):
+        with torch.no_grad():
+            out, lse = fwd_runner.forward(q, k, v, kernel, scale, group, counters)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.rest = (bwd_runner, kernel, scale, group, counters)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        bwd_runner, kernel, scale, group, counters = ctx.rest
+        with torch.no_grad():
+            dq, dk, dv = bwd_runner.backward(dout.contiguous(), q, k, v, out, lse, kernel, scale, group, counters)
+        return dq, dk, dv, None, None, None, None, None, None

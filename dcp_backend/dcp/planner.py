@@ -1,0 +1,138 @@
+"""The DCP planner: lengths -> blocks -> placement -> forward/backward schedules -> per-device programs.
+
+``make_plan`` runs every phase on the CPU (no process group), times each phase, and returns a
+:class:`DCPPlan` that satisfies the backend contract (``local_indices``) and carries everything the
+executor, the verifier, the statistics and the serialisation need.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from dcp_backend.backend import Plan, PlanStats
+from dcp_backend.batch import PackedBatch
+from dcp_backend.dcp.blocks import BlockSet, auto_block_size, build_blocks
+from dcp_backend.dcp.compile import DeviceLayout, compile_programs
+from dcp_backend.dcp.config import DCPOptions
+from dcp_backend.dcp.instructions import DeviceProgram
+from dcp_backend.dcp.partition import Placement, place
+from dcp_backend.dcp.schedule import PassSchedule, schedule_pass
+from dcp_backend.spec import AttentionSpec, CPError
+
+
+def pair_cost(bs: BlockSet) -> np.ndarray:
+    """Cost of every computation block: unmasked pairs x query heads of its head block."""
+    return (bs.pair_count[bs.comp_pair(np.arange(bs.n_comp))] * bs.heads.hb).astype(np.float64)
+
+
+class DCPPlan(Plan):
+    """A compiled DCP plan (see :mod:`dcp_backend.dcp`)."""
+
+    backend = "dcp"
+
+    def __init__(self, batch: PackedBatch, spec: AttentionSpec, world_size: int, options: DCPOptions, *,
+                 blocks: BlockSet, placement: Placement, fwd: PassSchedule, bwd: PassSchedule,
+                 layouts: list[DeviceLayout], fwd_programs: list[DeviceProgram],
+                 bwd_programs: list[DeviceProgram], timings: dict[str, float], comp_cost: np.ndarray):
+        super().__init__(batch, spec, world_size, options)
+        self.blocks = blocks
+        self.placement = placement
+        self.fwd = fwd
+        self.bwd = bwd
+        self.layouts = layouts
+        self.fwd_programs = fwd_programs
+        self.bwd_programs = bwd_programs
+        self._timings = dict(timings)
+        self.comp_cost = comp_cost
+        self._executors: dict = {}
+
+    @property
+    def block_size(self) -> int:
+        return self.blocks.block_size
+
+    @property
+    def devices_per_node(self) -> int:
+        return self.placement.devices_per_node
+
+    @property
+    def num_stages(self) -> int:
+        return self.fwd.num_stages
+
+    def _local_indices(self, rank: int) -> np.ndarray:
+        return self.layouts[rank].global_indices()
+
+    def compile_for(self, rank: int) -> "DCPPlan":
+        """Compile ``rank``'s forward and backward programs now (planning workers call this so the
+        training process never compiles)."""
+        self._check_rank(rank)
+        self.fwd_programs[rank], self.bwd_programs[rank]
+        return self
+
+    def compile_all(self) -> "DCPPlan":
+        for r in range(self.world_size):
+            self.compile_for(r)
+        return self
+
+    @property
+    def planning_seconds(self) -> float:
+        """Seconds spent planning so far: blocks, partition, schedules, and compiling the programs
+        compiled up to now (all of them after ``compile_all``)."""
+        return float(sum(self.timings.values()))
+
+    @property
+    def timings(self) -> dict[str, float]:
+        t = dict(self._timings)
+        progs = (self.fwd_programs, self.bwd_programs)
+        if all(hasattr(p, "compile_seconds") for p in progs):
+            t["compile"] = t.get("compile", 0.0) + sum(p.compile_seconds for p in progs)
+        return t
+
+    def stats(self, element_size: int = 2) -> PlanStats:
+        from dcp_backend.dcp.stats import plan_stats
+
+        return plan_stats(self, element_size)
+
+
+def resolve_topology(world_size: int, devices_per_node: int | None) -> int:
+    dpn = devices_per_node or world_size
+    if world_size % dpn:
+        raise CPError(
+            f"dcp: world size {world_size} is not a multiple of devices_per_node={dpn}; the world must be "
+            "nodes x devices_per_node"
+        )
+    return dpn
+
+
+def make_plan(batch: PackedBatch, spec: AttentionSpec, world_size: int, options: DCPOptions,
+              element_size: int = 2, compile_all: bool = False) -> DCPPlan:
+    """Plan one batch. Programs are compiled on first use per rank unless ``compile_all``."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    dpn = resolve_topology(world_size, options.devices_per_node)
+    if options.block_size == "auto":
+        block = auto_block_size(batch, world_size, options.memory_imbalance, options.min_block_size,
+                                options.max_block_size)
+    else:
+        block = int(options.block_size)
+    bs = build_blocks(batch, spec, block, options.head_block_size)
+    cost = pair_cost(bs)
+    t1 = time.perf_counter()
+    timings["blocks"] = t1 - t0
+    pl = place(bs, cost, world_size, dpn, compute_imbalance=options.compute_imbalance,
+               memory_imbalance=options.memory_imbalance, inter_node_factor=options.inter_node_imbalance_factor,
+               seed=options.seed, partitioner=options.partitioner, element_size=element_size)
+    t2 = time.perf_counter()
+    timings["partition"] = t2 - t1
+    tok = bs.tb_tokens.astype(np.float64)
+    h = bs.heads
+    e = element_size
+    q_fwd = np.repeat(bs.q_bytes_per_token(e) * tok, h.n_q)
+    kv_b = np.repeat(bs.kv_bytes_per_token(e) * tok, h.n_kv)
+    q_bwd = np.repeat((3 * bs.q_bytes_per_token(e) + bs.lse_bytes_per_token()) * tok, h.n_q)
+    fwd = schedule_pass(bs, pl, cost, q_fwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=False)
+    bwd = schedule_pass(bs, pl, cost, q_bwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=True)
+    timings["schedule"] = time.perf_counter() - t2
+    layouts, fp, bp = compile_programs(bs, pl, fwd, bwd, eager=compile_all)
+    return DCPPlan(batch, spec, world_size, options, blocks=bs, placement=pl, fwd=fwd, bwd=bwd, layouts=layouts,
+                   fwd_programs=fp, bwd_programs=bp, timings=timings, comp_cost=cost)

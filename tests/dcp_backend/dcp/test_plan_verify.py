@@ -1,0 +1,124 @@
+"""Planner + verifier on many random batches, masks and topologies; the verifier catches broken plans;
+plans are deterministic and serialise losslessly."""
+import copy
+
+import numpy as np
+import pytest
+
+import dcp_backend as cp
+from dcp_backend import CPError
+from dcp_backend.dcp.instructions import Attention, Comm, Fill, Reduce
+from dcp_backend.dcp.serialize import deserialize, serialize
+from dcp_backend.dcp.verify import PlanVerificationError, verify_plan
+from tests.cp_check import random_seqlens
+from tests.dcp_backend.baselines.test_ring_family import MASKS
+
+TOPOLOGIES = [(1, 1), (1, 3), (2, 2), (4, 2)]
+
+
+def _plan(seqlens, world, dpn, mask="causal", args=None, heads=(4, 2), **opts):
+    spec = cp.AttentionSpec(heads[0], heads[1], 8, mask=mask, mask_args=args or {})
+    backend = cp.get_backend("dcp", world_size=world, devices_per_node=dpn, **opts)
+    return backend.plan(seqlens, spec)
+
+
+@pytest.mark.parametrize("nodes,dpn", TOPOLOGIES)
+def test_random_plans_verify(nodes, dpn):
+    rng = np.random.default_rng(nodes * 10 + dpn)
+    world = nodes * dpn
+    for mask, args in MASKS:
+        for heads, hbs in (((4, 2), None), ((4, 4), 1), ((8, 2), 1)):
+            seqlens = random_seqlens(rng, int(rng.integers(1, 9)), 150, world)
+            plan = _plan(seqlens, world, dpn, mask, args, heads, block_size=int(rng.choice([8, 16, 32])),
+                         head_block_size=hbs, num_stages=int(rng.choice([1, 2, 4])))
+            verify_plan(plan)
+
+
+def test_auto_block_size_and_greedy_partitioner_verify():
+    rng = np.random.default_rng(7)
+    for partitioner in ("mtkahypar", "greedy"):
+        seqlens = random_seqlens(rng, 10, 400, 8)
+        verify_plan(_plan(seqlens, 8, 4, "lambda", {"sink": 4, "window": 32}, partitioner=partitioner))
+
+
+def _mutants(plan):
+    def drop(kind, which):
+        def f(p):
+            progs = p.bwd_programs if which == "bwd" else p.fwd_programs
+            for prog in progs:
+                idx = [j for j, x in enumerate(prog.instructions) if isinstance(x, kind)]
+                if idx:
+                    del prog.instructions[idx[-1]]
+                    return True
+            return False
+        return f
+
+    def corrupt_kv(p):
+        for prog in p.fwd_programs:
+            for ins in prog.instructions:
+                if isinstance(ins, Attention) and ins.kv_rows.size > 1:
+                    ins.kv_rows = np.roll(ins.kv_rows, 1)
+                    return True
+        return False
+
+    def shrink_range(p):
+        for prog in p.bwd_programs:
+            for ins in prog.instructions:
+                if isinstance(ins, Attention):
+                    r = ins.work.ranges
+                    live = np.argwhere(r[..., 1] > r[..., 0])
+                    if live.size:
+                        i, j = live[0]
+                        r[i, j, 1] -= 1
+                        return True
+        return False
+
+    def drop_send(p):
+        for prog in p.fwd_programs:
+            for ins in prog.instructions:
+                if isinstance(ins, Comm) and ins.sends:
+                    ins.sends.pop()
+                    return True
+        return False
+
+    return {"drop_attention": drop(Attention, "fwd"), "drop_reduce": drop(Reduce, "fwd"),
+            "drop_bwd_reduce": drop(Reduce, "bwd"), "drop_fill": drop(Fill, "fwd"), "corrupt_kv": corrupt_kv,
+            "shrink_range": shrink_range, "drop_send": drop_send}
+
+
+def test_verifier_catches_broken_plans():
+    plan = _plan([100, 37, 64, 5, 1, 80, 200], 4, 2, block_size=16, num_stages=2)
+    verify_plan(plan)
+    applied = 0
+    for name, mutate in _mutants(plan).items():
+        bad = copy.deepcopy(plan)
+        if not mutate(bad):
+            continue
+        applied += 1
+        with pytest.raises(PlanVerificationError):
+            verify_plan(bad)
+    assert applied >= 6
+
+
+def test_plans_are_deterministic_and_serialise():
+    seqlens = [598, 4423, 995, 491, 1548, 69, 1273]
+    a = _plan(seqlens, 8, 4, "shared_question", block_size=128, seed=3)
+    b = _plan(seqlens, 8, 4, "shared_question", block_size=128, seed=3)
+    assert serialize(a, with_timings=False) == serialize(b, with_timings=False)
+    for r in range(8):
+        assert np.array_equal(a.local_indices(r).numpy(), b.local_indices(r).numpy())
+    c = deserialize(serialize(a))
+    verify_plan(c)
+    assert serialize(c) == serialize(a)
+    timing = ("planning_seconds", "planning_seconds_by_phase")
+    assert {k: v for k, v in c.stats().as_dict().items() if k not in timing} == {
+        k: v for k, v in a.stats().as_dict().items() if k not in timing}
+    one = deserialize(serialize(a, ranks=[5]))
+    assert one.fwd_programs.compiled() == [5]  # only rank 5's programs travelled; others compile on demand
+    assert np.array_equal(one.local_indices(2).numpy(), a.local_indices(2).numpy())
+    with pytest.raises(CPError, match="magic"):
+        deserialize(b"not a plan")
+    blob = bytearray(serialize(a))
+    blob[8] = 99
+    with pytest.raises(CPError, match="version"):
+        deserialize(bytes(blob))
