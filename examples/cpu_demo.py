@@ -13,7 +13,8 @@ Steps, all local (no download):
 4. short runs of the baselines (ring, zigzag, loongtrain) on the same data;
 5. ``tools/parse_logs.py`` over all runs: iteration-time bars, loss curves, summary table.
 
-If ``dcp_backend.dcp`` is not in this checkout yet, the main run uses ``--fallback-backend`` (and says so).
+If the dcp backend is missing from the checkout or its run fails, the main run uses ``--fallback-backend``
+(and says so, with the path of the failed run's log).
 """
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ def say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+class CommandFailed(RuntimeError):
+    pass
+
+
 def run(cmd: list[str], log_path: str | None = None) -> None:
     """Run a command, streaming its output (minus Python warning noise) and keeping a full log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -59,8 +64,8 @@ def run(cmd: list[str], log_path: str | None = None) -> None:
     if log:
         log.close()
     if rc != 0:
-        raise SystemExit(f"[demo] command failed with exit code {rc}: {' '.join(cmd)}"
-                         + (f" (full log: {log_path})" if log_path else ""))
+        raise CommandFailed(f"command failed with exit code {rc}: {' '.join(cmd)}"
+                            + (f" (full log: {log_path})" if log_path else ""))
 
 
 def build_corpus(data_dir: str, vocab: int) -> tuple[str, str]:
@@ -128,7 +133,14 @@ def main(argv=None) -> int:
         say(f"NOTE: the dcp backend (dcp_backend/dcp) is not in this checkout yet; the main run uses "
             f"--cp-backend {a.fallback_backend} instead")
         backend = a.fallback_backend
-    runs = [train(backend, a.iters, a, prefix, tokenizer, run_dir)]
+    try:
+        runs = [train(backend, a.iters, a, prefix, tokenizer, run_dir)]
+    except CommandFailed as exc:
+        if backend == a.fallback_backend:
+            raise
+        say(f"NOTE: the {backend} run failed ({exc}); the main run uses --cp-backend {a.fallback_backend} instead")
+        backend = a.fallback_backend
+        runs = [train(backend, a.iters, a, prefix, tokenizer, run_dir)]
     for b in [x for x in a.baselines.split(",") if x and x != backend]:
         runs.append(train(b, a.baseline_iters, a, prefix, tokenizer, run_dir))
 
@@ -140,4 +152,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except CommandFailed as exc:
+        print(f"[demo] {exc}", file=sys.stderr)
+        sys.exit(1)

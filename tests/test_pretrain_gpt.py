@@ -30,7 +30,7 @@ def test_training_run_writes_logs_and_checkpoint(tmp_path, data):
               "--seq-length", "256", "--train-iters", "5", "--log-interval", "2", "--vocab-size", str(VOCAB),
               "--data-path", data, "--split-long-documents", "--num-workers", "1", "--plan-prefetch", "3",
               "--attention-mask", "sliding_window", "--mask-window", "32",
-              "--log-dir", str(run), "--save", str(tmp_path / "ckpt")])
+              "--log-plan-stats", "--log-dir", str(run), "--save", str(tmp_path / "ckpt")])
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [x for x in p.stdout.splitlines() if "elapsed time per iteration (ms)" in x]
     # Printed by the last rank only: after iteration 1, then every 2 iterations and at the end.
@@ -41,6 +41,9 @@ def test_training_run_writes_logs_and_checkpoint(tmp_path, data):
     assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5]
     assert all(r["backend"] == "zigzag" and r["mask"] == "sliding_window" and r["plan_ms"] > 0 for r in records)
     assert records[0]["plan_wait_ms"] > 0 and records[-1]["consumed_samples"] == 5
+    # Bytes the ranks' attention really sent: 2 layers x (forward + backward) over a 2-rank ring.
+    assert all(r["comm_bytes"] > 0 and r["inter_node_bytes"] == 0 for r in records)
+    assert all(r["comm_bytes_planned"] > 0 and r["compute_imbalance"] >= 1.0 for r in records)
     assert json.load(open(run / "args.json"))["cp_backend"] == "zigzag"
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "5"

@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--log-dir", default=None, help="JSONL sidecar (train_log.jsonl) and args.json go here")
+    g.add_argument("--log-plan-stats", action="store_true",
+                   help="also log each plan's statistics (planned bytes, compute imbalance); computed in the "
+                        "planning workers, which costs them time (DCP compiles every rank's program for it)")
     g.add_argument("--tensorboard-dir", default=None, help="default: <log-dir>/tensorboard")
     g.add_argument("--save", default=None)
     g.add_argument("--save-interval", type=int, default=None, help="default: only at the end")

@@ -144,7 +144,7 @@ class MicroBatch:
     plan: object
     plan_seconds: float  # time the worker spent planning this batch
     attention_pairs: int  # unmasked (query, key) pairs of the whole micro-batch, per head
-    plan_stats: dict = field(default_factory=dict)
+    plan_stats: dict = field(default_factory=dict)  # with --log-plan-stats: planned bytes, compute imbalance
 
     @property
     def num_tokens(self) -> int:
@@ -163,20 +163,20 @@ class PlannerConfig:
 def prepare_plan(plan, rank: int) -> None:
     """Precompute a plan's per-rank execution state here (in the worker) instead of in the first layer.
 
-    The CP contract has no such hook yet; plans that expose ``prepare(rank)`` (or the ring family's
-    ``rank_work(rank)``) get it called, others are left as they are.
+    The CP contract has no common hook for this yet; the known ones are called when a plan has them:
+    ``prepare(rank)``, DCP's ``compile_for(rank)`` and the ring family's ``rank_work(rank)``.
     """
-    prepare = getattr(plan, "prepare", None)
-    if callable(prepare):
-        prepare(rank)
-    elif callable(getattr(plan, "rank_work", None)):
-        plan.rank_work(rank)
+    for name in ("prepare", "compile_for", "rank_work"):
+        hook = getattr(plan, name, None)
+        if callable(hook):
+            hook(rank)
+            return
 
 
 class PlannedBatches(torch.utils.data.Dataset):
     """Global micro-batch index -> :class:`MicroBatch` for one CP rank (see the module docstring)."""
 
-    def __init__(self, source, schedule: Schedule, planner: PlannerConfig, group=None, with_stats: bool = True):
+    def __init__(self, source, schedule: Schedule, planner: PlannerConfig, group=None, with_stats: bool = False):
         self.source = source
         self.schedule = schedule
         self.planner = planner

@@ -197,7 +197,8 @@ class Trainer:
             torch.manual_seed(args.seed + 1 + env.rank)  # dropout masks differ per rank (different tokens)
 
         planner = PlannerConfig(args.cp_backend, dict(args.backend_options), self.spec, env.cp_rank, env.cp_size)
-        dataset = PlannedBatches(self.source, self.schedule, planner, group=env.cp_group)
+        dataset = PlannedBatches(self.source, self.schedule, planner, group=env.cp_group,
+                                 with_stats=args.log_plan_stats)
         indices = micro_batch_indices(self.iteration, args.train_iters, args.global_batch_size, env.dp_rank,
                                       args.num_micro_batches)
         self.loader = build_loader(dataset, indices, args.num_workers, args.plan_prefetch, args.dataloader_timeout)
@@ -248,8 +249,11 @@ class Trainer:
         self.context.clear()
         self.grads.gather()
         _collective(lambda: dist.all_reduce(self.grads.data), "gradient all-reduce", timeout)
-        _collective(lambda: dist.all_reduce(loss_sum), "loss all-reduce", timeout)
-        loss = loss_sum.item() / global_count
+        # Loss sum and the bytes this rank's attention sent (all layers, forward and backward).
+        intra, inter = self._comm_bytes()
+        sums = torch.cat([loss_sum, torch.tensor([intra, inter], dtype=torch.float64)])
+        _collective(lambda: dist.all_reduce(sums), "loss all-reduce", timeout)
+        loss = sums[0].item() / global_count
         grad_norm = torch.linalg.vector_norm(self.grads.data).item()
         finite = math.isfinite(grad_norm) and math.isfinite(loss)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
@@ -261,8 +265,34 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step(1)
         return {"lm_loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "skipped": not finite, "nan": not finite,
+                "comm_bytes": int(sums[1].item() + sums[2].item()), "inter_node_bytes": int(sums[2].item()),
                 "tokens": int(counts[1].item()), "attention_pairs": int(counts[2].item()),
                 "documents": int(counts[3].item())}
+
+    @staticmethod
+    def _planned(micro_batches) -> dict:
+        """Plan statistics of this rank's micro-batches (only with --log-plan-stats)."""
+        stats = [mb.plan_stats for mb in micro_batches if mb.plan_stats]
+        if not stats:
+            return {}
+        return {"comm_bytes_planned": sum(s["comm_bytes_planned"] for s in stats),
+                "inter_node_bytes_planned": sum(s["inter_node_bytes_planned"] for s in stats),
+                "compute_imbalance": max(s["compute_imbalance"] for s in stats)}
+
+    def _comm_bytes(self) -> tuple[float, float]:
+        """(intra-node, inter-node) bytes sent by this rank's backend since the last call.
+
+        Read from the backend's ``counters`` (a ``dcp_backend.comm.CommCounters``; ring, zigzag,
+        loongtrain and dcp keep one); 0 for a backend without. Nodes are blocks of ``devices_per_node``
+        consecutive CP ranks (the whole group when the option is not set).
+        """
+        counters = getattr(self.backend, "counters", None)
+        if counters is None:
+            return 0.0, 0.0
+        dpn = self.args.backend_options.get("devices_per_node") or self.env.cp_size
+        intra, inter = counters.split(self.env.cp_rank, dpn)
+        counters.reset()
+        return float(intra), float(inter)
 
     # ---------------------------------------------------------------------------------------- loop
     def train(self) -> list[dict]:
@@ -281,7 +311,6 @@ class Trainer:
             self.iteration += 1
             self.consumed += args.global_batch_size
             flops = self.shape.flops(step["tokens"], step["attention_pairs"])
-            plan_stats = micro_batches[0].plan_stats
             m = {
                 "consumed_samples": self.consumed,
                 "elapsed_ms": 1000.0 * elapsed,
@@ -293,9 +322,7 @@ class Trainer:
                 **step,
                 "plan_wait_ms": 1000.0 * plan_wait,
                 "plan_ms": 1000.0 * sum(mb.plan_seconds for mb in micro_batches),
-                **{k: sum(mb.plan_stats.get(k, 0) for mb in micro_batches) for k in plan_stats
-                   if k != "compute_imbalance"},
-                "compute_imbalance": plan_stats.get("compute_imbalance"),
+                **self._planned(micro_batches),
                 "backend": args.cp_backend,
                 "mask": args.attention_mask,
                 "dataset": args.dataset_name,
