@@ -22,6 +22,8 @@ import ast
 import math
 import os
 
+import torch
+
 from dcp_backend import masks as cp_masks
 from dcp_backend.registry import available_backends
 
@@ -142,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0, help="clip the global grad norm (0 = off)")
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast with fp32 weights and optimizer")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast with fp32 weights and optimizer (CUDA only)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the AdamW state over all ranks (ZeRO-1, torch's ZeroRedundancyOptimizer)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="prefix of a megatron.core indexed dataset (.bin/.idx)")
@@ -257,6 +262,9 @@ def validate_args(args, world_size: int) -> None:
             else 4 * args.hidden_size
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
+    need(not args.bf16 or torch.cuda.is_available(),
+         "--bf16 needs CUDA: it is bf16 autocast, and megatron-core's linear layers restore autocast in their "
+         "backward for CUDA only; train in fp32 on CPU")
     need(args.attention_dropout == 0.0, "--attention-dropout must be 0: the CP attention backends have no dropout")
     need(0.0 <= args.hidden_dropout < 1.0, f"--hidden-dropout must be in [0, 1), got {args.hidden_dropout}")
 

@@ -7,7 +7,8 @@ Layout (Megatron-like)::
     <dir>/iter_0000100/rng_rank0003.pt           RNG states of rank 3 (python, numpy, torch, cuda)
 
 The model and optimizer are replicated on every rank (no tensor or pipeline parallelism), so one copy is
-saved and every rank loads it; a checkpoint does not depend on the CP backend or size. The data position
+saved and every rank loads it; a sharded optimizer (``--use-distributed-optimizer``) is gathered on rank 0
+first and every rank keeps its shard when loading. A checkpoint does not depend on the CP backend or size. The data position
 is the iteration number: the micro-batch schedule is a deterministic function of the data arguments,
 which are stored and compared on load. ``latest_checkpointed_iteration.txt`` is written last (atomically),
 so an interrupted save never becomes the one that is resumed.
@@ -50,6 +51,8 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model, opt
     path = _iter_dir(root, iteration)
     os.makedirs(path, exist_ok=True)
     torch.save(rng_state(), os.path.join(path, f"rng_rank{rank:04d}.pt"))
+    if hasattr(optimizer, "consolidate_state_dict"):  # sharded (ZeRO) optimizer: gather on rank 0
+        optimizer.consolidate_state_dict(to=0)
     if rank == 0:
         torch.save({
             "iteration": iteration,

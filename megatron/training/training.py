@@ -177,8 +177,16 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self._check_same_weights()
         self.grads = GradBuffer(self.params, env.device)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, args.weight_decay), lr=args.lr,
-                                           betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+        adam = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+        if args.use_distributed_optimizer:
+            # ZeRO-1: each rank keeps the AdamW state of 1/world of the parameters, steps them and
+            # broadcasts them (the gradients are already all-reduced).
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            self.optimizer = ZeroRedundancyOptimizer(_param_groups(self.model, args.weight_decay),
+                                                     optimizer_class=torch.optim.AdamW, **adam)
+        else:
+            self.optimizer = torch.optim.AdamW(_param_groups(self.model, args.weight_decay), **adam)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
             lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
@@ -226,32 +234,32 @@ class Trainer:
         args, env = self.args, self.env
         timeout = args.distributed_timeout_minutes
         first_cp = env.cp_rank == 0
+        dev = env.device  # collectives run on the device (NCCL needs CUDA tensors)
         counts = torch.tensor([
             sum(float(mb.loss_mask.sum()) for mb in micro_batches),
             sum(mb.num_tokens for mb in micro_batches) if first_cp else 0,
             sum(mb.attention_pairs for mb in micro_batches) if first_cp else 0,
             sum(len(mb.seqlens) for mb in micro_batches) if first_cp else 0,
-        ], dtype=torch.float64)
+        ], dtype=torch.float64, device=dev)
         _collective(lambda: dist.all_reduce(counts), "all-reduce of the batch token count", timeout)
         global_count = counts[0].item()
         self.model.train()
         self.grads.zero()
-        loss_sum = torch.zeros(1, dtype=torch.float64)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=dev)
         for mb in micro_batches:
-            dev = env.device
             self.context.set_batch(mb.plan, mb.position_ids.to(dev))
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=args.bf16):
                 token_loss = self.model(mb.tokens.to(dev)[None], mb.position_ids.to(dev)[None], None,
                                         labels=mb.labels.to(dev)[None])
             local = (token_loss.float().reshape(-1) * mb.loss_mask.to(dev)).sum()
             (local / global_count).backward()
-            loss_sum += local.detach().double().cpu()
+            loss_sum += local.detach().double()
         self.context.clear()
         self.grads.gather()
         _collective(lambda: dist.all_reduce(self.grads.data), "gradient all-reduce", timeout)
         # Loss sum and the bytes this rank's attention sent (all layers, forward and backward).
         intra, inter = self._comm_bytes()
-        sums = torch.cat([loss_sum, torch.tensor([intra, inter], dtype=torch.float64)])
+        sums = torch.cat([loss_sum, torch.tensor([intra, inter], dtype=torch.float64, device=dev)])
         _collective(lambda: dist.all_reduce(sums), "loss all-reduce", timeout)
         loss = sums[0].item() / global_count
         grad_norm = torch.linalg.vector_norm(self.grads.data).item()
@@ -344,7 +352,7 @@ class Trainer:
         return history
 
     def _report_memory(self) -> None:
-        peak = torch.tensor(_peak_memory_mb(self.env.device), dtype=torch.float64)
+        peak = torch.tensor(_peak_memory_mb(self.env.device), dtype=torch.float64, device=self.env.device)
         _collective(lambda: dist.all_reduce(peak, op=dist.ReduceOp.MAX), "memory report",
                     self.args.distributed_timeout_minutes)
         if self.env.device.type == "cuda":

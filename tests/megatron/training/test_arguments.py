@@ -81,3 +81,9 @@ def test_defaults_are_resolved():
     assert args.backend_options == {"block_size": "auto", "num_stages": 2}
     assert args.mask_args == {"window": 16, "sink": 2}
     assert args.max_position_embeddings == 256 and args.dataset_name == "mock-ldc"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="bf16 autocast is supported on CUDA")
+def test_bf16_without_cuda(data, monkeypatch):
+    msg = _setup_error(_argv(data, "--cp-backend", "ring", "--bf16", "--split-long-documents"), 2, monkeypatch)
+    assert "--bf16 needs CUDA" in msg

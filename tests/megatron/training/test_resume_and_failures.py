@@ -2,6 +2,8 @@
 import os
 import time
 
+import pytest
+
 from megatron.training.checkpointing import latest_iteration
 from megatron.training.training import TrainHooks, pretrain
 from tests.distributed import run_ranks
@@ -20,18 +22,20 @@ def _args(prefix, iters, extra=()):
             ).split() + list(extra)
 
 
-def resume_runs(rank, world_size, prefix, ckpt):
-    full = [m["lm_loss"] for m in pretrain(_args(prefix, 6), printer=_quiet)]
+def resume_runs(rank, world_size, prefix, ckpt, extra):
+    full = [m["lm_loss"] for m in pretrain(_args(prefix, 6, extra), printer=_quiet)]
     # Save at iteration 3, then resume from it in a new run.
-    first = [m["lm_loss"] for m in pretrain(_args(prefix, 3, ["--save", ckpt]), printer=_quiet)]
-    resumed = pretrain(_args(prefix, 6, ["--load", ckpt]), printer=_quiet)
+    first = [m["lm_loss"] for m in pretrain(_args(prefix, 3, ["--save", ckpt, *extra]), printer=_quiet)]
+    resumed = pretrain(_args(prefix, 6, ["--load", ckpt, *extra]), printer=_quiet)
     return full, first, [(m["consumed_samples"], m["lm_loss"]) for m in resumed]
 
 
-def test_resume_gives_identical_losses(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "distributed"])
+def test_resume_gives_identical_losses(tmp_path, optimizer):
     prefix = write_indexed(str(tmp_path / "docs"), documents(60, 2, 200, seed=1))
     ckpt = str(tmp_path / "ckpt")
-    for full, first, resumed in run_ranks(resume_runs, 2, prefix, ckpt):
+    extra = ["--use-distributed-optimizer"] if optimizer == "distributed" else []
+    for full, first, resumed in run_ranks(resume_runs, 2, prefix, ckpt, extra):
         assert first == full[:3]
         assert [c for c, _ in resumed] == [4, 5, 6]  # consumed samples continue
         # Bit-identical: same data position, weights, optimizer, LR schedule and dropout RNG.
