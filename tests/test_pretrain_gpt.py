@@ -53,6 +53,6 @@ def test_training_run_writes_logs_and_checkpoint(tmp_path, data):
 
 def test_config_error_exits_with_a_message(tmp_path, data):
     p = _run(["--cp-backend", "zigzag", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-              "--seq-length", "256", "--train-iters", "5", "--vocab-size", str(VOCAB), "--data-path", data])
+              "--seq-length", "256", "--train-iters", "5", "--vocab-size", str(VOCAB), "--data-path", data], nproc=1)
     assert p.returncode != 0
     assert "error (rank 0):" in p.stderr and "--split-long-documents" in p.stderr
