@@ -3,12 +3,14 @@
 
 Steps, all local (no download):
 
-1. corpus: the Python standard library's top-level source files of this interpreter, one file per
-   document (168 files on CPython 3.11: 50 to 78,000 tokens, median about 6,000), written as JSONL;
+1. corpus: the Python standard library of this interpreter (no tests): every top-level function and class
+   is one document (about 4,200 documents on CPython 3.11; median about 170 tokens, a heavy tail up to
+   tens of thousands, so a 4,096-token batch packs 1 to 17 documents, LDC-like); ``--corpus files`` makes
+   each source file a document instead (median about 3,400 tokens: mostly one document per batch);
 2. a 2,048-piece SentencePiece vocabulary trained on it (tools/train_tokenizer.py) and the indexed
    dataset (tools/preprocess_data.py);
 3. ``torchrun --nproc_per_node 4 pretrain_gpt.py --cp-backend dcp`` for ``--iters`` iterations: 4 layers,
-   hidden 256, 8 heads, 2 KV groups, SwiGLU, RoPE, 4,096-token packed batches of whole files (longer files
+   hidden 256, 8 heads, 2 KV groups, SwiGLU, RoPE, 4,096-token packed batches of whole documents (longer ones
    split), 2 simulated nodes x 2 ranks; progress and the Megatron log lines are printed;
 4. short runs of the baselines (ring, zigzag, loongtrain) on the same data;
 5. ``tools/parse_logs.py`` over all runs: iteration-time bars, loss curves, summary table.
@@ -19,6 +21,7 @@ If the dcp backend is missing from the checkout or its run fails, the main run u
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -68,16 +71,54 @@ def run(cmd: list[str], log_path: str | None = None) -> None:
                             + (f" (full log: {log_path})" if log_path else ""))
 
 
-def build_corpus(data_dir: str, vocab: int) -> tuple[str, str]:
+SKIP_DIRS = {"test", "tests", "site-packages", "idlelib", "lib2to3", "turtledemo", "ensurepip", "__pycache__",
+             "tkinter", "pydoc_data", "encodings"}
+
+
+def stdlib_files() -> list[str]:
+    """This interpreter's standard-library sources (no tests, no third-party packages), sorted."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = []
+    for root, dirs, names in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and "test" not in d and not d.startswith("config-"))
+        files += [os.path.join(root, n) for n in sorted(names) if n.endswith(".py")]
+    return files
+
+
+def definitions(path: str) -> list[str]:
+    """The source of every top-level function and class of a module (decorators included)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        src = f.read()
+    try:
+        tree = ast.parse(src)
+    except SyntaxError:
+        return []
+    lines = src.splitlines(keepends=True)
+    out = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
+            out.append("".join(lines[start:node.end_lineno]))
+    return out
+
+
+def build_corpus(data_dir: str, vocab: int, corpus: str) -> tuple[str, str]:
     os.makedirs(data_dir, exist_ok=True)
     jsonl = os.path.join(data_dir, "stdlib.jsonl")
-    stdlib = sysconfig.get_paths()["stdlib"]
-    files = sorted(f for f in os.listdir(stdlib) if f.endswith(".py"))
+    files = stdlib_files()
+    n = 0
     with open(jsonl, "w") as out:
-        for name in files:
-            with open(os.path.join(stdlib, name), encoding="utf-8", errors="replace") as f:
-                out.write(json.dumps({"text": f.read(), "path": name}) + "\n")
-    say(f"corpus: {len(files)} files of {stdlib} -> {jsonl}")
+        for path in files:
+            if corpus == "definitions":
+                texts = definitions(path)
+            else:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    texts = [f.read()]
+            for text in texts:
+                out.write(json.dumps({"text": text}) + "\n")
+                n += 1
+    say(f"corpus: {n} documents ({'one per top-level function or class' if corpus == 'definitions' else 'one per file'}) "
+        f"from {len(files)} files of {sysconfig.get_paths()['stdlib']} -> {jsonl}")
     model_prefix = os.path.join(data_dir, "spm")
     run([sys.executable, "tools/train_tokenizer.py", "--input", jsonl, "--model-prefix", model_prefix,
          "--vocab-size", str(vocab), "--max-sentences", "100000"])
@@ -122,11 +163,13 @@ def main(argv=None) -> int:
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--mask", default="causal")
     p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--corpus", choices=["definitions", "files"], default="definitions",
+                   help="one document per top-level function/class (default) or per source file")
     p.add_argument("--log-interval", type=int, default=5)
     a = p.parse_args(argv)
     t_start = time.perf_counter()
     run_dir = os.path.abspath(a.run_dir)
-    prefix, tokenizer = build_corpus(os.path.join(run_dir, "data"), a.vocab_size)
+    prefix, tokenizer = build_corpus(os.path.join(run_dir, "data"), a.vocab_size, a.corpus)
 
     backend = a.backend
     if backend == "dcp" and importlib.util.find_spec("dcp_backend.dcp") is None:
