@@ -144,7 +144,8 @@ class ProgramRunner:
         S["o"].zero_()
         S["lse"].fill_(float("-inf"))
         self.run(kernel, scale, group, counters)
-        out = S["o"][:nq_rows].reshape(n, q.shape[1], q.shape[2]).to(q.dtype)
+        # copies: the stores are reused by the next layer, autograd keeps these
+        out = S["o"][:nq_rows].reshape(n, q.shape[1], q.shape[2]).to(q.dtype, copy=True)
         lse = S["lse"][:nq_rows].reshape(n, q.shape[1]).clone()
         return out, lse
 
@@ -160,9 +161,9 @@ class ProgramRunner:
         for name in ("dq", "dk", "dv"):
             S[name].zero_()
         self.run(kernel, scale, group, counters)
-        dq = S["dq"][:nq_rows].reshape(n, q.shape[1], q.shape[2]).to(q.dtype)
-        dk = S["dk"][:nkv_rows].reshape(n, k.shape[1], k.shape[2]).to(k.dtype)
-        dv = S["dv"][:nkv_rows].reshape(n, v.shape[1], v.shape[2]).to(v.dtype)
+        dq = S["dq"][:nq_rows].reshape(n, q.shape[1], q.shape[2]).to(q.dtype, copy=True)
+        dk = S["dk"][:nkv_rows].reshape(n, k.shape[1], k.shape[2]).to(k.dtype, copy=True)
+        dv = S["dv"][:nkv_rows].reshape(n, v.shape[1], v.shape[2]).to(v.dtype, copy=True)
         return dq, dk, dv
 
 
