@@ -11,14 +11,8 @@ all match the unsharded computation.
 import pytest
 
 from megatron.training.training import pretrain
-from tests.distributed import RankFailure, run_ranks
+from tests.distributed import run_ranks
 from tests.megatron.training.synthetic import VOCAB, documents, write_indexed
-
-# dcp_backend/dcp/executor.py (as of this writing) returns views of its per-plan buffers, which the next
-# layer's attention overwrites; autograd then refuses the backward with this message. Reported to the
-# dcp owners (fix: return copies of out/dq/dk/dv). Until it is fixed the dcp case is an expected failure
-# for exactly this reason; any other failure still fails the test, and a fix makes it pass.
-DCP_BUFFER_REUSE = "is a view and its base or another view of its base has been modified inplace"
 
 ITERS = 10
 TOL = 1e-5
@@ -80,12 +74,7 @@ def test_four_ranks_match_single_process(backend, data_prefix, reference):
     if backend == "zigzag":  # data parallel x context parallel (2 x 2) = gradient accumulation on one process
         runs.append(("causal_gbs2", base_args(data_prefix) + ["--cp-backend", "zigzag", "--context-parallel-size",
                                                               "2", "--global-batch-size", "2"]))
-    try:
-        per_rank = run_ranks(train_runs, 4, runs)
-    except RankFailure as exc:
-        if backend == "dcp" and DCP_BUFFER_REUSE in str(exc):
-            pytest.xfail("dcp executor reuses its output buffer across layers (see DCP_BUFFER_REUSE)")
-        raise
+    per_rank = run_ranks(train_runs, 4, runs)
     for mask in MASKS:
         for rank in range(4):  # every rank sees the global loss and norm
             _assert_close(per_rank[rank][mask], reference[mask], f"{backend}/{mask} rank {rank}")
