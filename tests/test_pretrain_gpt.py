@@ -44,7 +44,9 @@ def test_training_run_writes_logs_and_checkpoint(tmp_path, data):
     # Bytes the ranks' attention really sent: 2 layers x (forward + backward) over a 2-rank ring.
     assert all(r["comm_bytes"] > 0 and r["inter_node_bytes"] == 0 for r in records)
     assert all(r["comm_bytes_planned"] > 0 and r["compute_imbalance"] >= 1.0 for r in records)
-    assert json.load(open(run / "args.json"))["cp_backend"] == "zigzag"
+    saved = json.load(open(run / "args.json"))
+    assert saved["cp_backend"] == "zigzag"
+    assert saved["backend_options"] == {"devices_per_node": 2}  # from torchrun's LOCAL_WORLD_SIZE
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
     assert sorted(os.listdir(tmp_path / "ckpt" / "iter_0000005")) == ["model_optim.pt", "rng_rank0000.pt",

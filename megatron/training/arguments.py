@@ -44,7 +44,8 @@ BACKEND_FLAGS: dict[str, list[tuple[str, object, str]]] = {
     "dcp": [
         ("block_size", _int_or_auto, "tokens per DCP block (or 'auto')"),
         ("head_block_size", int, "query heads per head block"),
-        ("devices_per_node", int, "ranks per node (the world must be nodes x devices_per_node)"),
+        ("devices_per_node", int, "ranks per node (the world must be nodes x devices_per_node; default: "
+                                  "torchrun's LOCAL_WORLD_SIZE)"),
         ("num_stages", int, "communication/compute overlap stages after the local stage"),
         ("compute_imbalance", float, "allowed compute imbalance (epsilon)"),
         ("memory_imbalance", float, "allowed memory (tokens held) imbalance (epsilon)"),

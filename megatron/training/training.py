@@ -10,6 +10,7 @@ optimizer and the LR schedule, and log.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from megatron.training.arguments import ConfigError, pad_vocab_size, parse_args,
 from megatron.training.data import (DocumentTooLongError, IndexedDocuments, MockDocuments, PlannedBatches,
                                     PlannerConfig, build_loader, build_schedule, micro_batch_indices)
 from megatron.training.flops import ModelShape
-from megatron.training.model import attention_spec, build_model
+from megatron.training.model import attention_spec, build_model, use_transformer_engine
 from megatron.training.training_log import TrainingLogger
 
 
@@ -92,6 +93,21 @@ def _param_groups(model, weight_decay: float):
             {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}]
 
 
+def _default_devices_per_node(args, backend_cls) -> None:
+    """Give a backend that takes ``devices_per_node`` the ranks per node torchrun reports, if not set.
+
+    CP groups are blocks of consecutive ranks, so a group spans ``cp / LOCAL_WORLD_SIZE`` nodes, or sits
+    inside one node when it is smaller than a node.
+    """
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    accepts = {f.name for f in dataclasses.fields(backend_cls.Options)}
+    if "devices_per_node" not in accepts or "devices_per_node" in args.backend_options or not local:
+        return
+    dpn = min(int(local), args.context_parallel_size)
+    if dpn > 0 and args.context_parallel_size % dpn == 0:
+        args.backend_options["devices_per_node"] = dpn
+
+
 def _peak_memory_mb(device: torch.device) -> tuple[float, float]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20, torch.cuda.max_memory_reserved() / 2**20
@@ -124,7 +140,9 @@ class Trainer:
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         validate_args(args, world)
         try:
-            backend_class(args.cp_backend).check_available()
+            cls = backend_class(args.cp_backend)
+            cls.check_available()
+            _default_devices_per_node(args, cls)
             make_options(args.cp_backend, world_size=args.context_parallel_size, **args.backend_options)
         except ImportError as exc:
             raise ConfigError(f"--cp-backend {args.cp_backend} is not available in this installation "
@@ -194,14 +212,15 @@ class Trainer:
             wd_incr_steps=args.train_iters, wd_incr_style="constant")
         self.shape = ModelShape.from_args(args)
         self.print_rank0(f"> model: {sum(p.numel() for p in self.params):,} parameters, "
-                         f"{'Transformer Engine' if 'TE' in type(self.model.decoder.layers[0].self_attention.linear_qkv).__name__ else 'local'} "
-                         f"layers, CP backend {args.cp_backend} over {env.cp_size} ranks x DP {env.dp_size}")
+                         f"{'Transformer Engine' if use_transformer_engine(args) else 'local'} layers, "
+                         f"CP backend {args.cp_backend} {args.backend_options} over {env.cp_size} ranks x DP "
+                         f"{env.dp_size}")
         self.iteration, self.consumed = 0, 0
-        if args.load is not None:
+        if args.load is not None:  # restores every rank's RNG too
             self.iteration, self.consumed = checkpointing.load_checkpoint(
                 args.load, self.model, self.optimizer, self.scheduler, args, env.rank, log=self.print_rank0)
             self.print_rank0(f"> resumed from {args.load} at iteration {self.iteration}")
-        if args.load is None:
+        else:
             torch.manual_seed(args.seed + 1 + env.rank)  # dropout masks differ per rank (different tokens)
 
         planner = PlannerConfig(args.cp_backend, dict(args.backend_options), self.spec, env.cp_rank, env.cp_size)
