@@ -266,6 +266,8 @@ def validate_args(args, world_size: int) -> None:
     need(not args.bf16 or torch.cuda.is_available(),
          "--bf16 needs CUDA: it is bf16 autocast, and megatron-core's linear layers restore autocast in their "
          "backward for CUDA only; train in fp32 on CPU")
+    need(args.transformer_impl != "transformer_engine" or torch.cuda.is_available(),
+         "--transformer-impl transformer_engine needs CUDA (and Transformer Engine installed)")
     need(args.attention_dropout == 0.0, "--attention-dropout must be 0: the CP attention backends have no dropout")
     need(0.0 <= args.hidden_dropout < 1.0, f"--hidden-dropout must be in [0, 1), got {args.hidden_dropout}")
 
