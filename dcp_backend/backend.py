@@ -111,6 +111,12 @@ class Plan:
     def _local_indices(self, rank: int) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def prepare(self, rank: int) -> "Plan":
+        """Build ``rank``'s execution state now (index tables, compiled programs), so that a planning
+        worker pays for it instead of the first attention layer. Idempotent; returns the plan."""
+        self._check_rank(rank)
+        return self
+
     def _check_rank(self, rank: int) -> None:
         if not isinstance(rank, (int, np.integer)) or not 0 <= rank < self.world_size:
             raise CPError(f"rank must be in [0, {self.world_size}) for this plan, got {rank!r}")
@@ -145,6 +151,7 @@ class CPBackend:
         self.options = options if options is not None else self.Options()
         self.options.validate()
         self._verified: set[int] = set()
+        self.counters = comm.CommCounters()  # bytes this rank sent (per peer) and time spent waiting
 
     @classmethod
     def check_available(cls) -> None:

@@ -21,7 +21,6 @@ from dcp_backend.backend import BackendOptions, CPBackend, Plan, PlanStats
 from dcp_backend.baselines.layout import ChunkLayout, PairWorkBuilder
 from dcp_backend.baselines.ring_core import RingAttentionFn, RingGeometry, RingRankWork
 from dcp_backend.batch import PackedBatch
-from dcp_backend.comm import CommCounters
 from dcp_backend.kernels import get_kernel
 from dcp_backend.masks import build_ranges, range_lengths
 from dcp_backend.spec import AttentionSpec, CPError
@@ -99,6 +98,10 @@ class RingFamilyPlan(Plan):
     @cached_property
     def _builder(self) -> PairWorkBuilder:
         return PairWorkBuilder(self.layout, self.spec.mask, self.spec.mask_args)
+
+    def prepare(self, rank: int) -> "RingFamilyPlan":
+        self.rank_work(rank)
+        return self
 
     def rank_work(self, rank: int) -> RingRankWork:
         """The (cached) per-source attention work of ``rank``'s ring position."""
@@ -183,9 +186,6 @@ class RingFamilyBackend(CPBackend):
     Options = RingFamilyOptions
     PlanType = RingFamilyPlan
 
-    def __init__(self, group=None, options=None):
-        super().__init__(group, options)
-        self.counters = CommCounters()
 
     def _attention(self, q, k, v, plan: RingFamilyPlan):
         rank = self.rank

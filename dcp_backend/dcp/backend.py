@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from dcp_backend.backend import CPBackend
-from dcp_backend.comm import CommCounters
 from dcp_backend.dcp.config import DCPOptions
 from dcp_backend.dcp.executor import DCPAttentionFn, ProgramRunner
 from dcp_backend.dcp.planner import DCPPlan, make_plan, resolve_topology
@@ -17,9 +16,6 @@ class DCPBackend(CPBackend):
     Options = DCPOptions
     PlanType = DCPPlan
 
-    def __init__(self, group=None, options=None):
-        super().__init__(group, options)
-        self.counters = CommCounters()
 
     def check_spec(self, spec) -> None:
         HeadBlocks.make(spec, self.options.head_block_size)

@@ -69,6 +69,9 @@ class DCPPlan(Plan):
         self.fwd_programs[rank], self.bwd_programs[rank]
         return self
 
+    def prepare(self, rank: int) -> "DCPPlan":
+        return self.compile_for(rank)
+
     def compile_all(self) -> "DCPPlan":
         for r in range(self.world_size):
             self.compile_for(r)

@@ -161,16 +161,8 @@ class PlannerConfig:
 
 
 def prepare_plan(plan, rank: int) -> None:
-    """Precompute a plan's per-rank execution state here (in the worker) instead of in the first layer.
-
-    The CP contract has no common hook for this yet; the known ones are called when a plan has them:
-    ``prepare(rank)``, DCP's ``compile_for(rank)`` and the ring family's ``rank_work(rank)``.
-    """
-    for name in ("prepare", "compile_for", "rank_work"):
-        hook = getattr(plan, name, None)
-        if callable(hook):
-            hook(rank)
-            return
+    """Precompute a plan's per-rank execution state here (in the worker) instead of in the first layer."""
+    plan.prepare(rank)
 
 
 class PlannedBatches(torch.utils.data.Dataset):

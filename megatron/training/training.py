@@ -309,13 +309,11 @@ class Trainer:
     def _comm_bytes(self) -> tuple[float, float]:
         """(intra-node, inter-node) bytes sent by this rank's backend since the last call.
 
-        Read from the backend's ``counters`` (a ``dcp_backend.comm.CommCounters``; ring, zigzag,
-        loongtrain and dcp keep one); 0 for a backend without. Nodes are blocks of ``devices_per_node``
+        Read from the backend's ``counters`` (part of the CP contract; the te backend's transfers happen
+        inside Transformer Engine and are not counted, so it reports 0). Nodes are blocks of ``devices_per_node``
         consecutive CP ranks (the whole group when the option is not set).
         """
-        counters = getattr(self.backend, "counters", None)
-        if counters is None:
-            return 0.0, 0.0
+        counters = self.backend.counters
         dpn = self.args.backend_options.get("devices_per_node") or self.env.cp_size
         intra, inter = counters.split(self.env.cp_rank, dpn)
         counters.reset()
