@@ -22,8 +22,8 @@ square causal segment uses the causal path).
 
 For each (dtype, head_dim, pass) the model fits non-negative coefficients of the features (except those
 the table pins in ``fixed``, e.g. a call overhead the points cannot separate from per-row cost) to the
-table's points (least squares on relative error; points more than 2x off the first fit are dropped as
-outliers and listed in :attr:`CostModel.excluded`), then *interpolates the residual*: a segment's time
+table's points (least squares on relative error; with the table's ``outlier_factor``, points that far
+off the first fit are dropped and listed in :attr:`CostModel.excluded`), then *interpolates the residual*: a segment's time
 is multiplied by the measured/fitted ratio interpolated (inverse distance weighting in log2 q length,
 log2 kv length, unmasked fraction and log2 heads) from the table's points, so the model reproduces the
 measured points and varies smoothly between them; far from every point the ratio tends to the average.
@@ -339,13 +339,16 @@ class CostModel:
             fixed = self.table.get("fixed", {}).get(key[2], {})  # coefficients the table pins (assumptions)
             fix = np.array([f in fixed for f in FEATURES])
             fixed_coef = np.array([float(fixed.get(f, 0.0)) for f in FEATURES])
-            for _ in range(2):  # fit, drop points more than 2x off, refit
+            outlier = self.table.get("outlier_factor")  # None: keep every point
+            for _ in range(2 if outlier else 1):  # fit, drop points more than outlier_factor off, refit
                 rest = y[keep] - X[keep] @ fixed_coef
                 A = X[keep][:, ~fix] / y[keep, None]
                 coef = fixed_coef.copy()
                 coef[~fix] = _nnls(A, rest / y[keep])
                 pred = X @ coef
-                bad = np.abs(np.log(np.maximum(pred, 1e-30) / y)) > math.log(2.0)
+                if not outlier:
+                    break
+                bad = np.abs(np.log(np.maximum(pred, 1e-30) / y)) > math.log(float(outlier))
                 if not (bad & keep).any():
                     break
                 keep &= ~bad
