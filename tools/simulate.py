@@ -61,7 +61,7 @@ def parse_args(argv=None):
     k.add_argument("--all-backends", action="store_true", help=f"all of {', '.join(ALL_BACKENDS)}")
     k.add_argument("--backends", default="zigzag,loongtrain,dcp")
     k.add_argument("--dcp-block-sizes", default="1024,2048,4096", help="best kept (published grid)")
-    k.add_argument("--dcp-candidates", default="hypergraph,zigzag",
+    k.add_argument("--dcp-candidates", default="hypergraph,zigzag,zigzag2d",
                    help="dcp placements to try (hypergraph per block size, the static zigzag candidate)")
     k.add_argument("--dcp-plan-cost-model", default="table",
                    help="cost model for DCP's planning weights: 'table' (same as --cost-model) or 'none'")
@@ -70,6 +70,8 @@ def parse_args(argv=None):
     o.add_argument("--csv", help="write one row per (batch, backend)")
     o.add_argument("--json", help="write everything (per batch, per backend) as JSON")
     o.add_argument("--timeline", choices=["fwd", "bwd"], help="print the per-rank op timeline of each backend")
+    o.add_argument("--fused-copies", action="store_true",
+                   help="charge one memory operation per instruction (what-if: fused packing kernels)")
     o.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if bool(args.dataset) == bool(args.seqlens):
@@ -100,8 +102,6 @@ def main(argv=None) -> int:
     topo = Topology(args.nodes, args.devices_per_node)
     spec = cp.AttentionSpec(args.num_heads, args.num_kv_heads, args.head_dim, mask=args.mask, mask_args=args.mask_args)
     backends = ALL_BACKENDS if args.all_backends else tuple(x.strip() for x in args.backends.split(",") if x.strip())
-    if args.mask not in ("causal", "full"):  # TE's context parallelism takes causal (and full) only
-        backends = tuple(b for b in backends if b not in ("te", "te-a2a") or args.mask == "full")
     if args.seqlens:
         batches = [[int(x) for x in args.seqlens.split(",")]]
     else:
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         res = compare_batch(seqlens, spec, topo, cm, net, args.dtype, backends,
                             tuple(int(x) for x in args.dcp_block_sizes.split(",")), dcp_opts,
                             [int(x) for x in args.lt_windows.split(",")] if args.lt_windows else None,
-                            tuple(args.dcp_candidates.split(",")), log)
+                            tuple(args.dcp_candidates.split(",")), log, fused_copies=args.fused_copies)
         wall = time.perf_counter() - t0
         for label, e in res.items():
             rows.append({"batch": bi, "backend": label, "config": e.config, "fwd_ms": e.fwd_ms, "bwd_ms": e.bwd_ms})

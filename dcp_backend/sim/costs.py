@@ -39,7 +39,10 @@ class Costs:
     def attention(self, work, heads: int, backward: bool) -> float:
         if work.num_segments == 0 or work.total_q == 0:
             return 0.0
-        return self.model.work_seconds(work, heads, self.head_dim, self.dtype, backward)
+        key = ("sim_seconds", id(self.model), heads, self.head_dim, self.dtype, backward)
+        if key not in work._cache:  # memoised on the work (plans are simulated under several settings)
+            work._cache[key] = self.model.work_seconds(work, heads, self.head_dim, self.dtype, backward)
+        return work._cache[key]
 
     def copy(self, nbytes: float, ops: int = 1) -> float:
         return self.model.copy_seconds(nbytes, min(ops, 1) if self.fused_copies else ops)

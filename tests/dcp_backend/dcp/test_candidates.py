@@ -28,6 +28,12 @@ def test_zigzag_plans_verify(world, dpn):
         plan = cp.get_backend("dcp", world_size=world, devices_per_node=dpn, placement="zigzag",
                               num_stages=int(rng.choice([1, 3]))).plan(seqlens, spec)
         verify_plan(plan)
+        if world % 2 == 0 and dpn % 2 == 0:
+            from dcp_backend.dcp.candidates import zigzag_plan
+            from dcp_backend.dcp.config import DCPOptions
+
+            verify_plan(zigzag_plan(PackedBatch.from_seqlens(seqlens), spec, world,
+                                    DCPOptions(devices_per_node=dpn, head_block_size=1), head_parallel=2))
         if world > 1:  # queries never move: every computation runs on its query block's owner
             bs, pl = plan.blocks, plan.placement
             np.testing.assert_array_equal(pl.comp_device, pl.owner[bs.pair_q[bs.comp_pair(np.arange(bs.n_comp))]])
@@ -46,8 +52,8 @@ def test_auto_keeps_the_faster_candidate():
         backend = cp.get_backend("dcp", world_size=8, devices_per_node=4, placement="auto", cost_model="h100")
         plan = backend.plan(seqlens, spec)
         c = plan.candidates
-        assert set(c) == {"chosen", "hypergraph", "zigzag"}
-        total = {k: c[k]["fwd_s"] + c[k]["bwd_s"] for k in ("hypergraph", "zigzag")}
+        assert set(c) == {"chosen", "hypergraph", "zigzag", "zigzag2d"}
+        total = {k: c[k]["fwd_s"] + c[k]["bwd_s"] for k in ("hypergraph", "zigzag", "zigzag2d")}
         assert c["chosen"] == min(total, key=total.get)
         verify_plan(plan)
         f, b = simulated_seconds(plan, "h100", 2)
