@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""Validate the simulator against real runs on this machine: gloo ranks on CPU, every backend.
+
+    python tools/validate_simulator.py --worlds 2,4 --datasets ldc,longalign --rounds 3 --out runs/validation
+
+Three steps, each reproducible on its own:
+
+1. network: time point-to-point exchanges between ``N`` spawned gloo ranks (one torch thread each) over
+   several message sizes, and fit latency + bytes / bandwidth: the loopback network model;
+2. measured: run ``tools/bench_attention.py --spawn N`` on the batches (``--rounds`` separate invocations;
+   each reports the max over ranks of the mean of ``--repeats`` timed runs), and take the median over
+   rounds per (batch, backend);
+3. predicted: plan the same batches with the same options (DCP block size ``auto``, LoongTrain's
+   defaults, one node) and simulate them with the CPU cost table (``dcp_backend/cost_tables/cpu.json``)
+   and the loopback network fitted around that round, ``N`` ranks sharing the cores they really got.
+
+The machine is shared: other jobs take CPU. Before and after every round all ``N`` ranks run one fixed
+kernel call of the cost table's grid at once (the probe); its time against the table's gives the
+effective cores the ranks had (``N * t_table / t_probe``, at most the core count), and the simulator runs
+with that. Predicted and measured are both medians over the rounds.
+
+Prints (and writes ``<out>/validation.md`` / ``.json``) predicted against measured forward and backward
+ms per backend and the relative error. TE cannot run here (no CUDA, no Transformer Engine): it is
+simulated but not measured.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import dcp_backend as cp  # noqa: E402
+from dcp_backend.cost import load_cost_model  # noqa: E402
+from dcp_backend.sim.network import NetworkModel, get_network  # noqa: E402
+from dcp_backend.sim.simulate import simulate_plan  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------- network
+
+PROBE_WORK = (4, 256, 1024, "causal_last")  # a point of the CPU cost table's grid (fp32, d 64, 8/2 heads)
+PROBE_REPS = 20
+
+def _net_worker(rank, world, port, sizes, reps, q):
+    import datetime as dt
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=dt.timedelta(seconds=120))
+    res = {}
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    for pattern in ("pair", "ring"):
+        for n in sizes:
+            x = torch.randn(n // 4)
+            y = torch.empty_like(x)
+            ts = []
+            for i in range(reps + 1):
+                dist.barrier()
+                t0 = time.perf_counter()
+                if pattern == "pair":  # ranks 0 and 1 only, one message each way
+                    if rank < 2:
+                        ops = [dist.P2POp(dist.isend, x, 1 - rank), dist.P2POp(dist.irecv, y, 1 - rank)]
+                        for w in dist.batch_isend_irecv(ops):
+                            w.wait()
+                else:  # everyone sends to the next, receives from the previous
+                    ops = [dist.P2POp(dist.isend, x, nxt), dist.P2POp(dist.irecv, y, prv)]
+                    for w in dist.batch_isend_irecv(ops):
+                        w.wait()
+                if i:
+                    ts.append(time.perf_counter() - t0)
+            t = torch.tensor([float(np.median(ts))], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            res[(pattern, n)] = float(t.item())
+    # CPU probe: every rank runs the same kernel call at once, as the ranks of a pass do
+    from dcp_backend.cost import calibration_work
+    from dcp_backend.kernels import get_kernel
+
+    kern = get_kernel("cpu_flash", "cpu")
+    w = calibration_work(*PROBE_WORK)
+    qq = torch.randn(w.total_q, 8, 64)
+    kk = torch.randn(w.total_k, 2, 64)
+    kern.forward(qq, kk, kk, w, 0.125)
+    dist.barrier()
+    ts = []
+    for _ in range(PROBE_REPS):
+        t0 = time.perf_counter()
+        kern.forward(qq, kk, kk, w, 0.125)
+        ts.append(time.perf_counter() - t0)
+    t = torch.tensor([float(np.mean(ts))], dtype=torch.float64)
+    dist.all_reduce(t)
+    res["probe_s"] = float(t.item()) / world
+    dist.destroy_process_group()
+    if rank == 0:
+        q.put(res)
+
+
+def measure_network(world: int, reps: int = 7) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    sizes = [4 << 10, 256 << 10, 2 << 20, 8 << 20]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    mp.start_processes(_net_worker, args=(world, port, sizes, reps, q), nprocs=world, join=True, start_method="spawn")
+    res = q.get()
+    fit = {}
+    for pattern in ("pair", "ring"):
+        b = np.array(sizes, dtype=np.float64)
+        t = np.array([res[(pattern, n)] for n in sizes])
+        slope, icpt = np.polyfit(b, t, 1)
+        fit[pattern] = {"bytes_per_s": float(1 / slope), "latency_s": float(max(icpt, 0.0)),
+                        "seconds": {str(n): res[(pattern, n)] for n in sizes}}
+    fit["probe_s"] = res["probe_s"]
+    return fit
+
+
+def effective_cores(world: int, probe_s: float, cm, cores: int) -> float:
+    """Cores our ranks got: the probe ran ``probe_s`` per call with every rank busy; alone on an idle
+    core it takes the table's time, so the ranks shared ``world * t_table / probe_s`` cores."""
+    from dcp_backend.cost import calibration_work
+
+    t = cm.work_seconds(calibration_work(*PROBE_WORK), 8, 64, "fp32")
+    return float(min(world, cores, world * t / probe_s))
+
+
+# ------------------------------------------------------------------------------------------- measured
+
+def bench(args, world: int, dataset: str, csv_path: str) -> list[dict]:
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "bench_attention.py"), "--spawn", str(world),
+           "--dataset", dataset, "--num-batches", "1", "--tokens-per-batch", str(args.tokens), "--scale",
+           str(args.scale), "--seed", str(args.seed), "--backends", args.backends, "--num-heads", str(args.heads),
+           "--num-kv-heads", str(args.kv_heads), "--head-dim", str(args.head_dim), "--dtype", "fp32",
+           "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--mask", "causal", "--csv", csv_path]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode:
+        raise SystemExit(f"bench_attention failed:\n{out.stdout}\n{out.stderr}")
+    with open(csv_path) as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------ predicted
+
+def predict(args, world: int, seqlens: list[int], net: NetworkModel, cm) -> dict:
+    spec = cp.AttentionSpec(args.heads, args.kv_heads, args.head_dim, mask="causal")
+    out = {}
+    for name in [b.strip() for b in args.backends.split(",")] + ["te"]:
+        if name == "te":
+            from dcp_backend.baselines.te import TEBackend
+
+            plan = TEBackend.for_planning(world_size=world).plan(seqlens, spec)
+        else:
+            plan = cp.get_backend(name, world_size=world).plan(seqlens, spec)
+        rep = simulate_plan(plan, cm, net, "fp32")
+        out[name] = {"fwd_ms": rep.fwd_ms, "bwd_ms": rep.bwd_ms, **rep.summary()}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worlds", default="2,4")
+    p.add_argument("--datasets", default="ldc,longalign")
+    p.add_argument("--backends", default="ring,zigzag,loongtrain,dcp")
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--scale", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="separate bench invocations; the median is kept")
+    p.add_argument("--cores", type=int, default=os.cpu_count())
+    p.add_argument("--cost-model", default="cpu")
+    p.add_argument("--network", default=None, help="skip the network measurement: use this preset")
+    p.add_argument("--out", default="runs/validation")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from length_sampler import make_batches
+
+    cm = load_cost_model(args.cost_model)
+    report = {"date": datetime.date.today().isoformat(), "host": platform.node(), "cpus": os.cpu_count(),
+              "command": "python tools/validate_simulator.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "args": vars(args), "networks": {}, "rows": []}
+    rows = []
+
+    def network_of(fits, world):
+        bw = float(np.mean([f["ring"]["bytes_per_s"] for f in fits]))
+        lat = float(np.mean([f["ring"]["latency_s"] for f in fits]))
+        cores = float(np.mean([effective_cores(world, f["probe_s"], cm, args.cores) for f in fits]))
+        # messages of a pass go around all ranks at once: the ring fit
+        return NetworkModel(f"cpu-loopback-{world}", intra_bw=bw, inter_bw_per_node=bw, nics_per_node=1,
+                            intra_latency=lat, inter_latency=lat, cores=cores)
+
+    for world in (int(w) for w in args.worlds.split(",")):
+        for ds in args.datasets.split(","):
+            seqlens = make_batches(ds, 1, args.tokens, args.scale, args.seed)[0]
+            measured: dict = {}
+            predicted: dict = {}
+            probes = [measure_network(world)]
+            for rnd in range(args.rounds):
+                rows_r = bench(args, world, ds, os.path.join(args.out, f"bench_{ds}_w{world}_r{rnd}.csv"))
+                probes.append(measure_network(world))
+                net = get_network(args.network) if args.network else network_of(probes[-2:], world)
+                report["networks"].setdefault(f"{ds}_w{world}", []).append(
+                    {"intra_bw": net.intra_bw, "latency": net.intra_latency, "cores": net.cores})
+                for r in rows_r:
+                    if r["status"] == "ok":
+                        measured.setdefault(r["backend"], []).append((float(r["fwd_ms"]), float(r["bwd_ms"])))
+                for name, pr in predict(args, world, seqlens, net, cm).items():
+                    predicted.setdefault(name, []).append((pr["fwd_ms"], pr["bwd_ms"]))
+                print(f"# {ds} world {world} round {rnd + 1}/{args.rounds}: loopback "
+                      f"{net.intra_bw / 2**30:.2f} GiB/s + {net.intra_latency * 1e6:.0f} us, effective cores "
+                      f"{net.cores:.2f}; measured " + ", ".join(f"{k} {v[-1][0]:.0f}/{v[-1][1]:.0f}"
+                                                                 for k, v in measured.items())
+                      + "; predicted " + ", ".join(f"{k} {v[-1][0]:.0f}/{v[-1][1]:.0f}" for k, v in predicted.items()),
+                      flush=True)
+            for name, pr in predicted.items():
+                m = measured.get(name)
+                row = {"world": world, "dataset": ds, "docs": len(seqlens), "backend": name,
+                       "pred_fwd_ms": statistics.median(x[0] for x in pr),
+                       "pred_bwd_ms": statistics.median(x[1] for x in pr),
+                       "pred_fwd_all": [x[0] for x in pr], "pred_bwd_all": [x[1] for x in pr]}
+                if m:
+                    row.update(meas_fwd_ms=statistics.median(x[0] for x in m),
+                               meas_bwd_ms=statistics.median(x[1] for x in m),
+                               meas_fwd_all=[x[0] for x in m], meas_bwd_all=[x[1] for x in m])
+                    row["err_fwd"] = row["pred_fwd_ms"] / row["meas_fwd_ms"] - 1
+                    row["err_bwd"] = row["pred_bwd_ms"] / row["meas_bwd_ms"] - 1
+                rows.append(row)
+    report["rows"] = rows
+    lines = ["| ranks | batch | backend | measured fwd ms | predicted fwd ms | error | measured bwd ms | "
+             "predicted bwd ms | error |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "meas_fwd_ms" in r:
+            lines.append(f"| {r['world']} | {r['dataset']} ({r['docs']} docs) | {r['backend']} | "
+                         f"{r['meas_fwd_ms']:.1f} | {r['pred_fwd_ms']:.1f} | {100 * r['err_fwd']:+.0f}% | "
+                         f"{r['meas_bwd_ms']:.1f} | {r['pred_bwd_ms']:.1f} | {100 * r['err_bwd']:+.0f}% |")
+        else:
+            lines.append(f"| {r['world']} | {r['dataset']} ({r['docs']} docs) | {r['backend']} | not run here | "
+                         f"{r['pred_fwd_ms']:.1f} | | not run here | {r['pred_bwd_ms']:.1f} | |")
+    md = "\n".join(lines)
+    print(md)
+    with open(os.path.join(args.out, "validation.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(args.out, "validation.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
