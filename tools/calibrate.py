@@ -96,18 +96,19 @@ def time_point(kernel, pt: dict, dev: torch.device, warmup: int, repeats: int) -
 
 
 def copy_bandwidth(dev: torch.device, repeats: int) -> dict:
-    """Bytes/s and per-op overhead of gathering rows into a buffer and scattering them back."""
+    """Bytes/s and per-op overhead of gathering rows into a fresh tensor and scattering them back (the
+    executors allocate their temporaries, so large ones pay page faults on a CPU)."""
     res = []
-    for rows in (1, 16, 256, 2048, 8192):
+    for rows in (16, 256, 2048, 8192, 16384):  # 32 KB .. 32 MB gathered: the executors' store sizes
         x = torch.randn(rows * 2, 8, 64, device=dev)
-        idx = torch.randperm(rows * 2, device=dev)[:rows]
-        buf = torch.empty(rows, 8, 64, device=dev)
+        idx = torch.sort(torch.randperm(rows * 2, device=dev)[:rows]).values
         ts = []
         for _ in range(repeats + 1):
             _sync(dev)
             t0 = time.perf_counter()
-            torch.index_select(x, 0, idx, out=buf)
-            x.index_copy_(0, idx, buf)
+            y = torch.index_select(x, 0, idx)  # allocating, as the executors' gathers are
+            x.index_copy_(0, idx, y)
+            del y
             _sync(dev)
             ts.append(time.perf_counter() - t0)
         nbytes = 2 * rows * 8 * 64 * 4  # gathered once, scattered once

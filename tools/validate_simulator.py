@@ -15,9 +15,9 @@ Three steps, each reproducible on its own:
    and the loopback network fitted around that round, ``N`` ranks sharing the cores they really got.
 
 The machine is shared: other jobs take CPU. Before and after every round all ``N`` ranks run one fixed
-kernel call of the cost table's grid at once (the probe); its time against the table's gives the
-effective cores the ranks had (``N * t_table / t_probe``, at most the core count), and the simulator runs
-with that. Predicted and measured are both medians over the rounds.
+kernel call of the cost table's grid at once (the probe); its time against the table's gives the other
+jobs' runnable threads ``L`` (fair share: each of our computing ranks gets ``cores / (computing + L)``),
+and the simulator runs with that. Predicted and measured are both medians over the rounds.
 
 Prints (and writes ``<out>/validation.md`` / ``.json``) predicted against measured forward and backward
 ms per backend and the relative error. TE cannot run here (no CUDA, no Transformer Engine): it is
@@ -132,13 +132,14 @@ def measure_network(world: int, reps: int = 7) -> dict:
     return fit
 
 
-def effective_cores(world: int, probe_s: float, cm, cores: int) -> float:
-    """Cores our ranks got: the probe ran ``probe_s`` per call with every rank busy; alone on an idle
-    core it takes the table's time, so the ranks shared ``world * t_table / probe_s`` cores."""
+def background_threads(world: int, probe_s: float, cm, cores: int) -> float:
+    """Other jobs' runnable threads during the probe: with every one of our ``world`` ranks computing, a
+    fair-share scheduler gives each ``min(1, cores / (world + L))`` of a core; the probe ran at
+    ``t_table / probe_s`` of the table's single-core speed, so ``L = cores * probe_s / t_table - world``."""
     from dcp_backend.cost import calibration_work
 
     t = cm.work_seconds(calibration_work(*PROBE_WORK), 8, 64, "fp32")
-    return float(min(world, cores, world * t / probe_s))
+    return float(max(0.0, cores * probe_s / t - world))
 
 
 # ------------------------------------------------------------------------------------------- measured
@@ -205,10 +206,10 @@ def main(argv=None) -> int:
     def network_of(fits, world):
         bw = float(np.mean([f["ring"]["bytes_per_s"] for f in fits]))
         lat = float(np.mean([f["ring"]["latency_s"] for f in fits]))
-        cores = float(np.mean([effective_cores(world, f["probe_s"], cm, args.cores) for f in fits]))
+        bg = float(np.mean([background_threads(world, f["probe_s"], cm, args.cores) for f in fits]))
         # messages of a pass go around all ranks at once: the ring fit
         return NetworkModel(f"cpu-loopback-{world}", intra_bw=bw, inter_bw_per_node=bw, nics_per_node=1,
-                            intra_latency=lat, inter_latency=lat, cores=cores)
+                            intra_latency=lat, inter_latency=lat, cores=args.cores, background=bg)
 
     for world in (int(w) for w in args.worlds.split(",")):
         for ds in args.datasets.split(","):
@@ -221,15 +222,15 @@ def main(argv=None) -> int:
                 probes.append(measure_network(world))
                 net = get_network(args.network) if args.network else network_of(probes[-2:], world)
                 report["networks"].setdefault(f"{ds}_w{world}", []).append(
-                    {"intra_bw": net.intra_bw, "latency": net.intra_latency, "cores": net.cores})
+                    {"intra_bw": net.intra_bw, "latency": net.intra_latency, "background": net.background})
                 for r in rows_r:
                     if r["status"] == "ok":
                         measured.setdefault(r["backend"], []).append((float(r["fwd_ms"]), float(r["bwd_ms"])))
                 for name, pr in predict(args, world, seqlens, net, cm).items():
                     predicted.setdefault(name, []).append((pr["fwd_ms"], pr["bwd_ms"]))
                 print(f"# {ds} world {world} round {rnd + 1}/{args.rounds}: loopback "
-                      f"{net.intra_bw / 2**30:.2f} GiB/s + {net.intra_latency * 1e6:.0f} us, effective cores "
-                      f"{net.cores:.2f}; measured " + ", ".join(f"{k} {v[-1][0]:.0f}/{v[-1][1]:.0f}"
+                      f"{net.intra_bw / 2**30:.2f} GiB/s + {net.intra_latency * 1e6:.0f} us, background threads "
+                      f"{net.background:.2f}; measured " + ", ".join(f"{k} {v[-1][0]:.0f}/{v[-1][1]:.0f}"
                                                                  for k, v in measured.items())
                       + "; predicted " + ", ".join(f"{k} {v[-1][0]:.0f}/{v[-1][1]:.0f}" for k, v in predicted.items()),
                       flush=True)

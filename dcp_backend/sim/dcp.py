@@ -70,11 +70,11 @@ def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
                 after = c.rows_bytes(nq, h.hb, acc=True) + 2 * c.rows_bytes(nkv, h.khb, acc=True)
             else:
                 gather = c.rows_bytes(nq, h.hb)
-                after = 3 * c.rows_bytes(nq, h.hb, acc=True)  # merge reads o, writes o and lse
+                after = 5 * c.rows_bytes(nq, h.hb, acc=True)  # merge_into_: gather, 2 scales, add, scatter
             gather += 2 * c.rows_bytes(nkv, h.khb)
             ops.append(Compute(c.copy(gather, 5 if backward else 3), f"gather s{ins.stage}"))
             ops.append(Compute(c.attention(ins.work, h.hb, backward), f"attention s{ins.stage}"))
-            ops.append(Compute(c.copy(after, 3 if backward else 6), f"{'accumulate' if backward else 'merge'} "
+            ops.append(Compute(c.copy(after, 3 if backward else 10), f"{'accumulate' if backward else 'merge'} "
                                                                        f"s{ins.stage}"))
         elif isinstance(ins, Fill):
             nbytes = sum(_part_bytes(prog, nm, ins.rows, c) for nm in ins.stores)

@@ -3,7 +3,8 @@
 A rank runs its ops in order on one compute stream:
 
 * ``Compute(seconds)`` keeps the rank busy (on a shared CPU host, ranks computing at once share the
-  host's cores: each progresses at ``min(1, cores / computing ranks)``);
+  host's cores with each other and with other jobs: each progresses at
+  ``min(1, cores / (computing ranks + background threads))``);
 * ``Launch(handle, sends, recvs)`` posts messages without blocking (a batched isend/irecv);
 * ``Wait(handle)`` blocks until every message of that launch (sent or received) has arrived.
 
@@ -137,8 +138,11 @@ def _span_at(spans: list, t: float) -> int:
     return lo - 1
 
 
-def run(programs: list[list], links: Links, cores: int | None = None, max_events: int = 10_000_000) -> Result:
-    """Simulate ``programs`` (one op list per rank) from time 0; see the module docstring."""
+def run(programs: list[list], links: Links, cores: float | None = None, background: float = 0.0,
+        max_events: int = 10_000_000) -> Result:
+    """Simulate ``programs`` (one op list per rank) from time 0; see the module docstring. On a shared
+    host (``cores`` not None) a computing rank progresses at ``min(1, cores / (computing ranks +
+    background))``, ``background`` being other jobs' runnable threads (a fair-share scheduler)."""
     n = len(programs)
     pc = [0] * n
     state = ["ready"] * n  # ready | compute | blocked | timer | done
@@ -257,7 +261,7 @@ def run(programs: list[list], links: Links, cores: int | None = None, max_events
             stuck = [r for r in range(n) if state[r] == "blocked"]
             raise CPError(f"simulator: deadlock, ranks {stuck} wait for messages that are never posted "
                           f"(first: rank {stuck[0]} on {programs[stuck[0]][pc[stuck[0]]].handle!r})")
-        rate = 1.0 if cores is None or not computing else min(1.0, cores / len(computing))
+        rate = 1.0 if cores is None or not computing else min(1.0, cores / (len(computing) + background))
         t_next = min([now + remaining[r] / rate for r in computing] + ([timers[0][0]] if timers else []))
         dt = t_next - now
         for r in computing:

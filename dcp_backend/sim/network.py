@@ -42,8 +42,10 @@ class NetworkModel:
     nics_per_node: int
     intra_latency: float
     inter_latency: float
-    # CPU hosts: ranks share ``cores`` cores for compute (None: one accelerator per rank, no sharing)
-    cores: int | None = None
+    # CPU hosts: ranks share ``cores`` cores for compute (None: one accelerator per rank, no sharing),
+    # with ``background`` runnable threads of other jobs competing for them
+    cores: float | None = None
+    background: float = 0.0
 
     def validate(self) -> None:
         for f in ("intra_bw", "inter_bw_per_node"):

@@ -166,7 +166,7 @@ def _step(rc: RingCosts, c: Costs, dst: int, src: int, H: int, kvh: int, backwar
                 Compute(c.copy(after, 3), "accumulate")]
     gather = c.rows_bytes(rows, H) + 2 * c.rows_bytes(kv_rows, kvh)
     return [Compute(c.copy(gather, 3), "gather"), Compute(float(rc.fwd[dst, src]), f"attention src{src}"),
-            Compute(c.copy(3 * c.rows_bytes(rows, H, acc=True), 6), "merge")]
+            Compute(c.copy(5 * c.rows_bytes(rows, H, acc=True), 10), "merge")]
 
 
 def _a2a(plan, r: int, c: Costs, fused: bool, tag: str, tokens_per_rank=None) -> dict:

@@ -82,7 +82,8 @@ def simulate_plan(plan, cost_model: CostModel | str | None = "h100", network: Ne
     cache = {} if cache is None else cache
     res = {}
     for backward in (False, True):
-        res[backward] = run(plan_programs(plan, backward, costs, cache), links, cores=net.cores)
+        res[backward] = run(plan_programs(plan, backward, costs, cache), links, cores=net.cores,
+                            background=net.background)
     stats = None
     if with_stats:
         try:
