@@ -14,10 +14,11 @@ Three steps, each reproducible on its own:
    defaults, one node) and simulate them with the CPU cost table (``dcp_backend/cost_tables/cpu.json``)
    and the loopback network fitted around that round, ``N`` ranks sharing the cores they really got.
 
-The machine is shared: other jobs take CPU. Before and after every round all ``N`` ranks run one fixed
-kernel call of the cost table's grid at once (the probe); its time against the table's gives the other
-jobs' runnable threads ``L`` (fair share: each of our computing ranks gets ``cores / (computing + L)``),
-and the simulator runs with that. Predicted and measured are both medians over the rounds.
+The machine is shared: other jobs take CPU. Right before and after each backend's timed runs all ``N``
+ranks run one fixed kernel call of the cost table's grid at once (``bench_attention.py --probe``); its
+time against the table's gives the other jobs' runnable threads ``L`` (fair share: each of our computing
+ranks gets ``cores / (computing + L)``), and that backend's prediction runs with it. TE, not measured, is
+predicted with the round's least loaded setting. Predicted and measured are both medians over rounds.
 
 Prints (and writes ``<out>/validation.md`` / ``.json``) predicted against measured forward and backward
 ms per backend and the relative error. TE cannot run here (no CUDA, no Transformer Engine): it is
@@ -50,7 +51,7 @@ from dcp_backend.sim.simulate import simulate_plan  # noqa: E402
 # ------------------------------------------------------------------------------------------- network
 
 PROBE_WORK = (4, 256, 1024, "causal_last")  # a point of the CPU cost table's grid (fp32, d 64, 8/2 heads)
-PROBE_REPS = 20
+PROBE_REPS = 6
 
 def _net_worker(rank, world, port, sizes, reps, q):
     import datetime as dt
@@ -63,7 +64,7 @@ def _net_worker(rank, world, port, sizes, reps, q):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=dt.timedelta(seconds=120))
     res = {}
     nxt, prv = (rank + 1) % world, (rank - 1) % world
-    for pattern in ("pair", "ring"):
+    for pattern in ("pair", "ring") if world > 1 else ():
         for n in sizes:
             x = torch.randn(n // 4)
             y = torch.empty_like(x)
@@ -123,6 +124,10 @@ def measure_network(world: int, reps: int = 7) -> dict:
     res = q.get()
     fit = {}
     for pattern in ("pair", "ring"):
+        if world == 1:  # nothing to send: the preset (unused by a one-rank plan)
+            net = get_network("cpu-loopback")
+            fit[pattern] = {"bytes_per_s": net.intra_bw, "latency_s": net.intra_latency, "seconds": {}}
+            continue
         b = np.array(sizes, dtype=np.float64)
         t = np.array([res[(pattern, n)] for n in sizes])
         slope, icpt = np.polyfit(b, t, 1)
@@ -149,7 +154,8 @@ def bench(args, world: int, dataset: str, csv_path: str) -> list[dict]:
            "--dataset", dataset, "--num-batches", "1", "--tokens-per-batch", str(args.tokens), "--scale",
            str(args.scale), "--seed", str(args.seed), "--backends", args.backends, "--num-heads", str(args.heads),
            "--num-kv-heads", str(args.kv_heads), "--head-dim", str(args.head_dim), "--dtype", "fp32",
-           "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--mask", "causal", "--csv", csv_path]
+           "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--mask", "causal", "--csv", csv_path,
+           "--probe"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if out.returncode:
         raise SystemExit(f"bench_attention failed:\n{out.stdout}\n{out.stderr}")
@@ -159,7 +165,9 @@ def bench(args, world: int, dataset: str, csv_path: str) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ predicted
 
-def predict(args, world: int, seqlens: list[int], net: NetworkModel, cm) -> dict:
+def predict(args, world: int, seqlens: list[int], nets: dict, cm) -> dict:
+    """Simulated (fwd, bwd) ms per backend; ``nets[name]`` is the network/host model of that backend's run
+    (``nets["te"]`` defaults to the median background of the others: TE does not run here)."""
     spec = cp.AttentionSpec(args.heads, args.kv_heads, args.head_dim, mask="causal")
     out = {}
     for name in [b.strip() for b in args.backends.split(",")] + ["te"]:
@@ -169,7 +177,7 @@ def predict(args, world: int, seqlens: list[int], net: NetworkModel, cm) -> dict
             plan = TEBackend.for_planning(world_size=world).plan(seqlens, spec)
         else:
             plan = cp.get_backend(name, world_size=world).plan(seqlens, spec)
-        rep = simulate_plan(plan, cm, net, "fp32")
+        rep = simulate_plan(plan, cm, nets[name], "fp32")
         out[name] = {"fwd_ms": rep.fwd_ms, "bwd_ms": rep.bwd_ms, **rep.summary()}
     return out
 
@@ -203,10 +211,10 @@ def main(argv=None) -> int:
               "args": vars(args), "networks": {}, "rows": []}
     rows = []
 
-    def network_of(fits, world):
+    def network_of(fits, world, probe_s):
         bw = float(np.mean([f["ring"]["bytes_per_s"] for f in fits]))
         lat = float(np.mean([f["ring"]["latency_s"] for f in fits]))
-        bg = float(np.mean([background_threads(world, f["probe_s"], cm, args.cores) for f in fits]))
+        bg = background_threads(world, probe_s, cm, args.cores)
         # messages of a pass go around all ranks at once: the ring fit
         return NetworkModel(f"cpu-loopback-{world}", intra_bw=bw, inter_bw_per_node=bw, nics_per_node=1,
                             intra_latency=lat, inter_latency=lat, cores=args.cores, background=bg)
@@ -220,17 +228,23 @@ def main(argv=None) -> int:
             for rnd in range(args.rounds):
                 rows_r = bench(args, world, ds, os.path.join(args.out, f"bench_{ds}_w{world}_r{rnd}.csv"))
                 probes.append(measure_network(world))
-                net = get_network(args.network) if args.network else network_of(probes[-2:], world)
-                report["networks"].setdefault(f"{ds}_w{world}", []).append(
-                    {"intra_bw": net.intra_bw, "latency": net.intra_latency, "background": net.background})
+                nets = {}
                 for r in rows_r:
                     if r["status"] == "ok":
                         measured.setdefault(r["backend"], []).append((float(r["fwd_ms"]), float(r["bwd_ms"])))
-                for name, pr in predict(args, world, seqlens, net, cm).items():
+                        # the load indicator measured right around this backend's timed runs
+                        nets[r["backend"]] = get_network(args.network) if args.network else network_of(
+                            probes[-2:], world, float(r["probe_ms"]) * 1e-3)
+                nets["te"] = min(nets.values(), key=lambda n: n.background)
+                report["networks"].setdefault(f"{ds}_w{world}", []).append(
+                    {k: {"intra_bw": n.intra_bw, "latency": n.intra_latency, "background": n.background}
+                     for k, n in nets.items()})
+                for name, pr in predict(args, world, seqlens, nets, cm).items():
                     predicted.setdefault(name, []).append((pr["fwd_ms"], pr["bwd_ms"]))
+                net = nets["te"]
                 print(f"# {ds} world {world} round {rnd + 1}/{args.rounds}: loopback "
                       f"{net.intra_bw / 2**30:.2f} GiB/s + {net.intra_latency * 1e6:.0f} us, background threads "
-                      f"{net.background:.2f}; measured " + ", ".join(f"{k} {v[-1][0]:.0f}/{v[-1][1]:.0f}"
+                      + ", ".join(f"{k} {n.background:.1f}" for k, n in nets.items()) + "; measured " + ", ".join(f"{k} {v[-1][0]:.0f}/{v[-1][1]:.0f}"
                                                                  for k, v in measured.items())
                       + "; predicted " + ", ".join(f"{k} {v[-1][0]:.0f}/{v[-1][1]:.0f}" for k, v in predicted.items()),
                       flush=True)
