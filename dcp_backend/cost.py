@@ -210,12 +210,14 @@ def calibration_work(segments: int, q_len: int, kv_len: int, mask: str, density:
     """The synthetic work of one table point: ``segments`` segments of ``q_len`` x ``kv_len``.
 
     masks: ``full``; ``causal_last`` (bottom-right causal: row i sees [0, kv_len - q_len + i + 1)); ``band``
-    (row i sees the ``density * kv_len`` keys ending at its causal end: a sliding-window-like sparse mask).
+    (row i sees the ``density * kv_len`` keys ending at its causal end: a sliding-window-like sparse mask);
+    ``causal_split`` (bottom-right causal given as two touching ranges, as zigzag chunks produce: kernels
+    see a general mask, not the causal fast path).
     ``vary``: segment s is ``q_len + s`` x ``kv_len + s`` instead (distinct shapes: one CPU kernel call each).
     """
     if q_len < 1 or kv_len < 1 or segments < 1:
         raise CPError("calibration_work: segments, q_len and kv_len must be positive")
-    if mask not in ("full", "causal_last", "band"):
+    if mask not in ("full", "causal_last", "band", "causal_split"):
         raise CPError(f"calibration_work: unknown mask {mask!r}")
     if mask != "full" and kv_len < q_len:
         raise CPError("calibration_work: causal masks need kv_len >= q_len")
@@ -228,6 +230,11 @@ def calibration_work(segments: int, q_len: int, kv_len: int, mask: str, density:
     k = kl[seg]
     if mask == "full":
         r = np.stack([np.zeros_like(i), k], -1)
+    elif mask == "causal_split":  # bottom-right causal as two touching ranges: not the causal fast path
+        end = k - ql[seg] + i + 1
+        mid = np.minimum(k // 2, end)
+        r = np.stack([np.stack([np.zeros_like(i), mid], -1), np.stack([mid, end], -1)], 1)
+        return AttnWork(cu_q, cu_k, r)
     else:
         end = k - ql[seg] + i + 1
         if mask == "band":
@@ -278,10 +285,16 @@ class KernelFit:
         return np.exp((w * self.log_ratio[None, :]).sum(1) / w.sum(1))
 
 
-def _coords(q_len, kv_len, pairs, heads) -> np.ndarray:
-    q = np.maximum(np.asarray(q_len, np.float64), 1)
-    k = np.maximum(np.asarray(kv_len, np.float64), 1)
-    dens = np.clip(np.asarray(pairs, np.float64) / (q * k), 0, 1)
+def _coords(q_len, kv_len, pairs, heads, seg: dict | None = None, visit: str = "sparse") -> np.ndarray:
+    """Interpolation coordinates of segments: log2 q, log2 kv, a mask coordinate, log2 heads. The mask
+    coordinate is the unmasked fraction for sparse kernels; for the dense CPU rule, whose cost does not
+    depend on the fraction, it is the kernel path (causal 0, masked 0.5, full 1)."""
+    q = np.maximum(np.atleast_1d(np.asarray(q_len, np.float64)), 1)
+    k = np.maximum(np.atleast_1d(np.asarray(kv_len, np.float64)), 1)
+    if visit == "dense_unless_causal" and seg is not None:
+        dens = np.where(seg["pairs_causal"] > 0, 0.0, np.where(seg["pairs_partial"] > 0, 0.5, 1.0))
+    else:
+        dens = np.clip(np.atleast_1d(np.asarray(pairs, np.float64)) / (q * k), 0, 1)
     h = np.broadcast_to(np.asarray(heads, np.float64), q.shape)
     return np.stack([np.log2(q), np.log2(k), 3.0 * dens, np.log2(np.maximum(h, 1))], -1)
 
@@ -333,7 +346,9 @@ class CostModel:
                 x, seg = self._point_features(pt)
                 X.append(x)
                 y.append(float(pt[f"{key[2]}_s"]))
-                coords.append(_coords(pt["q_len"], pt["kv_len"], float(seg["pairs"][0]), pt["heads"]))
+                first = {f: v[:1] for f, v in seg.items()}
+                coords.append(_coords(pt["q_len"], pt["kv_len"], float(seg["pairs"][0]), pt["heads"], first,
+                                      self.visit)[0])
             X, y, coords = np.array(X), np.array(y), np.array(coords)
             keep = np.ones(len(y), bool)
             fixed = self.table.get("fixed", {}).get(key[2], {})  # coefficients the table pins (assumptions)
@@ -379,7 +394,7 @@ class CostModel:
         c = fit.coef
         t = heads * sum(c[i] * seg[f] for i, f in enumerate(FEATURES) if i > 0)
         if t.size:
-            t = t * fit.correction(_coords(seg["q_len"], seg["kv_len"], seg["pairs"], heads))
+            t = t * fit.correction(_coords(seg["q_len"], seg["kv_len"], seg["pairs"], heads, seg, self.visit))
         return t
 
     def call_seconds(self, dtype, head_dim: int, backward: bool) -> float:

@@ -48,7 +48,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # comm_mb: bytes the plan sends, all ranks, forward + backward (PlanStats).
 COLUMNS = ["batch", "tokens", "docs", "backend", "mask", "world", "plan_ms", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
            "tflops_rank", "imbalance", "comm_mb", "status"]
-PROBE_WORK = (4, 256, 1024, "causal_last")  # a point of the CPU cost table's grid (fp32, head dim 64, 8/2 heads)
+PROBE_WORK = (1, 1024, 1024, "causal_split")  # a point of the CPU cost table's grid (fp32, head dim 64, 8/2 heads)
 
 
 def probe_ms(device, reps: int = 6) -> float:

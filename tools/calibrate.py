@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", default="4/1,8/2", help="query/KV head pairs, comma-separated")
     p.add_argument("--q-lens", default="16,64,256,1024")
     p.add_argument("--kv-mults", default="1,4", help="kv length = q length x these")
-    p.add_argument("--masks", default="full,causal_last,band")
+    p.add_argument("--masks", default="full,causal_last,band", help="full, causal_last, band, causal_split")
     p.add_argument("--work", type=float, default=None,
                    help="(query, key) pairs x heads per point (default 2e7 CPU, 4e10 GPU)")
     p.add_argument("--warmup", type=int, default=1)
@@ -57,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--from-jsonl", help="convert measured stage costs (data/h100_block_costs.jsonl format)")
     p.add_argument("--check", help="print measured vs fitted time for every point of this table")
     p.add_argument("--copy-only", help="re-measure only the copy bandwidth of this table (in place)")
+    p.add_argument("--append", help="measure the grid and add its points to this table (in place)")
     return p.parse_args(argv)
 
 
@@ -267,6 +268,19 @@ def main(argv=None) -> int:
             json.dump(table, f, indent=1)
             f.write("\n")
         print(f"copy: {table['copy']['bytes_per_s'] / 1e9:.2f} GB/s + {table['copy']['overhead_s'] * 1e6:.1f} us per op")
+        return 0
+    if args.append:
+        with open(args.append) as f:
+            table = json.load(f)
+        new = measure(args)
+        table["points"].extend(new["points"])
+        table.setdefault("appended", []).append({"command": new["command"], "date": new["date"],
+                                                 "points": len(new["points"])})
+        CostModel(table, analytic=table["analytic"])
+        with open(args.append, "w") as f:
+            json.dump(table, f, indent=1)
+            f.write("\n")
+        print(f"appended {len(new['points'])} points to {args.append}")
         return 0
     if not args.out:
         raise SystemExit("--out is required (or --check)")

@@ -147,6 +147,25 @@ def tables(res) -> str:
                     up = speedup(pts, ds, s, "causal", setting, which)
                     lines.append(f"| {ds} | {which} | {s:g} | " + " | ".join(f"{m[k]:.2f}" for k in m)
                                  + f" | {up:.2f}x | {pub_up:.2f}x | {'/'.join(f'{x:g}' for x in pub)} |")
+    lines.append("\n#### Never lose? DCP (best candidate) against the best baseline and against its hypergraph plan "
+                 "(forward + backward, per batch)\n")
+    lines.append("| setting | batches | DCP faster than the best baseline | worst DCP / best baseline | static "
+                 "candidate chosen | hypergraph / DCP (mean, max) |")
+    lines.append("|---|---:|---:|---:|---:|---|")
+    for setting in SETTINGS:
+        n = wins = chosen = 0
+        worst, gain = 0.0, []
+        for p in pts:
+            r = p["results"][setting]
+            best = min(r[k]["fwd_ms"] + r[k]["bwd_ms"] for k in r if k in BASELINES)
+            d = r["dcp"]["fwd_ms"] + r["dcp"]["bwd_ms"]
+            h = r["dcp-hypergraph"]["fwd_ms"] + r["dcp-hypergraph"]["bwd_ms"]
+            n += 1
+            wins += d < best
+            worst = max(worst, d / best)
+            chosen += not r["dcp"]["config"].startswith("hypergraph")
+            gain.append(h / d)
+        lines.append(f"| {setting} | {n} | {wins} | {worst:.2f} | {chosen} | {np.mean(gain):.2f}x, {np.max(gain):.2f}x |")
     masks = [m for m in MASKS if m != "causal" and any(p["mask"] == m for p in pts)]
     if masks:
         for setting in SETTINGS:

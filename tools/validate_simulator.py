@@ -16,8 +16,9 @@ Three steps, each reproducible on its own:
 
 The machine is shared: other jobs take CPU. Right before and after each backend's timed runs all ``N``
 ranks run one fixed kernel call of the cost table's grid at once (``bench_attention.py --probe``); its
-time against the table's gives the other jobs' runnable threads ``L`` (fair share: each of our computing
-ranks gets ``cores / (computing + L)``), and that backend's prediction runs with it. TE, not measured, is
+time against the table's gives the host model of that backend's run (:func:`host_model`: a per-core
+speed when there are no more ranks than cores, else other jobs' runnable threads ``L`` under fair
+sharing, each computing rank getting ``cores / (computing + L)``), and its prediction runs with it. TE, not measured, is
 predicted with the round's least loaded setting. Predicted and measured are both medians over rounds.
 
 Prints (and writes ``<out>/validation.md`` / ``.json``) predicted against measured forward and backward
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import json
 import os
@@ -50,7 +52,7 @@ from dcp_backend.sim.simulate import simulate_plan  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- network
 
-PROBE_WORK = (4, 256, 1024, "causal_last")  # a point of the CPU cost table's grid (fp32, d 64, 8/2 heads)
+PROBE_WORK = (1, 1024, 1024, "causal_split")  # a point of the CPU cost table's grid (fp32, d 64, 8/2 heads)
 PROBE_REPS = 6
 
 def _net_worker(rank, world, port, sizes, reps, q):
@@ -137,14 +139,21 @@ def measure_network(world: int, reps: int = 7) -> dict:
     return fit
 
 
-def background_threads(world: int, probe_s: float, cm, cores: int) -> float:
-    """Other jobs' runnable threads during the probe: with every one of our ``world`` ranks computing, a
-    fair-share scheduler gives each ``min(1, cores / (world + L))`` of a core; the probe ran at
-    ``t_table / probe_s`` of the table's single-core speed, so ``L = cores * probe_s / t_table - world``."""
+def host_model(world: int, probe_s: float, cm, cores: int) -> tuple[float, float]:
+    """(per-core speed, other jobs' runnable threads) from the probe: all ``world`` ranks ran it at once
+    at ``r = t_table / probe_s`` of the table's speed. With no more ranks than cores, fair share would
+    give each a full core, so the slowdown is interference: speed ``r``, no background. With more ranks
+    than cores, each gets ``cores / (world + L)``: ``L = cores / r - world`` (speed 1; if that is
+    negative, the ranks ran faster than fair sharing predicts and the speed absorbs it)."""
     from dcp_backend.cost import calibration_work
 
-    t = cm.work_seconds(calibration_work(*PROBE_WORK), 8, 64, "fp32")
-    return float(max(0.0, cores * probe_s / t - world))
+    r = cm.work_seconds(calibration_work(*PROBE_WORK), 8, 64, "fp32") / probe_s
+    if world <= cores:
+        return float(min(r, 1.5)), 0.0
+    bg = cores / r - world
+    if bg < 0:
+        return float(r * world / cores), 0.0
+    return 1.0, float(bg)
 
 
 # ------------------------------------------------------------------------------------------- measured
@@ -200,6 +209,9 @@ def main(argv=None) -> int:
     p.add_argument("--cost-model", default="cpu")
     p.add_argument("--network", default=None, help="skip the network measurement: use this preset")
     p.add_argument("--out", default="runs/validation")
+    p.add_argument("--reanalyze", action="store_true",
+                   help="re-predict the measurements saved in --out (bench CSVs, loopback fits) with the current "
+                        "model; nothing is measured")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -214,20 +226,35 @@ def main(argv=None) -> int:
     def network_of(fits, world, probe_s):
         bw = float(np.mean([f["ring"]["bytes_per_s"] for f in fits]))
         lat = float(np.mean([f["ring"]["latency_s"] for f in fits]))
-        bg = background_threads(world, probe_s, cm, args.cores)
+        speed, bg = host_model(world, probe_s, cm, args.cores)
         # messages of a pass go around all ranks at once: the ring fit
         return NetworkModel(f"cpu-loopback-{world}", intra_bw=bw, inter_bw_per_node=bw, nics_per_node=1,
-                            intra_latency=lat, inter_latency=lat, cores=args.cores, background=bg)
+                            intra_latency=lat, inter_latency=lat, cores=args.cores, background=bg, speed=speed)
 
+    saved = None
+    if args.reanalyze:
+        with open(os.path.join(args.out, "validation.json")) as f:
+            saved = json.load(f)
+        report["networks"] = saved["networks"]
+        report["reanalysis_of"] = saved["command"] + f" ({saved['date']})"
     for world in (int(w) for w in args.worlds.split(",")):
         for ds in args.datasets.split(","):
             seqlens = make_batches(ds, 1, args.tokens, args.scale, args.seed)[0]
             measured: dict = {}
             predicted: dict = {}
-            probes = [measure_network(world)]
+            predicted_idle: dict = {}
+            probes = [measure_network(world)] if saved is None else None
             for rnd in range(args.rounds):
-                rows_r = bench(args, world, ds, os.path.join(args.out, f"bench_{ds}_w{world}_r{rnd}.csv"))
-                probes.append(measure_network(world))
+                csv_path = os.path.join(args.out, f"bench_{ds}_w{world}_r{rnd}.csv")
+                if saved is None:
+                    rows_r = bench(args, world, ds, csv_path)
+                    probes.append(measure_network(world))
+                else:
+                    with open(csv_path) as f:
+                        rows_r = list(csv.DictReader(f))
+                    n0 = next(iter(saved["networks"][f"{ds}_w{world}"][rnd].values()))
+                    fit = {"ring": {"bytes_per_s": n0["intra_bw"], "latency_s": n0["latency"]}}
+                    probes = [fit, fit]
                 nets = {}
                 for r in rows_r:
                     if r["status"] == "ok":
@@ -235,16 +262,20 @@ def main(argv=None) -> int:
                         # the load indicator measured right around this backend's timed runs
                         nets[r["backend"]] = get_network(args.network) if args.network else network_of(
                             probes[-2:], world, float(r["probe_ms"]) * 1e-3)
-                nets["te"] = min(nets.values(), key=lambda n: n.background)
-                report["networks"].setdefault(f"{ds}_w{world}", []).append(
-                    {k: {"intra_bw": n.intra_bw, "latency": n.intra_latency, "background": n.background}
-                     for k, n in nets.items()})
+                nets["te"] = min(nets.values(), key=lambda n: (n.background, -n.speed))
+                if saved is None:
+                    report["networks"].setdefault(f"{ds}_w{world}", []).append(
+                        {k: {"intra_bw": n.intra_bw, "latency": n.intra_latency, "background": n.background,
+                             "speed": n.speed} for k, n in nets.items()})
                 for name, pr in predict(args, world, seqlens, nets, cm).items():
                     predicted.setdefault(name, []).append((pr["fwd_ms"], pr["bwd_ms"]))
+                idle = {k: dataclasses.replace(n, speed=1.0, background=0.0) for k, n in nets.items()}
+                for name, pr in predict(args, world, seqlens, idle, cm).items():
+                    predicted_idle.setdefault(name, []).append((pr["fwd_ms"], pr["bwd_ms"]))
                 net = nets["te"]
                 print(f"# {ds} world {world} round {rnd + 1}/{args.rounds}: loopback "
-                      f"{net.intra_bw / 2**30:.2f} GiB/s + {net.intra_latency * 1e6:.0f} us, background threads "
-                      + ", ".join(f"{k} {n.background:.1f}" for k, n in nets.items()) + "; measured " + ", ".join(f"{k} {v[-1][0]:.0f}/{v[-1][1]:.0f}"
+                      f"{net.intra_bw / 2**30:.2f} GiB/s + {net.intra_latency * 1e6:.0f} us, host (speed, background) "
+                      + ", ".join(f"{k} ({n.speed:.2f}, {n.background:.1f})" for k, n in nets.items()) + "; measured " + ", ".join(f"{k} {v[-1][0]:.0f}/{v[-1][1]:.0f}"
                                                                  for k, v in measured.items())
                       + "; predicted " + ", ".join(f"{k} {v[-1][0]:.0f}/{v[-1][1]:.0f}" for k, v in predicted.items()),
                       flush=True)
@@ -254,7 +285,12 @@ def main(argv=None) -> int:
                        "pred_fwd_ms": statistics.median(x[0] for x in pr),
                        "pred_bwd_ms": statistics.median(x[1] for x in pr),
                        "pred_fwd_all": [x[0] for x in pr], "pred_bwd_all": [x[1] for x in pr]}
+                pi = predicted_idle[name]
+                row.update(idle_fwd_ms=min(x[0] for x in pi), idle_bwd_ms=min(x[1] for x in pi))
                 if m:
+                    row.update(min_fwd_ms=min(x[0] for x in m), min_bwd_ms=min(x[1] for x in m))
+                    row["err_min_fwd"] = row["idle_fwd_ms"] / row["min_fwd_ms"] - 1
+                    row["err_min_bwd"] = row["idle_bwd_ms"] / row["min_bwd_ms"] - 1
                     row.update(meas_fwd_ms=statistics.median(x[0] for x in m),
                                meas_bwd_ms=statistics.median(x[1] for x in m),
                                meas_fwd_all=[x[0] for x in m], meas_bwd_all=[x[1] for x in m])
@@ -272,11 +308,20 @@ def main(argv=None) -> int:
         else:
             lines.append(f"| {r['world']} | {r['dataset']} ({r['docs']} docs) | {r['backend']} | not run here | "
                          f"{r['pred_fwd_ms']:.1f} | | not run here | {r['pred_bwd_ms']:.1f} | |")
+    lines += ["", "Fastest round against the unloaded prediction (host speed 1, no other jobs):", "",
+              "| ranks | batch | backend | fastest fwd ms | predicted fwd ms | error | fastest bwd ms | "
+              "predicted bwd ms | error |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "min_fwd_ms" in r:
+            lines.append(f"| {r['world']} | {r['dataset']} ({r['docs']} docs) | {r['backend']} | "
+                         f"{r['min_fwd_ms']:.1f} | {r['idle_fwd_ms']:.1f} | {100 * r['err_min_fwd']:+.0f}% | "
+                         f"{r['min_bwd_ms']:.1f} | {r['idle_bwd_ms']:.1f} | {100 * r['err_min_bwd']:+.0f}% |")
     md = "\n".join(lines)
     print(md)
-    with open(os.path.join(args.out, "validation.md"), "w") as f:
+    suffix = "_reanalysis" if saved is not None else ""
+    with open(os.path.join(args.out, f"validation{suffix}.md"), "w") as f:
         f.write(md + "\n")
-    with open(os.path.join(args.out, "validation.json"), "w") as f:
+    with open(os.path.join(args.out, f"validation{suffix}.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     return 0
 

@@ -139,10 +139,11 @@ def _span_at(spans: list, t: float) -> int:
 
 
 def run(programs: list[list], links: Links, cores: float | None = None, background: float = 0.0,
-        max_events: int = 10_000_000) -> Result:
+        speed: float = 1.0, max_events: int = 10_000_000) -> Result:
     """Simulate ``programs`` (one op list per rank) from time 0; see the module docstring. On a shared
-    host (``cores`` not None) a computing rank progresses at ``min(1, cores / (computing ranks +
-    background))``, ``background`` being other jobs' runnable threads (a fair-share scheduler)."""
+    host (``cores`` not None) a computing rank progresses at ``speed * min(1, cores / (computing ranks +
+    background))``, ``background`` being other jobs' runnable threads (a fair-share scheduler) and
+    ``speed`` the per-core speed relative to the cost table (interference from other jobs)."""
     n = len(programs)
     pc = [0] * n
     state = ["ready"] * n  # ready | compute | blocked | timer | done
@@ -261,7 +262,7 @@ def run(programs: list[list], links: Links, cores: float | None = None, backgrou
             stuck = [r for r in range(n) if state[r] == "blocked"]
             raise CPError(f"simulator: deadlock, ranks {stuck} wait for messages that are never posted "
                           f"(first: rank {stuck[0]} on {programs[stuck[0]][pc[stuck[0]]].handle!r})")
-        rate = 1.0 if cores is None or not computing else min(1.0, cores / (len(computing) + background))
+        rate = 1.0 if cores is None or not computing else speed * min(1.0, cores / (len(computing) + background))
         t_next = min([now + remaining[r] / rate for r in computing] + ([timers[0][0]] if timers else []))
         dt = t_next - now
         for r in computing:

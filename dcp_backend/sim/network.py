@@ -46,6 +46,7 @@ class NetworkModel:
     # with ``background`` runnable threads of other jobs competing for them
     cores: float | None = None
     background: float = 0.0
+    speed: float = 1.0  # per-core speed relative to the cost table (CPU hosts)
 
     def validate(self) -> None:
         for f in ("intra_bw", "inter_bw_per_node"):

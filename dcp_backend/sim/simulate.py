@@ -83,7 +83,7 @@ def simulate_plan(plan, cost_model: CostModel | str | None = "h100", network: Ne
     res = {}
     for backward in (False, True):
         res[backward] = run(plan_programs(plan, backward, costs, cache), links, cores=net.cores,
-                            background=net.background)
+                            background=net.background, speed=net.speed)
     stats = None
     if with_stats:
         try:
