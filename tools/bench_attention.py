@@ -48,6 +48,29 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # comm_mb: bytes the plan sends, all ranks, forward + backward (PlanStats).
 COLUMNS = ["batch", "tokens", "docs", "backend", "mask", "world", "plan_ms", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
            "tflops_rank", "imbalance", "comm_mb", "status"]
+PROBE_WORK = (1, 1024, 1024, "causal_split")  # a point of the CPU cost table's grid (fp32, head dim 64, 8/2 heads)
+
+
+def probe_ms(device, reps: int = 6) -> float:
+    """Mean ms of one fixed kernel call run on every rank at once (all ranks busy, like a pass)."""
+    from dcp_backend.cost import calibration_work
+    from dcp_backend.kernels import get_kernel
+
+    kern = get_kernel("auto", device)
+    w = calibration_work(*PROBE_WORK)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(w.total_q, 8, 64, generator=g).to(device)
+    k = torch.randn(w.total_k, 2, 64, generator=g).to(device)
+    kern.forward(q, k, k, w, 0.125)
+    dist.barrier()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        kern.forward(q, k, k, w, 0.125)
+    _sync(device)
+    t = torch.tensor([(time.perf_counter() - t0) / reps * 1e3], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
 
 
 # ----------------------------------------------------------------------------------------- arguments
@@ -87,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--timeout", type=float, default=600.0, help="process-group timeout in seconds")
     r.add_argument("--csv", help="also write the rows to this CSV file")
+    r.add_argument("--probe", action="store_true",
+                   help="time one fixed kernel call on every rank at once before and after each measurement "
+                        "(column probe_ms: a load indicator for shared machines; see tools/validate_simulator.py)")
     r.add_argument("--sanity-check", action="store_true")
     args = p.parse_args(argv)
     if args.seqlens and args.dataset:
@@ -186,6 +212,7 @@ def measure(args, name, opts, seqlens, spec, device, dtype, check: bool) -> dict
     q, k, v = (x.requires_grad_(True) for x in (q, k, v))
     for _ in range(args.warmup):
         backend.attention(q, k, v, plan).backward(do)
+    probes = [probe_ms(device)] if getattr(args, "probe", False) else []
     fwd, bwd = [], []
     for _ in range(args.repeats):
         q.grad = k.grad = v.grad = None
@@ -201,6 +228,8 @@ def measure(args, name, opts, seqlens, spec, device, dtype, check: bool) -> dict
         _sync(device)
         bwd.append(time.perf_counter() - t0)
     f_ms, b_ms = (1e3 * float(np.mean(x)) for x in (fwd, bwd))
+    if probes:
+        probes.append(probe_ms(device))
     err = 0.0
     if check:
         from dcp_backend.reference import dense_attention
@@ -214,6 +243,7 @@ def measure(args, name, opts, seqlens, spec, device, dtype, check: bool) -> dict
     f_ms, b_ms, plan_ms, err = _max_over_ranks([f_ms, b_ms, plan_ms, err], device)
     flops = 4.0 * _pairs(seqlens, spec) * spec.num_heads * spec.head_dim * 3  # fwd + 2x fwd backward
     row = {"plan_ms": plan_ms, "fwd_ms": f_ms, "bwd_ms": b_ms, "fwd_bwd_ms": f_ms + b_ms,
+           **({"probe_ms": float(np.mean(probes))} if probes else {}),
            "tflops_rank": flops / ((f_ms + b_ms) * 1e-3) / 1e12 / world, "err": err}
     try:
         st = plan.stats(element_size=torch.empty(0, dtype=dtype).element_size())
@@ -297,7 +327,7 @@ def report(args, rows: list[dict]) -> None:
         print(f"# {label}: {why}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=COLUMNS + (["probe_ms"] if args.probe else []), extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
     sys.stdout.flush()

@@ -7,6 +7,7 @@ from dcp_backend.backend import BackendOptions
 from dcp_backend.spec import CPError
 
 PARTITIONERS = ("mtkahypar", "greedy")
+PLACEMENTS = ("hypergraph", "zigzag", "auto")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,13 @@ class DCPOptions(BackendOptions):
     partitioner: "mtkahypar" (hypergraph partitioning, default) or "greedy" (no solver; fast fallback).
     inter_node_cost: relative cost of a byte across nodes vs inside one (used by the scheduler's budget).
     min_block_size / max_block_size: bounds for block_size="auto".
+    cost_model: None (balance unmasked pairs x heads, the default) or a cost table for the planner's
+        compute weights in seconds: "h100", "cpu" (shipped tables), a table path, or "analytic:<preset>"
+        (see dcp_backend.cost).
+    placement: "hypergraph" (default: Mt-KaHyPar placement), "zigzag" (static snake-dealt token blocks,
+        computation on the query owner) or "auto" (plan both, simulate both with the cost model on that
+        table's network preset, keep the faster; costs two plans and two simulations per batch). See
+        dcp_backend.dcp.candidates.
     """
 
     devices_per_node: int | None = None
@@ -40,6 +48,8 @@ class DCPOptions(BackendOptions):
     inter_node_cost: float = 8.0
     min_block_size: int = 16
     max_block_size: int = 8192
+    cost_model: str | None = None
+    placement: str = "hypergraph"
 
     def validate(self) -> None:
         super().validate()
@@ -70,5 +80,13 @@ class DCPOptions(BackendOptions):
                 raise CPError(f"dcp option {name} must be a number >= 1, got {v!r}")
         if not isinstance(self.seed, int):
             raise CPError(f"dcp option seed must be an int, got {self.seed!r}")
+        if self.cost_model is not None:
+            if not isinstance(self.cost_model, str):
+                raise CPError(f"dcp option cost_model must be None or a table name/path, got {self.cost_model!r}")
+            from dcp_backend.cost import load_cost_model
+
+            load_cost_model(self.cost_model)  # raises CPError naming the problem
+        if self.placement not in PLACEMENTS:
+            raise CPError(f"dcp option placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.partitioner not in PARTITIONERS:
             raise CPError(f"dcp option partitioner must be one of {PARTITIONERS}, got {self.partitioner!r}")

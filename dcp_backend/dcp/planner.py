@@ -21,8 +21,13 @@ from dcp_backend.dcp.schedule import PassSchedule, schedule_pass
 from dcp_backend.spec import AttentionSpec, CPError
 
 
-def pair_cost(bs: BlockSet) -> np.ndarray:
-    """Cost of every computation block: unmasked pairs x query heads of its head block."""
+def pair_cost(bs: BlockSet, cost_model: str | None = None, element_size: int = 2) -> np.ndarray:
+    """Cost of every computation block: unmasked pairs x query heads of its head block; with a cost model
+    (``DCPOptions.cost_model``, see :mod:`dcp_backend.cost`) its forward + backward seconds instead."""
+    if cost_model is not None:
+        from dcp_backend.cost import load_cost_model
+
+        return load_cost_model(cost_model).block_seconds(bs, element_size)
     return (bs.pair_count[bs.comp_pair(np.arange(bs.n_comp))] * bs.heads.hb).astype(np.float64)
 
 
@@ -110,6 +115,10 @@ def resolve_topology(world_size: int, devices_per_node: int | None) -> int:
 def make_plan(batch: PackedBatch, spec: AttentionSpec, world_size: int, options: DCPOptions,
               element_size: int = 2, compile_all: bool = False) -> DCPPlan:
     """Plan one batch. Programs are compiled on first use per rank unless ``compile_all``."""
+    if options.placement != "hypergraph":  # static zigzag or best-of by simulation: dcp/candidates.py
+        from dcp_backend.dcp import candidates
+
+        return candidates.make_plan(batch, spec, world_size, options, element_size, compile_all)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     dpn = resolve_topology(world_size, options.devices_per_node)
@@ -119,7 +128,7 @@ def make_plan(batch: PackedBatch, spec: AttentionSpec, world_size: int, options:
     else:
         block = int(options.block_size)
     bs = build_blocks(batch, spec, block, options.head_block_size)
-    cost = pair_cost(bs)
+    cost = pair_cost(bs, options.cost_model, element_size)
     t1 = time.perf_counter()
     timings["blocks"] = t1 - t0
     pl = place(bs, cost, world_size, dpn, compute_imbalance=options.compute_imbalance,
@@ -138,4 +147,5 @@ def make_plan(batch: PackedBatch, spec: AttentionSpec, world_size: int, options:
     timings["schedule"] = time.perf_counter() - t2
     layouts, fp, bp = compile_programs(bs, pl, fwd, bwd, eager=compile_all)
     return DCPPlan(batch, spec, world_size, options, blocks=bs, placement=pl, fwd=fwd, bwd=bwd, layouts=layouts,
-                   fwd_programs=fp, bwd_programs=bp, timings=timings, comp_cost=cost)
+                   fwd_programs=fp, bwd_programs=bp, timings=timings,
+                   comp_cost=cost if options.cost_model is None else pair_cost(bs))  # stats: pair-heads

@@ -1,0 +1,172 @@
+"""Every backend on one batch, side by side, as the published microbenchmark compares them.
+
+``candidate_plans`` plans the batch with each requested backend in every configuration the published
+benchmark tries: LoongTrain at every double-ring window (powers of two up to its ring size), DCP at every
+block size (hypergraph placement) plus its static candidates (zigzag, 2D zigzag;
+:mod:`dcp_backend.dcp.candidates`). ``simulate_candidates`` simulates them under one or more simulator
+settings (network, copy accounting) and keeps each backend's best configuration; for DCP that is what
+``placement="auto"`` does, taken over block sizes, and ``dcp-hypergraph`` (the hypergraph plans only) is
+reported alongside so the static candidates' contribution is visible.
+
+Labels: ``ring``, ``zigzag``, ``loongtrain``, ``te`` (p2p), ``te-a2a`` (a2a+p2p, head degree
+gcd(world, KV heads) as in the published baseline), ``dcp``, ``dcp-hypergraph``. TE's context
+parallelism takes only causal and full masks; for other masks the TE plans model the published forked TE
+(range masks inside the same p2p / a2a+p2p schedules).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import dcp_backend as cp
+from dcp_backend.baselines.layout import zigzag_layout
+from dcp_backend.baselines.ring_family import RingFamilyOptions, RingFamilyPlan
+from dcp_backend.baselines.te import TE_MASKS, TEBackend, TEPlan
+from dcp_backend.batch import PackedBatch
+from dcp_backend.cost import CostModel, dtype_name, load_cost_model
+from dcp_backend.dcp.candidates import head_parallel_degree, zigzag_plan
+from dcp_backend.dcp.config import DCPOptions
+from dcp_backend.dcp.planner import make_plan
+from dcp_backend.sim.network import Topology
+from dcp_backend.sim.simulate import simulate_plan
+
+ALL_BACKENDS = ("ring", "zigzag", "loongtrain", "te", "te-a2a", "dcp")
+BASELINES = ("ring", "zigzag", "loongtrain", "te", "te-a2a")
+
+
+@dataclasses.dataclass
+class Candidate:
+    label: str  # backend label (several candidates per label)
+    config: str
+    plan: object
+    plan_seconds: float
+
+
+@dataclasses.dataclass
+class Entry:
+    label: str
+    fwd_ms: float
+    bwd_ms: float
+    config: str
+    report: object
+    sim_seconds: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.fwd_ms + self.bwd_ms
+
+
+def _lt_plans(batch, spec, topo: Topology, windows):
+    n, dpn = topo.world_size, topo.devices_per_node
+    hp = math.gcd(n, spec.num_kv_heads)
+    C = n // hp
+    layout = zigzag_layout(batch, C)  # shared: kernel costs are computed once for every window
+    opts = RingFamilyOptions(devices_per_node=dpn)
+    ws = windows or [2 ** i for i in range(int(math.log2(C)) + 1)]
+    for w in ws:
+        if C % w == 0:
+            yield w, RingFamilyPlan(batch, spec, n, opts, layout=layout, window=w, head_parallel=hp, backend="loongtrain")
+
+
+def _te_plan(seqlens, spec, n, dpn, comm_type):
+    be = TEBackend.for_planning(world_size=n, devices_per_node=dpn, cp_comm_type=comm_type)
+    if spec.mask in TE_MASKS[comm_type]:
+        return be.plan(list(seqlens), spec), ""
+    # the published forked TE: range masks in the same schedules (our TE backend refuses these masks)
+    batch = PackedBatch.from_seqlens(seqlens)
+    return TEPlan(batch, spec, n, be.options, head_parallel=be.resolve_head_parallel(
+        dataclasses.replace(spec, mask="causal", mask_args={}), n)), " (range masks, as the published fork)"
+
+
+def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=ALL_BACKENDS,
+                    dcp_block_sizes=(1024, 2048, 4096), dcp_options: DCPOptions | None = None, lt_windows=None,
+                    dcp_candidates=("hypergraph", "zigzag", "zigzag2d"), element_size: int = 2, log=None):
+    """Every configuration of every requested backend, planned (DCP plans compiled for all devices)."""
+    batch = PackedBatch.from_seqlens(seqlens)
+    n, dpn = topo.world_size, topo.devices_per_node
+    out: list[Candidate] = []
+
+    def add(label, config, fn):
+        t0 = time.perf_counter()
+        plan = fn()
+        dt = time.perf_counter() - t0
+        out.append(Candidate(label, config if isinstance(config, str) else config(plan), plan, dt))
+        if log:
+            log(f"  planned {label:10s} {out[-1].config:34s} {dt:6.2f} s")
+
+    for name in backends:
+        if name in ("ring", "zigzag"):
+            add(name, "single ring", lambda: cp.get_backend(name, world_size=n, devices_per_node=dpn).plan(
+                list(seqlens), spec))
+        elif name == "loongtrain":
+            for w, plan in _lt_plans(batch, spec, topo, lt_windows):
+                add(name, f"hp={plan.head_parallel} window={w}", lambda plan=plan: plan)
+        elif name in ("te", "te-a2a"):
+            ct = "p2p" if name == "te" else "a2a+p2p"
+            plan, note = _te_plan(seqlens, spec, n, dpn, ct)
+            add(name, f"{ct} A={plan.head_parallel}{note}", lambda plan=plan: plan)
+        elif name == "dcp":
+            base = dcp_options or DCPOptions()
+            base = dataclasses.replace(base, world_size=n, devices_per_node=dpn, placement="hypergraph")
+            if "hypergraph" in dcp_candidates:
+                for bsz in dcp_block_sizes:
+                    o = dataclasses.replace(base, block_size=bsz)
+                    add("dcp", f"hypergraph block={bsz}",
+                        lambda o=o: make_plan(batch, spec, n, o, element_size, compile_all=True))
+            if n > 1 and "zigzag" in dcp_candidates:
+                add("dcp", lambda p: f"zigzag block={p.block_size}",
+                    lambda: zigzag_plan(batch, spec, n, base, element_size, compile_all=True))
+            hp = head_parallel_degree(spec, base, n)
+            if n > 1 and hp > 1 and "zigzag2d" in dcp_candidates:
+                add("dcp", lambda p: f"zigzag2d hp={hp} block={p.block_size}",
+                    lambda: zigzag_plan(batch, spec, n, base, element_size, compile_all=True, head_parallel=hp))
+        else:
+            raise ValueError(f"unknown backend {name!r}; choose from {ALL_BACKENDS}")
+    return out
+
+
+def simulate_candidates(cands: list[Candidate], cost_model, network, dtype="bf16", fused_copies: bool = False,
+                        log=None, cache: dict | None = None) -> dict:
+    """Simulate every candidate; keep each label's best (forward + backward): {label: Entry}. ``cache``
+    (kernel costs of the ring-family plans) may be shared by calls with the same cost model and dtype."""
+    cm = load_cost_model(cost_model) if not isinstance(cost_model, CostModel) else cost_model
+    cache = {} if cache is None else cache
+    out: dict = {}
+
+    def keep(label, e):
+        if label not in out or e.total_ms < out[label].total_ms:
+            out[label] = e
+
+    for c in cands:
+        t0 = time.perf_counter()
+        rep = simulate_plan(c.plan, cm, network, dtype, label=c.label, cache=cache, fused_copies=fused_copies)
+        e = Entry(c.label, rep.fwd_ms, rep.bwd_ms, c.config, rep, time.perf_counter() - t0)
+        if log:
+            log(f"  {c.label:10s} {c.config:34s} fwd {e.fwd_ms:8.3f} ms  bwd {e.bwd_ms:8.3f} ms  "
+                f"(sim {e.sim_seconds:.1f} s)")
+        keep(c.label, e)
+        if c.label == "dcp" and c.config.startswith("hypergraph"):
+            keep("dcp-hypergraph", dataclasses.replace(e, label="dcp-hypergraph"))
+    return out
+
+
+def compare_batch(seqlens, spec: cp.AttentionSpec, topo: Topology, cost_model: CostModel | str, network,
+                  dtype="bf16", backends=ALL_BACKENDS, dcp_block_sizes=(1024, 2048, 4096), dcp_options=None,
+                  lt_windows=None, dcp_candidates=("hypergraph", "zigzag", "zigzag2d"), log=None,
+                  fused_copies: bool = False) -> dict:
+    """Plan and simulate: each backend's best configuration, {label: Entry}."""
+    cm = load_cost_model(cost_model) if not isinstance(cost_model, CostModel) else cost_model
+    if dcp_options is None:
+        dcp_options = DCPOptions(cost_model=cm.spec)
+    esize = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[dtype_name(dtype)]
+    cands = candidate_plans(seqlens, spec, topo, backends, dcp_block_sizes, dcp_options, lt_windows, dcp_candidates,
+                            esize, log)
+    return simulate_candidates(cands, cm, network, dtype, fused_copies, log)
+
+
+def best_baseline(entries: dict, which: str) -> tuple[str, float]:
+    """(label, ms) of the fastest baseline for ``which`` in ("fwd", "bwd")."""
+    cands = [(e.fwd_ms if which == "fwd" else e.bwd_ms, k) for k, e in entries.items() if k in BASELINES]
+    ms, k = min(cands)
+    return k, ms

@@ -1,0 +1,51 @@
+"""What the simulator charges for one kernel call or one memory operation (wraps a CostModel).
+
+Attention calls go to :meth:`CostModel.work_seconds`; gathers, scatters, packing, log-sum-exp merges and
+gradient sums are memory operations charged by bytes moved plus a per-operation overhead
+(:meth:`CostModel.copy_seconds`). Byte sizes follow the executors: model tensors at the run's element
+size, accumulators (outputs, log-sum-exp, gradient partials) in fp32.
+
+Operation counts follow the executors as built (e.g. DCP packs a message with one gather per block part
+plus a concatenation). ``fused_copies=True`` charges one operation per instruction instead: a what-if for
+an executor with fused multi-block copy kernels (as the published DCP executor has), used to separate
+the algorithm from our executor's launch overheads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dcp_backend.cost import CostModel, dtype_name
+
+
+@dataclass
+class Costs:
+    model: CostModel
+    dtype: str  # "bf16", "fp32", ...
+    head_dim: int
+    fused_copies: bool = False  # one memory operation per instruction (fused packing) instead of per part
+
+    @classmethod
+    def make(cls, model: CostModel, dtype, head_dim: int, fused_copies: bool = False) -> "Costs":
+        return cls(model, dtype_name(dtype), int(head_dim), fused_copies)
+
+    @property
+    def element_size(self) -> int:
+        return {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[self.dtype]
+
+    @property
+    def acc_size(self) -> int:
+        return 8 if self.dtype == "fp64" else 4
+
+    def attention(self, work, heads: int, backward: bool) -> float:
+        if work.num_segments == 0 or work.total_q == 0:
+            return 0.0
+        key = ("sim_seconds", id(self.model), heads, self.head_dim, self.dtype, backward)
+        if key not in work._cache:  # memoised on the work (plans are simulated under several settings)
+            work._cache[key] = self.model.work_seconds(work, heads, self.head_dim, self.dtype, backward)
+        return work._cache[key]
+
+    def copy(self, nbytes: float, ops: int = 1) -> float:
+        return self.model.copy_seconds(nbytes, min(ops, 1) if self.fused_copies else ops)
+
+    def rows_bytes(self, rows: int, heads: int, acc: bool = False, with_dim: bool = True) -> float:
+        return float(rows) * heads * (self.head_dim if with_dim else 1) * (self.acc_size if acc else self.element_size)

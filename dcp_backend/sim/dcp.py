@@ -1,0 +1,106 @@
+"""DCP plans as simulator programs: the compiled per-device instruction lists, one op per instruction.
+
+Every instruction of ``plan.fwd_programs[r]`` / ``plan.bwd_programs[r]`` becomes what the executor does
+with it (:mod:`dcp_backend.dcp.executor`), in the same order:
+
+* ``Comm``: pack each peer's rows (gathers + one concatenation per dtype class) on the compute stream,
+  then launch one message per (peer, dtype class);
+* ``Wait``: wait for the launch's messages, then scatter the received rows into their stores;
+* ``Attention``: gather q/k/v (and out, dout, lse backward), run the block kernel over the stage's
+  ``AttnWork`` (``heads`` = the head block's query heads), merge (out, lse) or accumulate dq/dk/dv;
+* ``Fill`` / ``Reduce``: memory operations on the rows they name.
+
+So the overlap is the compiled schedule's: stage s+1's inputs (launched before stage s's attention)
+travel while stage s computes, the intra-node second phase goes after the first phase arrives, result
+returns of stage s travel during later stages, and the final reductions run after the last wait.
+A pass starts with the executor's prologue (copy the local q/k/v into the stores, reset results).
+"""
+from __future__ import annotations
+
+from dcp_backend.dcp.instructions import ACC, Attention, Comm, Fill, Reduce, Wait
+from dcp_backend.sim.costs import Costs
+from dcp_backend.sim.engine import Compute, Launch
+from dcp_backend.sim.engine import Wait as SimWait
+
+
+def _part_bytes(prog, name: str, rows, c: Costs) -> float:
+    spec = prog.stores[name]
+    return c.rows_bytes(rows.size, spec.heads, acc=spec.dtype == ACC, with_dim=spec.with_dim)
+
+
+def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
+    prog = (plan.bwd_programs if backward else plan.fwd_programs)[rank]
+    h = plan.blocks.heads
+    tag = "b" if backward else "f"
+    ops: list = []
+    # prologue: local q/k/v (and out, dout, lse backward) into the stores, result stores reset
+    n = prog.num_local_tokens
+    pro = c.rows_bytes(n * h.n_q, h.hb) * (3 if backward else 1) + c.rows_bytes(n * h.n_kv, h.khb) * 2
+    reset = sum(c.rows_bytes(s.rows, s.heads, acc=s.dtype == ACC, with_dim=s.with_dim)
+                for nm, s in prog.stores.items() if nm in (("dq", "dk", "dv") if backward else ("o", "lse")))
+    ops.append(Compute(c.copy(pro + reset, 5), "prologue"))
+    for ins in prog.instructions:
+        if isinstance(ins, Comm):
+            sends, recvs, pack, parts = [], [], 0.0, 0
+            for op in ins.sends:
+                by_cls: dict = {}
+                for name, rows in op.parts:
+                    cls = prog.stores[name].dtype
+                    by_cls[cls] = by_cls.get(cls, 0.0) + _part_bytes(prog, name, rows, c)
+                    parts += 1
+                for cls, nbytes in sorted(by_cls.items()):
+                    sends.append(((tag, ins.key, rank, op.peer, cls), op.peer, nbytes))
+                    pack += nbytes
+                    parts += 1
+            for op in ins.recvs:
+                for cls in sorted({prog.stores[name].dtype for name, _ in op.parts}):
+                    recvs.append(((tag, ins.key, op.peer, rank, cls), op.peer))
+            if pack:
+                ops.append(Compute(c.copy(pack, parts), f"pack {ins.key}"))
+            ops.append(Launch(ins.key, sends, recvs))
+            ops.append(("unpack", ins.key, sum(_part_bytes(prog, nm, r, c) for o in ins.recvs for nm, r in o.parts),
+                        sum(len(o.parts) for o in ins.recvs)))
+        elif isinstance(ins, Wait):
+            ops.append(SimWait(ins.key, f"wait {ins.key}"))
+            ops.append(("unpacked", ins.key))
+        elif isinstance(ins, Attention):
+            nq, nkv = ins.q_rows.size, ins.kv_rows.size
+            if backward:
+                gather = c.rows_bytes(nq, h.hb) * 3 + c.rows_bytes(nq, h.hb, acc=True, with_dim=False)
+                after = c.rows_bytes(nq, h.hb, acc=True) + 2 * c.rows_bytes(nkv, h.khb, acc=True)
+            else:
+                gather = c.rows_bytes(nq, h.hb)
+                after = 5 * c.rows_bytes(nq, h.hb, acc=True)  # merge_into_: gather, 2 scales, add, scatter
+            gather += 2 * c.rows_bytes(nkv, h.khb)
+            ops.append(Compute(c.copy(gather, 5 if backward else 3), f"gather s{ins.stage}"))
+            ops.append(Compute(c.attention(ins.work, h.hb, backward), f"attention s{ins.stage}"))
+            ops.append(Compute(c.copy(after, 3 if backward else 10), f"{'accumulate' if backward else 'merge'} "
+                                                                       f"s{ins.stage}"))
+        elif isinstance(ins, Fill):
+            nbytes = sum(_part_bytes(prog, nm, ins.rows, c) for nm in ins.stores)
+            ops.append(Compute(c.copy(nbytes, len(ins.stores)), "fill"))
+        elif isinstance(ins, Reduce):
+            nbytes = sum(_part_bytes(prog, nm, ins.src_rows, c) for nm in ins.src)
+            nbytes += sum(_part_bytes(prog, nm, ins.dst_rows, c) for nm in ins.dst)
+            ops.append(Compute(c.copy(nbytes, 2 * len(ins.src) + (4 if ins.op == "merge" else 0)), f"reduce {ins.op}"))
+        else:  # pragma: no cover - the compiler emits only these
+            raise TypeError(f"unknown instruction {type(ins).__name__}")
+    # resolve unpack markers: the scatter after the matching wait
+    pending = {}
+    out = []
+    for op in ops:
+        if isinstance(op, tuple) and op[0] == "unpack":
+            pending[op[1]] = (op[2], op[3])
+        elif isinstance(op, tuple) and op[0] == "unpacked":
+            nbytes, parts = pending.pop(op[1], (0.0, 0))
+            if parts:
+                out.append(Compute(c.copy(nbytes, parts), f"unpack {op[1]}"))
+        else:
+            out.append(op)
+    out.append(Compute(c.copy(c.rows_bytes(n * h.n_q, h.hb) * (1 if not backward else 1)
+                              + (2 * c.rows_bytes(n * h.n_kv, h.khb) if backward else 0), 2), "epilogue"))
+    return out
+
+
+def programs(plan, backward: bool, c: Costs) -> list[list]:
+    return [device_program(plan, r, backward, c) for r in range(plan.world_size)]

@@ -1,0 +1,121 @@
+"""Cluster topology and network model of the simulator: who talks over which link, how fast, how late.
+
+A cluster is ``nodes x devices_per_node`` devices (rank ``r`` on node ``r // devices_per_node``). A
+message between two devices of one node uses the sender's intra-node egress link and the receiver's
+ingress link (NVLink through NVSwitch: every device has its own full-bandwidth port). A message across
+nodes uses a NIC of the sender's node (egress) and a NIC of the receiver's node (ingress); the node's
+inter-node bandwidth is split evenly over its NICs and device ``d`` uses NIC ``d * nics // devices``
+(with fewer NICs than devices, devices share NICs; with more, each device drives ``nics / devices``
+of them, modelled as one link of that combined bandwidth). Every message also pays a fixed latency.
+
+Presets (assumptions taken from public instance specifications, not measurements):
+
+* ``a100-p4d`` (AWS p4d/p4de): 8 x A100 per node, NVLink 600 GB/s per GPU bidirectional (300 GB/s each
+  way), 4 x 100 Gbps EFA per node (50 GB/s each way per node, 12.5 GB/s per NIC), latency 5 us inside a
+  node and 20 us across nodes. This is the published microbenchmark's cluster class.
+* ``h100-p5`` (AWS p5): 8 x H100 per node, NVLink 900 GB/s per GPU bidirectional (450 GB/s each way),
+  3200 Gbps EFA per node in 32 x 100 Gbps NICs (400 GB/s each way per node), latencies as above.
+* ``cpu-loopback``: gloo over TCP loopback on one machine; defaults from the measurement in
+  docs/research/cpu_feasibility.md section 7 (about 1.2 GiB/s each way for one pair, ~0.5 GiB/s per rank
+  when 4 ranks exchange at once) and refined by the validation (docs/BENCHMARKS.md).
+
+Link efficiency is 1.0 in every preset: NCCL point-to-point reaches most of NVLink's and EFA's rated
+bandwidth for the multi-megabyte messages of these schedules; the simulator reports what the rated
+numbers imply.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from dcp_backend.spec import CPError
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class NetworkModel:
+    """Bandwidths in bytes/s (each direction), latencies in seconds."""
+
+    name: str
+    intra_bw: float  # per device, each direction
+    inter_bw_per_node: float  # per node, each direction, all NICs together
+    nics_per_node: int
+    intra_latency: float
+    inter_latency: float
+    # CPU hosts: ranks share ``cores`` cores for compute (None: one accelerator per rank, no sharing),
+    # with ``background`` runnable threads of other jobs competing for them
+    cores: float | None = None
+    background: float = 0.0
+    speed: float = 1.0  # per-core speed relative to the cost table (CPU hosts)
+
+    def validate(self) -> None:
+        for f in ("intra_bw", "inter_bw_per_node"):
+            if not getattr(self, f) > 0:
+                raise CPError(f"network {self.name}: {f} must be positive")
+        if self.nics_per_node < 1:
+            raise CPError(f"network {self.name}: nics_per_node must be >= 1")
+        if self.intra_latency < 0 or self.inter_latency < 0:
+            raise CPError(f"network {self.name}: latencies must be >= 0")
+
+    def scaled(self, bandwidth: float = 1.0, latency: float = 1.0) -> "NetworkModel":
+        """A copy with every bandwidth multiplied by ``bandwidth`` and latency by ``latency``."""
+        return replace(self, intra_bw=self.intra_bw * bandwidth, inter_bw_per_node=self.inter_bw_per_node * bandwidth,
+                       intra_latency=self.intra_latency * latency, inter_latency=self.inter_latency * latency)
+
+
+PRESETS = {
+    "a100-p4d": NetworkModel("a100-p4d", intra_bw=300 * GB, inter_bw_per_node=50 * GB, nics_per_node=4,
+                             intra_latency=5e-6, inter_latency=20e-6),
+    "h100-p5": NetworkModel("h100-p5", intra_bw=450 * GB, inter_bw_per_node=400 * GB, nics_per_node=32,
+                            intra_latency=5e-6, inter_latency=20e-6),
+    "cpu-loopback": NetworkModel("cpu-loopback", intra_bw=1.2 * 2 ** 30, inter_bw_per_node=1.2 * 2 ** 30,
+                                 nics_per_node=1, intra_latency=100e-6, inter_latency=100e-6, cores=2),
+}
+
+
+def get_network(name_or_model) -> NetworkModel:
+    if isinstance(name_or_model, NetworkModel):
+        name_or_model.validate()
+        return name_or_model
+    if name_or_model not in PRESETS:
+        raise CPError(f"unknown network preset {name_or_model!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name_or_model]
+
+
+@dataclass(frozen=True)
+class Topology:
+    nodes: int
+    devices_per_node: int
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.devices_per_node < 1:
+            raise CPError("topology: nodes and devices_per_node must be >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    def node(self, rank: int) -> int:
+        return rank // self.devices_per_node
+
+
+class Links:
+    """Resource ids, bandwidths and latency of every (src, dst) path of a topology under a network."""
+
+    def __init__(self, topo: Topology, net: NetworkModel):
+        self.topo, self.net = topo, net
+        dpn = topo.devices_per_node
+        self.groups = min(net.nics_per_node, dpn)  # NIC links per node as the simulator sees them
+        self.nic_bw = net.inter_bw_per_node / self.groups
+
+    def nic(self, rank: int) -> int:
+        d = rank % self.topo.devices_per_node
+        return d * self.groups // self.topo.devices_per_node
+
+    def path(self, src: int, dst: int):
+        """[(resource key, bytes/s)], latency."""
+        ns, nd = self.topo.node(src), self.topo.node(dst)
+        if ns == nd:
+            return [(("out", src), self.net.intra_bw), (("in", dst), self.net.intra_bw)], self.net.intra_latency
+        return ([(("nic_out", ns, self.nic(src)), self.nic_bw), (("nic_in", nd, self.nic(dst)), self.nic_bw)],
+                self.net.inter_latency)

@@ -1,0 +1,104 @@
+"""Simulate one plan of any backend on a cluster: forward and backward attention time, per rank and max.
+
+``simulate_plan(plan, cost_model, network, dtype)`` turns the plan into per-rank programs (DCP: its
+compiled instructions, :mod:`dcp_backend.sim.dcp`; ring / zigzag / LoongTrain / TE: their step schedules,
+:mod:`dcp_backend.sim.ring`), runs the forward and the backward pass through the event engine
+(:mod:`dcp_backend.sim.engine`) with the plan's topology (``devices_per_node`` of the plan), and returns a
+:class:`SimReport` that also carries the plan's :class:`~dcp_backend.backend.PlanStats` (the statistics
+dry runs print), so simulated times and counted bytes come from one object.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dcp_backend.cost import CostModel, load_cost_model
+from dcp_backend.sim import dcp as sim_dcp
+from dcp_backend.sim import ring as sim_ring
+from dcp_backend.sim.costs import Costs
+from dcp_backend.sim.engine import Result, run
+from dcp_backend.sim.network import Links, NetworkModel, Topology, get_network
+
+
+@dataclass
+class SimReport:
+    backend: str
+    label: str
+    fwd: Result
+    bwd: Result
+    stats: object | None = None
+
+    @property
+    def fwd_ms(self) -> float:
+        return self.fwd.time * 1e3
+
+    @property
+    def bwd_ms(self) -> float:
+        return self.bwd.time * 1e3
+
+    def summary(self) -> dict:
+        out = {"backend": self.backend, "label": self.label, "fwd_ms": self.fwd_ms, "bwd_ms": self.bwd_ms}
+        for name, res in (("fwd", self.fwd), ("bwd", self.bwd)):
+            cp = res.critical_summary()
+            out[f"{name}_critical_compute_ms"] = cp["compute"] * 1e3
+            out[f"{name}_critical_comm_ms"] = cp["communication"] * 1e3
+            out[f"{name}_max_compute_ms"] = float(res.compute.max()) * 1e3
+            out[f"{name}_max_wait_ms"] = float(res.waited.max()) * 1e3
+        return out
+
+
+def _topology(plan) -> Topology:
+    dpn = int(getattr(plan, "devices_per_node", None) or plan.world_size)
+    return Topology(plan.world_size // dpn, dpn)
+
+
+def plan_programs(plan, backward: bool, costs: Costs, cache: dict | None = None) -> list[list]:
+    """Per-rank simulator programs of ``plan`` for one pass."""
+    kind = getattr(plan, "backend", None)
+    cache = {} if cache is None else cache
+    if kind == "dcp":
+        return sim_dcp.programs(plan, backward, costs)
+    if kind == "te":
+        return sim_ring.te_programs(plan, backward, costs, cache)
+    if hasattr(plan, "geometry"):  # ring-family plans (ring, zigzag, loongtrain)
+        key = ("ring", id(plan.layout), plan.head_parallel)
+        rc = cache.get(key)
+        if rc is None:
+            rc = cache[key] = sim_ring.RingCosts(plan, costs)
+        return sim_ring.ring_programs(plan, backward, costs, rc, tag=kind or "ring")
+    raise TypeError(f"cannot simulate a plan of type {type(plan).__name__}")
+
+
+def simulate_plan(plan, cost_model: CostModel | str | None = "h100", network: NetworkModel | str = "h100-p5",
+                  dtype="bf16", label: str | None = None, with_stats: bool = True, cache: dict | None = None,
+                  bandwidth_scale: float = 1.0, fused_copies: bool = False) -> SimReport:
+    cm = load_cost_model(cost_model) if not isinstance(cost_model, CostModel) else cost_model
+    net = get_network(network)
+    if bandwidth_scale != 1.0:
+        net = net.scaled(bandwidth=bandwidth_scale)
+    costs = Costs.make(cm, dtype, plan.spec.head_dim, fused_copies)
+    links = Links(_topology(plan), net)
+    cache = {} if cache is None else cache
+    res = {}
+    for backward in (False, True):
+        res[backward] = run(plan_programs(plan, backward, costs, cache), links, cores=net.cores,
+                            background=net.background, speed=net.speed)
+    stats = None
+    if with_stats:
+        try:
+            stats = plan.stats(element_size=costs.element_size)
+        except NotImplementedError:  # pragma: no cover
+            stats = None
+    name = getattr(plan, "backend", type(plan).__name__)
+    return SimReport(name, label or name, res[False], res[True], stats)
+
+
+def compute_only_seconds(plan, cost_model, dtype, backward: bool) -> np.ndarray:
+    """Per-rank compute seconds of a plan (no communication): the simulator's compute for each rank."""
+    cm = load_cost_model(cost_model) if not isinstance(cost_model, CostModel) else cost_model
+    costs = Costs.make(cm, dtype, plan.spec.head_dim)
+    progs = plan_programs(plan, backward, costs)
+    from dcp_backend.sim.engine import Compute
+
+    return np.array([sum(op.seconds for op in p if isinstance(op, Compute)) for p in progs])

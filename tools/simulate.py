@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Cluster-scale attention timelines from real plans and calibrated costs: every backend side by side.
+
+    python tools/simulate.py --dataset ldc --nodes 4 --devices-per-node 8 --all-backends
+    python tools/simulate.py --dataset longalign --scale 4 --num-batches 3 --network a100-p4d --all-backends
+    python tools/simulate.py --seqlens 65536,32768,32768 --backends zigzag,dcp --mask lambda
+    python tools/simulate.py --dataset ldc --backends dcp --timeline fwd      # per-rank op timeline
+
+Each backend plans the batch exactly as it would for a run (DCP: blocks, Mt-KaHyPar placement, stage
+schedule, compiled per-device instructions; ring / zigzag / LoongTrain / TE: their layouts and step
+schedules), then the plan is replayed as a timeline of compute (the cost table: measured kernel costs,
+``dcp_backend/cost_tables``) and communication (the network preset: per-device NVLink ports, per-node
+NICs, latency) with the overlap each backend's executor has. Forward and backward attention time are
+the maximum over ranks. Everything printed is simulated, nothing is measured here (see
+docs/BENCHMARKS.md for how the simulator was validated against real runs).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dcp_backend as cp  # noqa: E402
+from dcp_backend.cost import load_cost_model  # noqa: E402
+from dcp_backend.sim.batches import describe, paper_batches  # noqa: E402
+from dcp_backend.sim.compare import ALL_BACKENDS, BASELINES, best_baseline, compare_batch  # noqa: E402
+from dcp_backend.sim.network import PRESETS, Topology, get_network  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    b = p.add_argument_group("batches")
+    b.add_argument("--dataset", choices=["ldc", "longalign"])
+    b.add_argument("--seqlens", help="comma-separated document lengths of one batch")
+    b.add_argument("--scale", type=float, default=1.0, help="length scale (published: 0.5, 1, 2, 4)")
+    b.add_argument("--num-batches", type=int, default=1)
+    b.add_argument("--tokens-per-batch", type=int, default=131072)
+    b.add_argument("--seed", type=int, default=42)
+    c = p.add_argument_group("cluster")
+    c.add_argument("--nodes", type=int, default=4)
+    c.add_argument("--devices-per-node", type=int, default=8)
+    c.add_argument("--network", default=None, help=f"one of {sorted(PRESETS)} (default: the cost table's)")
+    c.add_argument("--cost-model", default="h100", help="h100, cpu, a table path, or analytic:<h100|a100|cpu>")
+    c.add_argument("--bandwidth-scale", type=float, default=1.0, help="multiply every link's bandwidth")
+    a = p.add_argument_group("attention")
+    a.add_argument("--num-heads", type=int, default=8)
+    a.add_argument("--num-kv-heads", type=int, default=2)
+    a.add_argument("--head-dim", type=int, default=128)
+    a.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    a.add_argument("--mask", default="causal")
+    a.add_argument("--mask-arg", action="append", default=[], metavar="KEY=VALUE")
+    k = p.add_argument_group("backends")
+    k.add_argument("--all-backends", action="store_true", help=f"all of {', '.join(ALL_BACKENDS)}")
+    k.add_argument("--backends", default="zigzag,loongtrain,dcp")
+    k.add_argument("--dcp-block-sizes", default="1024,2048,4096", help="best kept (published grid)")
+    k.add_argument("--dcp-candidates", default="hypergraph,zigzag,zigzag2d",
+                   help="dcp placements to try (hypergraph per block size, the static zigzag candidate)")
+    k.add_argument("--dcp-plan-cost-model", default="table",
+                   help="cost model for DCP's planning weights: 'table' (same as --cost-model) or 'none'")
+    k.add_argument("--lt-windows", default=None, help="LoongTrain windows to try (default: powers of two)")
+    o = p.add_argument_group("output")
+    o.add_argument("--csv", help="write one row per (batch, backend)")
+    o.add_argument("--json", help="write everything (per batch, per backend) as JSON")
+    o.add_argument("--timeline", choices=["fwd", "bwd"], help="print the per-rank op timeline of each backend")
+    o.add_argument("--fused-copies", action="store_true",
+                   help="charge one memory operation per instruction (what-if: fused packing kernels)")
+    o.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if bool(args.dataset) == bool(args.seqlens):
+        p.error("pass exactly one of --dataset or --seqlens")
+    args.mask_args = {}
+    for kv in args.mask_arg:
+        key, val = kv.split("=", 1)
+        args.mask_args[key] = int(val) if val.lstrip("-").isdigit() else float(val)
+    return args
+
+
+def _timeline(rep, which: str) -> None:
+    res = rep.fwd if which == "fwd" else rep.bwd
+    print(f"  timeline {rep.label} {which}: (rank: op start-end ms, ops >= 1% of the pass)")
+    for r in range(res.world_size):
+        items = [f"{s.label} {s.start * 1e3:.2f}-{s.end * 1e3:.2f}" for s in res.spans[r]
+                 if s.end - s.start >= 0.01 * res.time]
+        print(f"    r{r}: " + "; ".join(items))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cm = load_cost_model(args.cost_model)
+    net_name = args.network or cm.network or "h100-p5"
+    net = get_network(net_name)
+    if args.bandwidth_scale != 1.0:
+        net = net.scaled(bandwidth=args.bandwidth_scale)
+    topo = Topology(args.nodes, args.devices_per_node)
+    spec = cp.AttentionSpec(args.num_heads, args.num_kv_heads, args.head_dim, mask=args.mask, mask_args=args.mask_args)
+    backends = ALL_BACKENDS if args.all_backends else tuple(x.strip() for x in args.backends.split(",") if x.strip())
+    if args.seqlens:
+        batches = [[int(x) for x in args.seqlens.split(",")]]
+    else:
+        batches = paper_batches(args.dataset, args.num_batches, args.tokens_per_batch, args.scale, args.seed)
+    from dcp_backend.dcp.config import DCPOptions
+
+    dcp_opts = DCPOptions(cost_model=cm.spec if args.dcp_plan_cost_model == "table" else None)
+    print(f"# simulate  {time.strftime('%Y-%m-%d %H:%M')}  topology {args.nodes}x{args.devices_per_node}  "
+          f"network {net.name}  cost model {cm.describe()}")
+    print(f"# heads {args.num_heads}/{args.num_kv_heads} head_dim {args.head_dim} {args.dtype} mask {args.mask}"
+          f"{args.mask_args or ''}  batches: {describe(batches)}")
+    rows, dump = [], []
+    for bi, seqlens in enumerate(batches):
+        t0 = time.perf_counter()
+        log = None if args.quiet else (lambda s: print(s, flush=True))
+        if log:
+            log(f"batch {bi}: {len(seqlens)} documents, {sum(seqlens)} tokens, longest {max(seqlens)}")
+        res = compare_batch(seqlens, spec, topo, cm, net, args.dtype, backends,
+                            tuple(int(x) for x in args.dcp_block_sizes.split(",")), dcp_opts,
+                            [int(x) for x in args.lt_windows.split(",")] if args.lt_windows else None,
+                            tuple(args.dcp_candidates.split(",")), log, fused_copies=args.fused_copies)
+        wall = time.perf_counter() - t0
+        for label, e in res.items():
+            rows.append({"batch": bi, "backend": label, "config": e.config, "fwd_ms": e.fwd_ms, "bwd_ms": e.bwd_ms})
+            if args.timeline:
+                _timeline(e.report, args.timeline)
+        dump.append({"seqlens": list(map(int, seqlens)), "wall_s": wall,
+                     "results": {k: {"config": e.config, "fwd_ms": e.fwd_ms, "bwd_ms": e.bwd_ms,
+                                     **e.report.summary()} for k, e in res.items()}})
+        if log:
+            log(f"batch {bi}: simulated every backend in {wall:.1f} s")
+    _print_table(rows, batches)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["batch", "backend", "config", "fwd_ms", "bwd_ms"])
+            w.writeheader()
+            w.writerows(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items()}, "network": net.name, "cost_model": cm.describe(),
+                       "batches": dump}, f, indent=1)
+    return 0
+
+
+def _print_table(rows: list[dict], batches) -> None:
+    labels = []
+    for r in rows:
+        if r["backend"] not in labels:
+            labels.append(r["backend"])
+    print()
+    print(f"{'backend':16s} {'fwd ms':>9s} {'bwd ms':>9s}   (mean over {len(batches)} batch(es); config of the last)")
+    means = {}
+    for lab in labels:
+        f = np.mean([r["fwd_ms"] for r in rows if r["backend"] == lab])
+        b = np.mean([r["bwd_ms"] for r in rows if r["backend"] == lab])
+        cfg = [r["config"] for r in rows if r["backend"] == lab][-1]
+        means[lab] = (f, b)
+        print(f"{lab:16s} {f:9.3f} {b:9.3f}   {cfg}")
+    base = [lab for lab in labels if lab in BASELINES]
+    if "dcp" in means and base:
+        for i, which in enumerate(("fwd", "bwd")):
+            # speed-up per batch against that batch's best baseline, then the mean
+            ups = []
+            for bi in range(len(batches)):
+                br = {r["backend"]: r for r in rows if r["batch"] == bi}
+                best = min(br[lab][f"{which}_ms"] for lab in base)
+                ups.append(best / br["dcp"][f"{which}_ms"])
+            bl = min(base, key=lambda lab: means[lab][i])
+            print(f"dcp speed-up over the best baseline, {which}: {np.mean(ups):.2f}x (per batch "
+                  f"{', '.join(f'{u:.2f}' for u in ups)}; best baseline on average: {bl})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
