@@ -47,10 +47,11 @@ class RingCosts:
                 pw = b.build(dst, src)
                 if pw.empty:
                     continue
-                self.fwd[dst, src] = c.attention(pw.work, self.heads, False)
-                self.bwd[dst, src] = c.attention(pw.work, self.heads, True)
-                self.rows[dst, src] = pw.q_rows.size
-                self.kv_rows[dst, src] = pw.kv_rows.size
+                for rnd in pw.rounds:  # one kernel call per round (query chunk x key chunk segments)
+                    self.fwd[dst, src] += c.attention(rnd.work, self.heads, False)
+                    self.bwd[dst, src] += c.attention(rnd.work, self.heads, True)
+                    self.rows[dst, src] += rnd.q_rows.size
+                    self.kv_rows[dst, src] += rnd.kv_rows.size
 
 
 def _kv_heads(plan) -> int:
