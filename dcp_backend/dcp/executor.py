@@ -13,6 +13,7 @@ threads while the kernel computes.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dcp_backend.comm import CommCounters, Exchange
@@ -51,11 +52,19 @@ class ProgramRunner:
         return torch.from_numpy(a).to(self.device)
 
     def _message(self, op) -> _Message:
-        by_class: dict = {}
+        """Group a peer's parts by dtype class and then by store (rows concatenated in part order), so a
+        message is packed with one gather per store straight into the send buffer (and unpacked with one
+        scatter per store). Both sides group identically, so the layouts match."""
+        by_store: dict = {}
         for name, rows in op.parts:
             spec = self.program.stores[name]
+            by_store.setdefault((spec.dtype, name), []).append(rows)
+        by_class: dict = {}
+        for (cls, name), rows_list in by_store.items():
+            spec = self.program.stores[name]
+            rows = np.concatenate(rows_list)
             per_row = spec.heads * (self.head_dim if spec.with_dim else 1)
-            by_class.setdefault(spec.dtype, []).append((name, self._t(rows), int(rows.size) * per_row))
+            by_class.setdefault(cls, []).append((name, self._t(rows), int(rows.size) * per_row))
         return _Message(op.peer, by_class)
 
     def _prepare(self, ins):
@@ -85,7 +94,13 @@ class ProgramRunner:
                 x = Exchange(group, f"DCP transfer {key}", counters=counters)
                 for m in sends:
                     for cls, parts in m.by_class.items():
-                        buf = torch.cat([S[n].index_select(0, r).reshape(-1) for n, r, _ in parts])
+                        buf = torch.empty(sum(p[2] for p in parts), dtype=self._dtype_of(cls), device=self.device)
+                        off = 0
+                        for name, rows, numel in parts:
+                            st = S[name]
+                            torch.index_select(st, 0, rows,
+                                               out=buf[off:off + numel].view((rows.numel(),) + tuple(st.shape[1:])))
+                            off += numel
                         x.send(buf, m.peer, TAGS[cls])
                 bufs = []
                 for m in recvs:

@@ -3,9 +3,10 @@
 Every instruction of ``plan.fwd_programs[r]`` / ``plan.bwd_programs[r]`` becomes what the executor does
 with it (:mod:`dcp_backend.dcp.executor`), in the same order:
 
-* ``Comm``: pack each peer's rows (gathers + one concatenation per dtype class) on the compute stream,
-  then launch one message per (peer, dtype class);
-* ``Wait``: wait for the launch's messages, then scatter the received rows into their stores;
+* ``Comm``: pack each peer's rows (one gather per store, straight into the send buffer) on the compute
+  stream, then launch one message per (peer, dtype class);
+* ``Wait``: wait for the launch's messages, then scatter the received rows into their stores (one
+  scatter per store);
 * ``Attention``: gather q/k/v (and out, dout, lse backward), run the block kernel over the stage's
   ``AttnWork`` (``heads`` = the head block's query heads), merge (out, lse) or accumulate dq/dk/dv;
 * ``Fill`` / ``Reduce``: memory operations on the rows they name.
@@ -47,11 +48,10 @@ def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
                 for name, rows in op.parts:
                     cls = prog.stores[name].dtype
                     by_cls[cls] = by_cls.get(cls, 0.0) + _part_bytes(prog, name, rows, c)
-                    parts += 1
+                parts += len({name for name, _ in op.parts})  # one gather per store into the send buffer
                 for cls, nbytes in sorted(by_cls.items()):
                     sends.append(((tag, ins.key, rank, op.peer, cls), op.peer, nbytes))
                     pack += nbytes
-                    parts += 1
             for op in ins.recvs:
                 for cls in sorted({prog.stores[name].dtype for name, _ in op.parts}):
                     recvs.append(((tag, ins.key, op.peer, rank, cls), op.peer))
@@ -59,7 +59,7 @@ def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
                 ops.append(Compute(c.copy(pack, parts), f"pack {ins.key}"))
             ops.append(Launch(ins.key, sends, recvs))
             ops.append(("unpack", ins.key, sum(_part_bytes(prog, nm, r, c) for o in ins.recvs for nm, r in o.parts),
-                        sum(len(o.parts) for o in ins.recvs)))
+                        sum(len({nm for nm, _ in o.parts}) for o in ins.recvs)))
         elif isinstance(ins, Wait):
             ops.append(SimWait(ins.key, f"wait {ins.key}"))
             ops.append(("unpacked", ins.key))
