@@ -21,7 +21,9 @@ or document lengths, one per line or a flat JSON list, packed whole and in order
 ``--tokens-per-batch``, which is the "max length" of a configuration).
 
 Planning time is the plan's ``planning_seconds`` with every device's programs compiled (blocks +
-partition + schedule + compile); in training each rank compiles only its own programs. Bytes assume
+partition + schedule + compile; wall clock); in training each rank compiles only its own programs. On a
+shared machine also read ``planning_cpu_seconds`` (the process's CPU time for the same work: the
+planner is single-threaded, so this is its cost without other jobs' load). Bytes assume
 ``--element-size`` bytes per model element (2 = bf16); 1 MB = 10^6 bytes.
 
 ``--json`` prints one JSON object per batch (DCP figures at the top level, the baselines' under
@@ -85,7 +87,7 @@ CSV_COLUMNS = [
     "dataset", "tokens_per_batch", "nodes", "devices_per_node", "grid", "mask", "mask_args", "lambda_window",
     "num_answers", "k_local", "block_size", "compute_imbalance_limit", "memory_imbalance_limit",
     "inter_node_factor", "num_stages", "batch", "num_docs", "tokens", "mask_sparsity", "status",
-    "planning_seconds", *(f"{p}_seconds" for p in PHASES), "planning_wall_seconds",
+    "planning_seconds", *(f"{p}_seconds" for p in PHASES), "planning_wall_seconds", "planning_cpu_seconds",
     *BYTE_KEYS, "max_device_fwd_inter_node_bytes", "compute_imbalance", "memory_imbalance",
     "max_device_memory_bytes", "num_token_blocks", "num_computation_blocks", "instructions",
     *(f"{b}_{k}" for b in BASELINES for k in ("fwd_inter_node_bytes", "bwd_inter_node_bytes", "compute_imbalance")),
@@ -297,9 +299,9 @@ def plan_dcp(batch: PackedBatch, spec: cp.AttentionSpec, options: DCPOptions, el
     """Plan (all devices compiled) and return the DCP statistics as a flat dict."""
     from dcp_backend.dcp.planner import make_plan
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     plan = make_plan(batch, spec, options.world_size, options, element_size=element_size, compile_all=True)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     st = plan.stats(element_size)
     if verify:
         from dcp_backend.dcp.verify import verify_plan
@@ -310,6 +312,7 @@ def plan_dcp(batch: PackedBatch, spec: cp.AttentionSpec, options: DCPOptions, el
         d.pop(k)
     d["tokens_per_device"] = d.pop("tokens")
     d["planning_wall_seconds"] = wall
+    d["planning_cpu_seconds"] = cpu  # CPU time of the process: the plan's cost without other jobs' load
     d["instructions"] = int(sum(d["instructions_per_device"]))
     d["max_device_fwd_inter_node_bytes"] = int(max(d["fwd_inter_node_bytes_per_rank"]))
     if verify:
@@ -372,7 +375,8 @@ def print_record(rec: dict, out=None) -> None:
           f"{rec['num_token_blocks']} token blocks, {rec['num_computation_blocks']} computation blocks, "
           f"{rec['instructions']} instructions", file=out)
     print(f"  dcp planning {rec['planning_seconds']:.3f} s (" + ", ".join(
-        f"{p} {ph.get(p, 0.0):.3f}" for p in PHASES) + ")" + (", verified" if rec.get("verified") else ""),
+        f"{p} {ph.get(p, 0.0):.3f}" for p in PHASES) + f"; cpu {rec['planning_cpu_seconds']:.3f} s)"
+        + (", verified" if rec.get("verified") else ""),
         file=out)
     head = (f"  {'backend':<11}{'fwd inter MB':>14}{'bwd inter MB':>14}{'fwd intra MB':>14}{'bwd intra MB':>14}"
             f"{'compute imb':>12}{'memory imb':>11}{'max mem MB':>11}")
@@ -473,6 +477,7 @@ def sweep_row(args, grid: str, cfg: Config, b: int, seqlens, dcp: dict, baseline
         for p in PHASES:
             row[f"{p}_seconds"] = f"{dcp['planning_seconds_by_phase'].get(p, 0.0):.6f}"
         row["planning_wall_seconds"] = f"{dcp['planning_wall_seconds']:.6f}"
+        row["planning_cpu_seconds"] = f"{dcp['planning_cpu_seconds']:.6f}"
         for k in (*BYTE_KEYS, "max_device_fwd_inter_node_bytes", "max_device_memory_bytes", "num_token_blocks",
                   "num_computation_blocks", "instructions"):
             row[k] = dcp[k]
@@ -569,6 +574,7 @@ def run_sweep(args) -> dict:
         "grid": args.grid, "configurations": len(configs), "unique_configurations": len(unique),
         "batches": len(args.batches), "plans": total, "jobs": jobs, "wall_seconds": wall,
         "planning_seconds_total": float(sum(r.get("planning_seconds", 0.0) for r in results.values())),
+        "planning_cpu_seconds_total": float(sum(r.get("planning_cpu_seconds", 0.0) for r in results.values())),
         "errors": sum("error" in r for r in results.values()),
     }
     with open(args.out + ".meta.json", "w") as f:
