@@ -32,12 +32,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dcp_backend as cp  # noqa: E402
 from dcp_backend.registry import backend_class  # noqa: E402
-from length_sampler import make_batches  # noqa: E402  (tools/length_sampler.py)
+from dcp_backend.workloads import dataset_batches  # noqa: E402
 
 LABELS = {"ring": "Ring Attn", "zigzag": "Zigzag Ring Attn", "te": "TE Attn", "loongtrain": "LoongTrain Attn",
           "dcp": "DCP Attn"}
@@ -83,7 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--dataset", choices=["longalign", "ldc"], help="synthetic dataset-shaped batches")
     src.add_argument("--num-batches", type=int, default=1)
     src.add_argument("--tokens-per-batch", type=int, default=4096)
-    src.add_argument("--scale", type=float, default=1.0, help="multiply the dataset's lengths (fit the machine)")
+    src.add_argument("--scale", type=float, default=1.0,
+                     help="multiply the dataset's lengths (fit the machine); documents are clipped to "
+                     "--tokens-per-batch and packed whole (dcp_backend.workloads)")
     src.add_argument("--seed", type=int, default=0)
     b = p.add_argument_group("backends")
     b.add_argument("--backends", default="ring,zigzag,loongtrain,te,dcp")
@@ -147,7 +148,7 @@ def batches_of(args) -> list[list[int]]:
             return [[int(x) for x in args.seqlens.split(",") if x.strip()]]
         except ValueError:
             raise SystemExit(f"--seqlens must be comma-separated ints, got {args.seqlens!r}")
-    return make_batches(args.dataset, args.num_batches, args.tokens_per_batch, args.scale, args.seed)
+    return dataset_batches(args.dataset, args.num_batches, args.tokens_per_batch, args.seed, args.scale)
 
 
 def runs_of(args) -> list[tuple[str, str, dict]]:

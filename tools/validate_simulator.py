@@ -214,8 +214,7 @@ def main(argv=None) -> int:
                         "model; nothing is measured")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from length_sampler import make_batches
+    from dcp_backend.workloads import dataset_batches
 
     cm = load_cost_model(args.cost_model)
     report = {"date": datetime.date.today().isoformat(), "host": platform.node(), "cpus": os.cpu_count(),
@@ -239,7 +238,7 @@ def main(argv=None) -> int:
         report["reanalysis_of"] = saved["command"] + f" ({saved['date']})"
     for world in (int(w) for w in args.worlds.split(",")):
         for ds in args.datasets.split(","):
-            seqlens = make_batches(ds, 1, args.tokens, args.scale, args.seed)[0]
+            seqlens = dataset_batches(ds, 1, args.tokens, args.seed, args.scale)[0]
             measured: dict = {}
             predicted: dict = {}
             predicted_idle: dict = {}

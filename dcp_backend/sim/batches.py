@@ -2,35 +2,20 @@
 length scale, documents longer than the budget dropped, packed greedily in order into a token budget,
 and a batch kept only if it is at least 75% full (the published preprocessing, dcp_reference.md §5).
 
-Lengths come from the project's shared ``sample_lengths(dataset, num, seed, max_len, scale)``: the one
-place it is imported is :func:`_sampler` (``dcp_backend.workloads`` once the launcher branch lands it,
-``tools/length_sampler.py`` until then). Those are synthetic LongAlign-/LDC-shaped mixtures, not the
-datasets' tokenised lengths.
+Lengths come from the project's shared :func:`dcp_backend.workloads.sample_lengths` (synthetic
+LongAlign-/LDC-shaped mixtures, not the datasets' tokenised lengths).
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-
-def _sampler():
-    try:
-        from dcp_backend.workloads import sample_lengths  # type: ignore[import-not-found]
-    except ImportError:  # stop-gap until dcp_backend.workloads lands (same API)
-        path = Path(__file__).resolve().parents[2] / "tools" / "length_sampler.py"
-        spec = importlib.util.spec_from_file_location("_dcp_length_sampler", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        sample_lengths = mod.sample_lengths
-    return sample_lengths
+from dcp_backend.workloads import sample_lengths
 
 
 def paper_batches(dataset: str, num_batches: int, tokens_per_batch: int = 131072, scale: float = 1.0,
                   seed: int = 42, min_fill: float = 0.75) -> list[list[int]]:
     """``num_batches`` batches (lists of document lengths), deterministic in the arguments."""
-    sample = _sampler()
+    sample = sample_lengths
     batches: list[list[int]] = []
     cur: list[int] = []
     draw = 0

@@ -27,7 +27,7 @@ import torch
 from dcp_backend import masks as cp_masks
 from dcp_backend.registry import available_backends
 
-from megatron.training.length_datasets import available_length_datasets
+from dcp_backend.workloads import DATASETS as LENGTH_DATASETS
 
 
 class ConfigError(ValueError):
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="prefix of a megatron.core indexed dataset (.bin/.idx)")
-    g.add_argument("--mock-data", choices=available_length_datasets(), default=None,
+    g.add_argument("--mock-data", choices=LENGTH_DATASETS, default=None,
                    help="random tokens with synthetic document lengths instead of --data-path (benchmarks)")
     g.add_argument("--mock-num-documents", type=int, default=2000)
     g.add_argument("--mock-length-scale", type=float, default=1.0)

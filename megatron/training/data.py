@@ -2,14 +2,14 @@
 
 1. A document source gives token arrays: :class:`IndexedDocuments` (a megatron.core indexed dataset
    written by ``tools/preprocess_data.py``, one document per entry) or :class:`MockDocuments` (random
-   tokens, lengths from :mod:`megatron.training.length_datasets`).
+   tokens, lengths from :mod:`dcp_backend.workloads`).
 2. :func:`build_schedule` turns documents into *pieces* (a document of n tokens trains n-1 next-token
    predictions: inputs ``doc[:-1]``, labels ``doc[1:]``). A document with more than ``seq_length``
    inputs is an error unless ``split_long`` is set, in which case it becomes consecutive pieces of at
    most ``seq_length`` inputs (overlapping by one token, so every label is trained exactly once; each
    piece is attended as its own document with positions from 0). Each epoch shuffles the pieces with a
    seeded permutation and packs them whole into micro-batches with
-   :func:`~megatron.training.length_datasets.pack_batches`. Nothing is dropped or repeated within an
+   :func:`~dcp_backend.workloads.pack_batches`. Nothing is dropped or repeated within an
    epoch; epochs follow each other until the run has enough micro-batches.
 3. :class:`PlannedBatches` is a map-style dataset over global micro-batch indices. An item is built
    in a data-loader worker: it reads the micro-batch's tokens, asks the CP backend for the plan
@@ -30,7 +30,7 @@ import dcp_backend as cp
 from dcp_backend.batch import PackedBatch
 
 from megatron.training.flops import attention_pairs
-from megatron.training.length_datasets import pack_batches, sample_lengths
+from dcp_backend.workloads import pack_indices, sample_lengths
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -124,8 +124,8 @@ def build_schedule(doc_lengths: np.ndarray, seq_length: int, seed: int, split_lo
     epoch = 0
     while len(sched.batches) < num_micro_batches:
         perm = np.random.default_rng([seed, 0xE90C, epoch]).permutation(doc.size)
-        for b in pack_batches(piece_inputs[perm], seq_length):
-            sched.batches.append(perm[np.asarray(b, dtype=np.int64)])
+        for b in pack_indices(piece_inputs[perm].tolist(), seq_length):
+            sched.batches.append(perm[b])
         epoch += 1
     return sched
 

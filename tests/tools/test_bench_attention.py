@@ -1,6 +1,6 @@
 """tools/bench_attention.py on 2 spawned gloo ranks: the sanity check prints one parseable line per
-backend (and checks each against the dense reference), a timing run writes a complete CSV; the length
-sampler is seeded and dataset-shaped; bad arguments fail with a message."""
+backend (and checks each against the dense reference), a timing run writes a complete CSV; dataset
+batches come from dcp_backend.workloads; bad arguments fail with a message."""
 import csv
 import importlib.util
 import re
@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from dcp_backend.workloads import dataset_batches
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "bench_attention.py"
@@ -68,21 +69,13 @@ def test_timing_run_writes_csv(tmp_path):
     assert rows[3]["status"].startswith(("unavailable", "error (CPError: te: mask 'lambda'"))
 
 
-def test_length_sampler_shapes_and_packing():
-    ls = _load("length_sampler", ROOT / "tools" / "length_sampler.py")
-    a = ls.sample_lengths("longalign", 4000, 3, 1 << 20, 1.0)
-    assert np.array_equal(a, ls.sample_lengths("longalign", 4000, 3, 1 << 20, 1.0))
-    assert not np.array_equal(a, ls.sample_lengths("longalign", 4000, 4, 1 << 20, 1.0))
-    assert 0.8 < np.mean((a >= 8192) & (a <= 65536)) < 0.9 and a.min() >= 256
-    b = ls.sample_lengths("ldc", 4000, 3, 1 << 20, 1.0)
-    assert 0.75 < np.mean(b < 4096) < 0.85 and b.max() > 32768
-    small = ls.sample_lengths("ldc", 1000, 0, 500, 0.05)
-    assert small.min() >= 1 and small.max() <= 500
-    batches = ls.make_batches("longalign", 3, 3000, 0.05, seed=1)
-    assert len(batches) == 3 and all(sum(x) == 3000 and min(x) >= 1 for x in batches)
-    assert batches == ls.make_batches("longalign", 3, 3000, 0.05, seed=1)
-    with pytest.raises(ValueError, match="unknown length dataset"):
-        ls.sample_lengths("wiki", 3, 0, 10)
+def test_dataset_batches_feed_the_tool():
+    bench = _load("bench_attention_batches", TOOL)
+    args = bench.parse_args(["--dataset", "longalign", "--num-batches", "3", "--tokens-per-batch", "3000",
+                             "--scale", "0.05", "--seed", "1"])
+    batches = bench.batches_of(args)
+    assert batches == dataset_batches("longalign", 3, 3000, seed=1, scale=0.05)
+    assert len(batches) == 3 and all(sum(b) <= 3000 and min(b) >= 1 for b in batches)
 
 
 def test_bad_arguments():
