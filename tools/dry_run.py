@@ -61,7 +61,7 @@ PHASES = ("blocks", "partition", "schedule", "compile")
 SWEEP_MASKS = ("causal", "lambda", "shared_question", "causal_blockwise")
 _DEFAULTS = DCPOptions()
 
-# The published study's grids (tokens per batch 65536, block 1024, compute 0.1 / memory 0.2 / factor 4 as
+# The published study's grids (tokens per batch 65536, block 1024, compute 0.1 / memory 0.2 / factor 4 in
 # the base point); "small" is a seconds-long version for tests and smoke runs.
 GRIDS = {
     "paper": {

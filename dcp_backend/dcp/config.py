@@ -20,7 +20,9 @@ class DCPOptions(BackendOptions):
         splits a GQA group; 1 = finest).
     compute_imbalance: allowed max/mean - 1 of attention compute per device (default 0.10).
     memory_imbalance: allowed max/mean - 1 of tokens held per device (default 0.20).
-    inter_node_imbalance_factor: compute tolerance multiplier for the node-level partition.
+    inter_node_imbalance_factor: compute tolerance multiplier for the node-level partition (default 1: a
+        looser node-level balance made the per-device repair move more blocks across nodes; measured in
+        the dry-run sweep, docs/BENCHMARKS.md).
     num_stages: communication stages after the local stage (inputs of stage s+1 arrive while stage s
         computes).
     seed: partitioner seed (plans are deterministic for a given seed).
@@ -41,7 +43,7 @@ class DCPOptions(BackendOptions):
     head_block_size: int | None = None
     compute_imbalance: float = 0.10
     memory_imbalance: float = 0.20
-    inter_node_imbalance_factor: float = 4.0
+    inter_node_imbalance_factor: float = 1.0
     num_stages: int = 4
     seed: int = 0
     partitioner: str = "mtkahypar"

@@ -12,7 +12,7 @@ Hypergraph (built vectorised from a :class:`~dcp_backend.dcp.blocks.BlockSet`):
 Mt-KaHyPar (deterministic preset, fixed seed) partitions first across nodes, then across the devices of
 each node (data of other nodes used there join the node's graph as light vertices, so the partitioner
 also picks the device that receives them). Mt-KaHyPar takes one weight per vertex, so it balances a
-normalised sum of compute and memory; a second pass (:func:`rebalance`) then enforces the two limits
+normalised, compute-dominant sum of compute and memory; a second pass (:func:`rebalance`) then enforces the two limits
 separately (compute within ``compute_imbalance``, tokens within ``memory_imbalance``) with greedy
 moves of least km1 increase per unit of load moved. The compute limit is therefore a real constraint,
 not a side effect of memory weights (the published planner's weights collapsed to 1 after rescaling).
@@ -27,6 +27,10 @@ from dcp_backend.dcp.blocks import BlockSet
 
 _MTK = None
 _SCALE = 1_000_000
+# Share of compute in the partitioner's single vertex weight (memory gets the rest). Measured on the
+# acceptance batch, single long documents and LDC/LongAlign 64K batches at 4x8: 0.9 moved 10-40% fewer
+# bytes across nodes than an even 0.5 split, at the same final balance.
+COMPUTE_SHARE = 0.9
 
 
 def _mtk():
@@ -188,7 +192,10 @@ def place(bs: BlockSet, comp_cost: np.ndarray, num_devices: int, devices_per_nod
         owner, comp_dev = greedy_partition(bs, num_devices)
     else:
         # One combined weight: compute and memory each normalised to the same total.
-        weight = np.concatenate([comp_cost / max(comp_cost.sum(), 1e-30), mem / max(mem.sum(), 1e-30)])
+        # One combined weight, compute-dominant (each normalised, then 0.9 : 0.1): the partitioner's
+        # balance then mostly follows compute, and the repair below enforces both limits exactly.
+        weight = np.concatenate([COMPUTE_SHARE * comp_cost / max(comp_cost.sum(), 1e-30),
+                                 (1 - COMPUTE_SHARE) * mem / max(mem.sum(), 1e-30)])
         nodes = num_devices // devices_per_node
         eps = min(compute_imbalance, memory_imbalance)
         if nodes > 1:
@@ -249,17 +256,18 @@ def rebalance(hg: Hypergraph, comp_dev: np.ndarray, owner: np.ndarray, comp_cost
     max_moves = max_moves if max_moves is not None else 4 * hg.num_vertices
 
     def delta_matrix(vs: np.ndarray, src: int) -> np.ndarray:
-        """km1 change of moving each vertex in vs from src to every device."""
+        """km1 change of moving each vertex in vs from src to every device (vectorised over vs)."""
+        deg = v_off[vs + 1] - v_off[vs]
         out = np.zeros((vs.size, k))
-        for i, v in enumerate(vs):
-            ns = v_nets[v_off[v]:v_off[v + 1]]
-            if ns.size == 0:
-                continue
-            c = counts[ns]  # [nets, k]
-            w = hg.net_weight[ns][:, None]
-            gain_src = (c[:, src] == 1)[:, None]  # src leaves the net
-            new_dst = c == 0  # dst joins the net
-            out[i] = (w * (new_dst.astype(float) - gain_src.astype(float))).sum(0)
+        nz = deg > 0
+        if not nz.any():
+            return out
+        first = np.concatenate([[0], np.cumsum(deg[nz])[:-1]])
+        ns = v_nets[np.repeat(v_off[vs][nz] - first, deg[nz]) + np.arange(int(deg[nz].sum()))]
+        c = counts[ns]  # [pins of all vs, k]
+        w = hg.net_weight[ns][:, None]
+        contrib = w * ((c == 0).astype(float) - (c[:, src] == 1).astype(float)[:, None])
+        out[nz] = np.add.reduceat(contrib, first, axis=0)
         inter = node != node[src]
         return np.where(out > 0, out * np.where(inter, 4.0, 1.0)[None, :], out)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dcp_backend.dcp.config import DCPOptions
 from dcp_backend.batch import PackedBatch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,7 +173,7 @@ def test_micro_sweep_csv_and_figures(dry, tmp_path, capsys):
     # a configuration in two grids is planned once: identical figures
     base = [r for r in rows if r["grid"] == "block_size" and r["mask"] == "causal" and r["block_size"] == "64"]
     same = [r for r in rows if r["grid"] == "imbalance" and r["compute_imbalance_limit"] == "0.1"
-            and r["inter_node_factor"] == "4.0"]
+            and r["inter_node_factor"] == str(float(DCPOptions().inter_node_imbalance_factor))]
     assert [r["planning_seconds"] for r in base] == [r["planning_seconds"] for r in same]
     meta = json.loads((tmp_path / "sweep" / "ldc.csv.meta.json").read_text())
     assert meta["batches"] == 2 and meta["unique_configurations"] < meta["configurations"] == n_configs

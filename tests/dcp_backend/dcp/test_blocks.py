@@ -50,7 +50,7 @@ def test_auto_block_size_balances_blocks():
     b = auto_block_size(batch, 8, 0.2)
     assert b & (b - 1) == 0 and 16 <= b <= 8192
     nb = (-(-batch.seqlens // b)).sum()
-    assert nb >= 4 * 8
+    assert nb >= 2 * 8 and b >= 128
     # a larger power of two would not have been balanced enough (or too few blocks)
     assert auto_block_size(batch, 1, 0.2) >= b
     tiny = PackedBatch.from_seqlens([3, 1])
