@@ -242,6 +242,25 @@ register_mask(
 register_mask("causal_blockwise", _causal_blockwise, {"block": 256, "k_local": 2}, _check_blockwise)
 
 
+def parse_mask_args(items) -> dict[str, Any]:
+    """``["window=512", "question_fraction=0.25"]`` -> ``{"window": 512, "question_fraction": 0.25}``
+    (ints, then floats, else the string); raises :class:`CPError` for an item without ``=``."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        if "=" not in item:
+            raise CPError(f"mask arguments take KEY=VALUE, got {item!r}")
+        key, value = (x.strip() for x in item.split("=", 1))
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key] = value
+    return out
+
+
 def mask_arg_names(name: str) -> list[str]:
     """The argument names a registered mask accepts (for CLI help)."""
     if name not in _MASKS:

@@ -35,6 +35,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dcp_backend as cp  # noqa: E402
+from dcp_backend.masks import parse_mask_args  # noqa: E402
 from dcp_backend.registry import backend_class  # noqa: E402
 from dcp_backend.workloads import dataset_batches  # noqa: E402
 
@@ -125,19 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.warmup < 0 or args.repeats < 1:
         p.error("--warmup must be >= 0 and --repeats >= 1")
     try:
-        args.mask_args = {k: _number(v) for k, v in (kv.split("=", 1) for kv in args.mask_arg)}
-    except ValueError:
-        p.error("--mask-arg takes KEY=VALUE")
+        args.mask_args = parse_mask_args(args.mask_arg)
+    except cp.CPError as exc:
+        p.error(str(exc))
     return args
-
-
-def _number(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 def batches_of(args) -> list[list[int]]:
@@ -171,7 +163,7 @@ def runs_of(args) -> list[tuple[str, str, dict]]:
         opts = {k: v for k, v in opts.items() if v is not None and k in fields}
         if name == "dcp" and args.block_size:
             for bs in args.block_size.split(","):
-                runs.append((f"dcp(block={bs})", name, dict(opts, block_size=_number(bs))))
+                runs.append((f"dcp(block={bs})", name, dict(opts, block_size=bs if bs == "auto" else int(bs))))
         else:
             runs.append((name, name, opts))
     return runs

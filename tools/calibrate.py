@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dcp_backend.cost import CostModel, calibration_work, dtype_name, work_features  # noqa: E402
+from dcp_backend.cost import CostModel, calibration_work  # noqa: E402
 from dcp_backend.kernels import get_kernel  # noqa: E402
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}

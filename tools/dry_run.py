@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 import dcp_backend as cp  # noqa: E402
 from dcp_backend.batch import PackedBatch  # noqa: E402
 from dcp_backend.dcp.config import DCPOptions  # noqa: E402
-from dcp_backend.masks import build_ranges, range_lengths, resolve_mask_args  # noqa: E402
+from dcp_backend.masks import build_ranges, parse_mask_args, range_lengths, resolve_mask_args  # noqa: E402
 from dcp_backend.workloads import DATASETS, dataset_batches, pack_batches  # noqa: E402
 
 BASELINES = ("ring", "zigzag", "loongtrain", "te")
@@ -167,9 +167,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError:
             p.error(f"--block-size must be an int or 'auto', got {args.block_size!r}")
     try:
-        args.mask_args = {k: _number(v) for k, v in (kv.split("=", 1) for kv in args.mask_arg)}
-    except ValueError:
-        p.error("--mask-arg takes KEY=VALUE")
+        args.mask_args = parse_mask_args(args.mask_arg)
+    except cp.CPError as exc:
+        p.error(str(exc))
     args.baselines = [] if args.baselines.strip() == "none" else [
         b.strip() for b in args.baselines.split(",") if b.strip()]
     bad = sorted(set(args.baselines) - set(BASELINES))
@@ -191,15 +191,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     except (ValueError, OSError) as exc:
         p.error(str(exc))
     return args
-
-
-def _number(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 def make_spec(args, mask: str, mask_args: dict) -> cp.AttentionSpec:

@@ -29,8 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dcp_backend as cp  # noqa: E402
 from dcp_backend.cost import load_cost_model  # noqa: E402
+from dcp_backend.masks import parse_mask_args  # noqa: E402
 from dcp_backend.sim.batches import describe, paper_batches  # noqa: E402
-from dcp_backend.sim.compare import ALL_BACKENDS, BASELINES, best_baseline, compare_batch  # noqa: E402
+from dcp_backend.sim.compare import ALL_BACKENDS, BASELINES, compare_batch  # noqa: E402
 from dcp_backend.sim.network import PRESETS, Topology, get_network  # noqa: E402
 
 
@@ -76,10 +77,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if bool(args.dataset) == bool(args.seqlens):
         p.error("pass exactly one of --dataset or --seqlens")
-    args.mask_args = {}
-    for kv in args.mask_arg:
-        key, val = kv.split("=", 1)
-        args.mask_args[key] = int(val) if val.lstrip("-").isdigit() else float(val)
+    try:
+        args.mask_args = parse_mask_args(args.mask_arg)
+    except cp.CPError as exc:
+        p.error(str(exc))
     return args
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-import torch
 
 from dcp_backend.backend import BackendOptions, CPBackend, Plan, PlanStats
 from dcp_backend.baselines.layout import ChunkLayout, PairWorkBuilder

@@ -35,9 +35,7 @@ import numpy as np
 
 from dcp_backend.batch import PackedBatch
 from dcp_backend.dcp.blocks import build_blocks
-from dcp_backend.dcp.compile import compile_programs
 from dcp_backend.dcp.partition import Placement
-from dcp_backend.dcp.schedule import schedule_pass
 from dcp_backend.spec import AttentionSpec
 
 PLACEMENTS = ("hypergraph", "zigzag", "auto")
@@ -76,7 +74,7 @@ def zigzag_plan(batch: PackedBatch, spec: AttentionSpec, world_size: int, option
                 compile_all: bool = False, block_size: int | None = None, head_parallel: int = 1):
     """The static zigzag candidate as a compiled :class:`~dcp_backend.dcp.planner.DCPPlan` (with
     ``head_parallel`` > 1: the LoongTrain-like 2D variant, see :func:`zigzag_placement`)."""
-    from dcp_backend.dcp.planner import DCPPlan, auto_block_size, pair_cost, resolve_topology
+    from dcp_backend.dcp.planner import auto_block_size, pair_cost, plan_from_placement, resolve_topology
 
     timings = {}
     t0 = time.perf_counter()
@@ -92,19 +90,7 @@ def zigzag_plan(batch: PackedBatch, spec: AttentionSpec, world_size: int, option
     pl = zigzag_placement(bs, world_size, dpn, head_parallel)
     t2 = time.perf_counter()
     timings["partition"] = t2 - t1
-    tok = bs.tb_tokens.astype(np.float64)
-    h = bs.heads
-    e = element_size
-    q_fwd = np.repeat(bs.q_bytes_per_token(e) * tok, h.n_q)
-    kv_b = np.repeat(bs.kv_bytes_per_token(e) * tok, h.n_kv)
-    q_bwd = np.repeat((3 * bs.q_bytes_per_token(e) + bs.lse_bytes_per_token()) * tok, h.n_q)
-    fwd = schedule_pass(bs, pl, cost, q_fwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=False)
-    bwd = schedule_pass(bs, pl, cost, q_bwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=True)
-    timings["schedule"] = time.perf_counter() - t2
-    layouts, fp, bp = compile_programs(bs, pl, fwd, bwd, eager=compile_all)
-    return DCPPlan(batch, spec, world_size, options, blocks=bs, placement=pl, fwd=fwd, bwd=bwd, layouts=layouts,
-                   fwd_programs=fp, bwd_programs=bp, timings=timings,
-                   comp_cost=cost if options.cost_model is None else pair_cost(bs))  # stats: pair-heads
+    return plan_from_placement(batch, spec, world_size, options, bs, cost, pl, timings, element_size, compile_all)
 
 
 def head_parallel_degree(spec: AttentionSpec, options, world_size: int) -> int:

@@ -136,6 +136,15 @@ def make_plan(batch: PackedBatch, spec: AttentionSpec, world_size: int, options:
                seed=options.seed, partitioner=options.partitioner, element_size=element_size)
     t2 = time.perf_counter()
     timings["partition"] = t2 - t1
+    return plan_from_placement(batch, spec, world_size, options, bs, cost, pl, timings, element_size, compile_all)
+
+
+def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, world_size: int, options: DCPOptions, bs: BlockSet,
+                        cost: np.ndarray, pl: Placement, timings: dict, element_size: int = 2,
+                        compile_all: bool = False) -> DCPPlan:
+    """Schedule both passes of a placement and wrap it as a plan (programs compiled lazily unless
+    ``compile_all``); shared by the hypergraph planner and the static candidates."""
+    t0 = time.perf_counter()
     tok = bs.tb_tokens.astype(np.float64)
     h = bs.heads
     e = element_size
@@ -144,7 +153,7 @@ def make_plan(batch: PackedBatch, spec: AttentionSpec, world_size: int, options:
     q_bwd = np.repeat((3 * bs.q_bytes_per_token(e) + bs.lse_bytes_per_token()) * tok, h.n_q)
     fwd = schedule_pass(bs, pl, cost, q_fwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=False)
     bwd = schedule_pass(bs, pl, cost, q_bwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=True)
-    timings["schedule"] = time.perf_counter() - t2
+    timings["schedule"] = time.perf_counter() - t0
     layouts, fp, bp = compile_programs(bs, pl, fwd, bwd, eager=compile_all)
     return DCPPlan(batch, spec, world_size, options, blocks=bs, placement=pl, fwd=fwd, bwd=bwd, layouts=layouts,
                    fwd_programs=fp, bwd_programs=bp, timings=timings,

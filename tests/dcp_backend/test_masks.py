@@ -162,3 +162,13 @@ def test_bad_registrations():
             masks.build_ranges(PackedBatch.from_seqlens([4]), "test_bad_shape")
     finally:
         masks._MASKS.pop("test_bad_shape", None)
+
+
+def test_parse_mask_args():
+    from dcp_backend.masks import parse_mask_args
+
+    assert parse_mask_args(["window=512", "question_fraction=0.25", " name = x"]) == {
+        "window": 512, "question_fraction": 0.25, "name": "x"}
+    assert parse_mask_args(None) == {}
+    with pytest.raises(CPError, match="KEY=VALUE"):
+        parse_mask_args(["window"])

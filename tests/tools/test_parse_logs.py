@@ -1,7 +1,6 @@
 """tools/parse_logs.py: Megatron text lines and JSONL sidecars -> figures and a summary table."""
 import json
 
-import numpy as np
 
 from megatron.training.training_log import format_line
 from tools import parse_logs
