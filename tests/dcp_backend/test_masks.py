@@ -170,5 +170,5 @@ def test_parse_mask_args():
     assert parse_mask_args(["window=512", "question_fraction=0.25", " name = x"]) == {
         "window": 512, "question_fraction": 0.25, "name": "x"}
     assert parse_mask_args(None) == {}
-    with pytest.raises(CPError, match="KEY=VALUE"):
+    with pytest.raises(cp.CPError, match="KEY=VALUE"):
         parse_mask_args(["window"])
