@@ -90,7 +90,6 @@ class DeviceProgram:
     num_local_tokens: int
     stores: dict = field(default_factory=dict)  # name -> StoreSpec
     instructions: list = field(default_factory=list)
-    _cache: dict = field(default_factory=dict, repr=False)  # executor's prepared tensors
 
     def comm_keys(self) -> list[str]:
         return [i.key for i in self.instructions if isinstance(i, Comm)]
