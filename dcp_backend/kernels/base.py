@@ -32,6 +32,13 @@ class BlockKernel:
     """Base class: subclasses implement :meth:`forward` and :meth:`backward`."""
 
     name = "abstract"
+    #: block forwards recomputed per block backward (FLOPs executed beyond the model's; bench_attention)
+    backward_recompute = 0.0
+
+    def prepare(self, work: AttnWork):
+        """Build the work's host-side (device-independent) state now; planning workers call this through
+        ``Plan.prepare`` so that the first attention call only uploads. Default: nothing to build."""
+        return None
 
     def forward(self, q, k, v, work: AttnWork, scale: float):  # pragma: no cover - interface
         raise NotImplementedError

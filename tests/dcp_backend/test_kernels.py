@@ -1,12 +1,12 @@
 """Block kernels: cpu_flash and the reference kernel against an independent per-segment dense softmax
-(all segment kinds, empty rows, zero-length segments, GQA, fp64/fp32/bf16, forward and backward); the
-FlexAttention forward on CPU (eager, no grad); flex tile tables against a dense count; LSE merging."""
+(all segment kinds, empty rows, zero-length segments, GQA, fp64/fp32/bf16, forward and backward); flex tile
+tables against a dense count (the FlexAttention kernel itself: test_flex.py); LSE merging."""
 import numpy as np
 import pytest
 import torch
 
 from dcp_backend.kernels import AttnWork, get_kernel, merge_into_, merge_many, merge_partial
-from dcp_backend.kernels.flex import FlexKernel, tile_tables
+from dcp_backend.kernels.flex import tile_tables
 from dcp_backend.kernels.work import KIND_CAUSAL, KIND_FULL, KIND_GENERAL
 from dcp_backend.spec import CPError
 
@@ -118,23 +118,6 @@ def test_kernel_matches_dense_oracle(kernel):
         assert torch.all(dq[empty] == 0)
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_forward_on_cpu_matches_reference():
-    rng = np.random.default_rng(2)
-    kern = FlexKernel(compile=False)
-    ref = get_kernel("reference")
-    for trial, (h, hkv) in enumerate([(4, 2), (2, 2)]):
-        work = random_work(rng, num_segments=9, max_len=70)
-        q, k, v, _ = tensors(work, h, hkv, 16, torch.float32, 10 + trial)
-        with torch.no_grad():
-            out, lse = kern.forward(q, k, v, work, 0.25)
-            o_ref, l_ref = ref.forward(q, k, v, work, 0.25)
-        assert torch.equal(torch.isneginf(lse), torch.isneginf(l_ref))
-        fin = torch.isfinite(l_ref)
-        assert (out - o_ref).abs().max() < 1e-5
-        assert (lse[fin] - l_ref[fin]).abs().max() < 1e-5
-
-
 @pytest.mark.parametrize("tile", [4, 16, 128])
 def test_tile_tables_match_dense_count(tile):
     rng = np.random.default_rng(3)
@@ -146,7 +129,8 @@ def test_tile_tables_match_dense_count(tile):
         for a, b in work.ranges[t]:
             vis[t, work.cu_k[seg[t]] + a: work.cu_k[seg[t]] + b] = True
     nq, nk = -(-tq // tile), -(-tk // tile)
-    kv_num, kv_idx, full_num, full_idx = tile_tables(work, tile)
+    kv_num, kv_idx, full_num, full_idx, q_num, q_idx, fq_num, fq_idx = tile_tables(work, tile)
+    assert kv_idx.shape == (nq, nk) and q_idx.shape == (nk, nq)  # torch's BlockMask widths
     for i in range(nq):
         partial, full = set(), set()
         for j in range(nk):
@@ -157,6 +141,9 @@ def test_tile_tables_match_dense_count(tile):
                 partial.add(j)
         assert set(kv_idx[i, :kv_num[i]].tolist()) == partial, (i, tile)
         assert set(full_idx[i, :full_num[i]].tolist()) == full, (i, tile)
+        for j in range(nk):  # the transposed tables of the backward list the same tiles
+            assert (i in q_idx[j, :q_num[j]]) == (j in partial), (i, j, tile)
+            assert (i in fq_idx[j, :fq_num[j]]) == (j in full), (i, j, tile)
 
 
 def test_attn_work_checks():
