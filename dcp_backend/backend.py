@@ -111,9 +111,10 @@ class Plan:
     def _local_indices(self, rank: int) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def prepare(self, rank: int) -> "Plan":
-        """Build ``rank``'s execution state now (index tables, compiled programs), so that a planning
-        worker pays for it instead of the first attention layer. Idempotent; returns the plan."""
+    def prepare(self, rank: int, device: str = "cpu") -> "Plan":
+        """Build ``rank``'s execution state on the host now (index tables, compiled programs, the block
+        kernel's tables for a ``device`` of this type), so that a planning worker pays for it instead of
+        the first attention layer, which then only uploads. Idempotent; returns the plan."""
         self._check_rank(rank)
         return self
 

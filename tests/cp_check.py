@@ -1,7 +1,9 @@
 """Shard, run, unshard, compare: check a CP backend against the float64 single-process reference.
 
-Workers (one per rank) run a list of cases and return their local outputs and gradients; the parent
-process reassembles them by ``plan.local_indices`` and compares with :func:`dcp_backend.reference.dense_attention`.
+Workers (one per rank) run a list of cases and return their local outputs and gradients, and the trace of
+every transfer they made; the parent process reassembles the results by ``plan.local_indices``, compares
+them with :func:`dcp_backend.reference.dense_attention`, and replays the traces under NCCL's ordering rules
+(:func:`dcp_backend.comm_order.replay`), so every exactness test is also a deadlock check.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import numpy as np
 import torch
 
 import dcp_backend as cp
+from dcp_backend import comm
+from dcp_backend.comm_order import CommOrderError, replay
 from dcp_backend.reference import dense_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -29,6 +33,7 @@ class Case:
     options: dict = field(default_factory=dict)
     dtype: str = "fp32"
     seed: int = 0
+    forward_only: bool = False  # no backward (kernels without one, e.g. FlexAttention on CPU)
 
     def spec(self) -> cp.AttentionSpec:
         return cp.AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, mask=self.mask,
@@ -63,13 +68,21 @@ def worker(rank: int, world_size: int, cases: list[Case]):
         q, k, v, do = case.tensors()
         backend = cp.get_backend(case.backend, **case.options)
         plan = backend.plan(case.seqlens, case.spec())
+        plan.prepare(rank)  # what a planning worker does (host tables), checked by every case
         idx = plan.local_indices(rank)
         dt = DTYPES[case.dtype]
         ql, kl, vl = (x[idx].to(dt).requires_grad_(True) for x in (q, k, v))
-        out = backend.attention(ql, kl, vl, plan)
-        out.backward(do[idx].to(dt))
-        results.append({"idx": idx, "out": out.detach().double(), "dq": ql.grad.double(),
-                        "dk": kl.grad.double(), "dv": vl.grad.double()})
+        with comm.record_trace() as trace:
+            if case.forward_only:
+                with torch.no_grad():
+                    out = backend.attention(ql, kl, vl, plan)
+            else:
+                out = backend.attention(ql, kl, vl, plan)
+                out.backward(do[idx].to(dt))
+        res = {"idx": idx, "out": out.detach().double(), "trace": trace.events}
+        if not case.forward_only:
+            res.update(dq=ql.grad.double(), dk=kl.grad.double(), dv=vl.grad.double())
+        results.append(res)
     return results
 
 
@@ -80,32 +93,46 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / max(scale, 1.0)
 
 
+def _reference(case: Case, cache: dict) -> dict:
+    """The float64 reference's out (and dq, dk, dv) for a case; cases with the same inputs share one."""
+    key = (tuple(case.seqlens), case.spec().key(), case.num_heads, case.num_kv_heads, case.head_dim, case.seed,
+           case.forward_only)
+    if key not in cache:
+        q, k, v, do = case.tensors()
+        q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
+        ref = dense_attention(q, k, v, case.seqlens, case.spec())
+        want = {"out": ref.detach()}
+        if not case.forward_only:
+            ref.backward(do)
+            want.update(dq=q.grad, dk=k.grad, dv=v.grad)
+        cache[key] = want
+    return cache[key]
+
+
 def check_results(cases: list[Case], per_rank: list[list[dict]]) -> None:
     """Assert partition of tokens and agreement of out, dq, dk, dv with the reference."""
     failures = []
+    cache: dict = {}
     for ci, case in enumerate(cases):
         total = int(sum(case.seqlens))
         idx = torch.cat([per_rank[r][ci]["idx"] for r in range(len(per_rank))])
         assert torch.equal(torch.sort(idx).values, torch.arange(total)), f"{case}: local_indices do not partition"
         full = {}
-        for key in ("out", "dq", "dk", "dv"):
+        keys = ("out",) if case.forward_only else ("out", "dq", "dk", "dv")
+        for key in keys:
             shape = per_rank[0][ci][key].shape[1:]
             buf = torch.zeros((total,) + tuple(shape), dtype=torch.float64)
             for r in range(len(per_rank)):
                 buf[per_rank[r][ci]["idx"]] = per_rank[r][ci][key]
             full[key] = buf
-        q, k, v, do = case.tensors()
-        q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
-        ref = dense_attention(q, k, v, case.seqlens, case.spec())
-        ref.backward(do)
+        want = _reference(case, cache)
         tol = TOLERANCE[case.dtype]
-        errs = {
-            "out": rel_err(full["out"], ref.detach()),
-            "dq": rel_err(full["dq"], q.grad),
-            "dk": rel_err(full["dk"], k.grad),
-            "dv": rel_err(full["dv"], v.grad),
-        }
+        errs = {key: rel_err(full[key], want[key]) for key in keys}
         bad = {k_: e for k_, e in errs.items() if not e < tol}
         if bad:
             failures.append(f"{case}: relative errors {bad} exceed {tol}")
+        try:
+            replay([per_rank[r][ci]["trace"] for r in range(len(per_rank))])
+        except CommOrderError as exc:
+            failures.append(f"{case}: its communication would deadlock or mismatch under NCCL: {exc}")
     assert not failures, "\n".join(failures)

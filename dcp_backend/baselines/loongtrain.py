@@ -13,15 +13,18 @@ positions of one node, i.e. devices_per_node / head_parallel, when it divides C;
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dcp_backend.baselines.layout import zigzag_layout
 from dcp_backend.baselines.ring_core import RingAttentionFn
 from dcp_backend.baselines.ring_family import RingFamilyBackend, RingFamilyOptions, RingFamilyPlan, check_topology
 from dcp_backend.comm import Exchange
+from dcp_backend.host_tables import HostTables
 from dcp_backend.kernels import get_kernel
 from dcp_backend.spec import CPError
 
@@ -41,12 +44,27 @@ class LoongTrainOptions(RingFamilyOptions):
                 raise CPError(f"loongtrain option {name} must be a positive int, got {v!r}")
 
 
-def _head_index(num_heads: int, hp: int) -> list[list[int]]:
-    """Heads each head slot receives: a split, or replication when num_heads < hp."""
-    if num_heads >= hp:
-        per = num_heads // hp
-        return [list(range(s * per, (s + 1) * per)) for s in range(hp)]
-    return [[s * num_heads // hp] for s in range(hp)]
+class HeadSplit(list):
+    """Heads each head slot receives (a list per slot: a split, or replication when num_heads < hp), with
+    the same lists as index tensors uploaded once per device (the backward scatters by them every layer)."""
+
+    def __init__(self, num_heads: int, hp: int):
+        if num_heads >= hp:
+            per = num_heads // hp
+            super().__init__(list(range(s * per, (s + 1) * per)) for s in range(hp))
+        else:
+            super().__init__([s * num_heads // hp] for s in range(hp))
+        self.tables = HostTables(np.int64)
+        for heads in self:
+            self.tables.add(heads)
+
+    def on(self, device) -> list[torch.Tensor]:
+        return self.tables.on(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _head_index(num_heads: int, hp: int) -> HeadSplit:
+    return HeadSplit(num_heads, hp)
 
 
 def _exchange(parts_out: list[torch.Tensor | None], shapes_in: list[tuple], slot: int, ranks: list[int], group,
@@ -73,7 +91,8 @@ class _SeqToHeads(torch.autograd.Function):
     def forward(ctx, x, heads, slot, counts, ranks, group, counters):
         ctx.meta = (heads, slot, counts, ranks, group, counters, x.shape[1])
         hx, d = len(heads[slot]), x.shape[2]
-        outs = [x[:, heads[p]].contiguous() for p in range(len(heads))]
+        index = heads.on(x.device)
+        outs = [x.index_select(1, index[p]) for p in range(len(heads))]
         got = _exchange(outs, [(counts[p], hx, d) for p in range(len(heads))], slot, ranks, group, counters, x)
         got[slot] = outs[slot]
         return torch.cat(got, dim=0)
@@ -90,8 +109,9 @@ class _SeqToHeads(torch.autograd.Function):
                         counters, g)
         got[slot] = parts[slot]
         gx = torch.zeros((mine, nh, g.shape[2]), dtype=g.dtype, device=g.device)
+        index = heads.on(g.device)
         for p, part in enumerate(got):  # index_add sums replicated KV heads
-            gx.index_add_(1, torch.tensor(heads[p], device=g.device), part)
+            gx.index_add_(1, index[p], part)
         return gx, None, None, None, None, None, None
 
 
@@ -115,7 +135,8 @@ class _HeadsToSeq(torch.autograd.Function):
     def backward(ctx, g):
         heads, slot, counts, ranks, group, counters = ctx.meta
         hx = len(heads[slot])
-        outs = [g[:, heads[p]].contiguous() for p in range(len(heads))]
+        index = heads.on(g.device)
+        outs = [g.index_select(1, index[p]) for p in range(len(heads))]
         got = _exchange(outs, [(counts[p], hx, g.shape[2]) for p in range(len(heads))], slot, ranks, group,
                         counters, g)
         got[slot] = outs[slot]
@@ -170,6 +191,6 @@ class LoongTrainBackend(RingFamilyBackend):
         kc = _SeqToHeads.apply(k, kvh, *args)
         vc = _SeqToHeads.apply(v, kvh, *args)
         kernel = get_kernel(self.options.kernel, q.device)
-        oc = RingAttentionFn.apply(qc, kc, vc, plan.rank_work(rank), kernel, plan.spec.scale, self.group,
+        oc = RingAttentionFn.apply(qc, kc, vc, plan.rank_work(rank), kernel, plan.spec.scale, self.ring_groups(plan),
                                    self.counters)
         return _HeadsToSeq.apply(oc, qh, *args)

@@ -18,7 +18,8 @@ import numpy as np
 
 from dcp_backend.backend import BackendOptions, CPBackend, Plan, PlanStats
 from dcp_backend.baselines.layout import ChunkLayout, PairWorkBuilder
-from dcp_backend.baselines.ring_core import RingAttentionFn, RingGeometry, RingRankWork
+from dcp_backend import comm
+from dcp_backend.baselines.ring_core import RingAttentionFn, RingGeometry, RingGroups, RingRankWork
 from dcp_backend.batch import PackedBatch
 from dcp_backend.kernels import get_kernel
 from dcp_backend.masks import build_ranges, range_lengths
@@ -98,8 +99,9 @@ class RingFamilyPlan(Plan):
     def _builder(self) -> PairWorkBuilder:
         return PairWorkBuilder(self.layout, self.spec.mask, self.spec.mask_args)
 
-    def prepare(self, rank: int) -> "RingFamilyPlan":
-        self.rank_work(rank)
+    def prepare(self, rank: int, device: str = "cpu") -> "RingFamilyPlan":
+        rw = self.rank_work(rank)
+        rw.prepare_kernel(get_kernel(self.options.kernel, device))
         return self
 
     def rank_work(self, rank: int) -> RingRankWork:
@@ -186,11 +188,17 @@ class RingFamilyBackend(CPBackend):
     PlanType = RingFamilyPlan
 
 
+    def ring_groups(self, plan: RingFamilyPlan) -> RingGroups:
+        """The inner ring on the backend's group; the outer ring (several windows) on a second communicator
+        over the same ranks (:func:`dcp_backend.comm.companion_group`), so the two overlap under NCCL."""
+        multi = plan.num_positions // plan.window > 1
+        return RingGroups(self.group, comm.companion_group(self.group) if multi else self.group)
+
     def _attention(self, q, k, v, plan: RingFamilyPlan):
         rank = self.rank
         kernel = get_kernel(self.options.kernel, q.device)
         rw = plan.rank_work(rank)
-        return RingAttentionFn.apply(q, k, v, rw, kernel, plan.spec.scale, self.group, self.counters)
+        return RingAttentionFn.apply(q, k, v, rw, kernel, plan.spec.scale, self.ring_groups(plan), self.counters)
 
     def _kv_heads_check(self, spec: AttentionSpec, hp: int) -> None:
         if spec.num_heads % hp:
