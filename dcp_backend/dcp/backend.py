@@ -25,12 +25,11 @@ class DCPBackend(CPBackend):
         return make_plan(batch, spec, world_size, self.options)
 
     def runners(self, plan: DCPPlan, rank: int, device: torch.device, dtype: torch.dtype):
-        """Prepared forward/backward runners of ``rank`` (cached on the plan: once per plan, all layers)."""
+        """Forward/backward runners of ``rank`` (cached on the plan: once per plan, all layers)."""
         key = (rank, str(device), dtype)
         if key not in plan._executors:
-            d = plan.spec.head_dim
-            plan._executors[key] = (ProgramRunner(plan.fwd_programs[rank], d, device, dtype),
-                                    ProgramRunner(plan.bwd_programs[rank], d, device, dtype))
+            fwd, bwd = plan.prepared_programs(rank)
+            plan._executors[key] = (ProgramRunner(fwd, device, dtype), ProgramRunner(bwd, device, dtype))
         return plan._executors[key]
 
     def _attention(self, q, k, v, plan: DCPPlan):

@@ -1,8 +1,9 @@
 """The DCP executor: runs one device's compiled forward and backward programs over torch.distributed.
 
-Preparation happens once per (plan, device, dtype): index tensors of every instruction, message
-layouts, and the stores themselves (allocated once and reused by every layer of the iteration; only
-their result rows are reset per call). Each stage's inputs are launched (``batch_isend_irecv``) before
+Preparation is split: :class:`PreparedProgram` (host, once per plan, in the planning worker) lays out
+the messages and packs every index array of the program into one buffer; :class:`ProgramRunner` (once
+per plan, device and dtype) uploads that buffer once and allocates the stores, which every layer of the
+iteration reuses (only their result rows are reset per call). Each stage's inputs are launched (``batch_isend_irecv``) before
 the previous stage computes; attention runs as one block-kernel call per stage; partial results are
 merged (log-sum-exp) or summed into their owners' rows.
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from dcp_backend.comm import CommCounters, Exchange
+from dcp_backend.host_tables import HostTables
 from dcp_backend.dcp.instructions import ACC, MODEL, Attention, Comm, DeviceProgram, Fill, Reduce, Wait
 from dcp_backend.kernels import BlockKernel, acc_dtype, merge_into_
 
@@ -24,32 +26,29 @@ TAGS = {MODEL: 31, ACC: 32}
 
 
 class _Message:
-    """One peer's parts, split by dtype class: [(store, rows tensor, numel)] per class."""
+    """One peer's parts, split by dtype class: [(store, rows, numel)] per class (rows: a table handle,
+    resolved to a device tensor by the runner)."""
 
     def __init__(self, peer: int, by_class: dict):
         self.peer = peer
         self.by_class = by_class
 
 
-class ProgramRunner:
-    """Executes one :class:`DeviceProgram` (one pass of one device) for a given device and dtype."""
+class PreparedProgram:
+    """The host side of one :class:`DeviceProgram`: its steps, with every index array packed into one
+    :class:`~dcp_backend.host_tables.HostTables` (built once per plan, in the planning worker)."""
 
-    def __init__(self, program: DeviceProgram, head_dim: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, program: DeviceProgram, head_dim: int):
         self.program = program
-        self.device = device
-        self.dtype = dtype
-        self.acc = acc_dtype(dtype)
         self.head_dim = head_dim
-        self.stores = {}
-        for name, spec in program.stores.items():
-            shape = (spec.rows, spec.heads, head_dim) if spec.with_dim else (spec.rows, spec.heads)
-            dt = dtype if spec.dtype == MODEL else self.acc
-            self.stores[name] = torch.empty(shape, dtype=dt, device=device)
+        self.tables = HostTables(np.int64)
         self.steps = [self._prepare(ins) for ins in program.instructions]
+        self.tables.host  # pack now
 
-    # ------------------------------------------------------------------ preparation
-    def _t(self, a):
-        return torch.from_numpy(a).to(self.device)
+    def prepare_kernel(self, kernel: BlockKernel) -> None:
+        for ins in self.program.instructions:
+            if isinstance(ins, Attention):
+                kernel.prepare(ins.work)
 
     def _message(self, op) -> _Message:
         """Group a peer's parts by dtype class and then by store (rows concatenated in part order), so a
@@ -64,21 +63,59 @@ class ProgramRunner:
             spec = self.program.stores[name]
             rows = np.concatenate(rows_list)
             per_row = spec.heads * (self.head_dim if spec.with_dim else 1)
-            by_class.setdefault(cls, []).append((name, self._t(rows), int(rows.size) * per_row))
+            by_class.setdefault(cls, []).append((name, self.tables.add(rows), int(rows.size) * per_row))
         return _Message(op.peer, by_class)
 
     def _prepare(self, ins):
+        t = self.tables.add
         if isinstance(ins, Comm):
             return ("comm", ins.key, [self._message(o) for o in ins.sends], [self._message(o) for o in ins.recvs])
         if isinstance(ins, Wait):
             return ("wait", ins.key)
         if isinstance(ins, Attention):
-            return ("attn", ins.backward, self._t(ins.q_rows), self._t(ins.kv_rows), ins.work)
+            return ("attn", ins.backward, t(ins.q_rows), t(ins.kv_rows), ins.work)
         if isinstance(ins, Fill):
-            return ("fill", ins.stores, self._t(ins.rows))
+            return ("fill", ins.stores, t(ins.rows))
         if isinstance(ins, Reduce):
-            return ("reduce", ins.op, ins.src, ins.dst, self._t(ins.src_rows), self._t(ins.dst_rows))
+            return ("reduce", ins.op, ins.src, ins.dst, t(ins.src_rows), t(ins.dst_rows))
         raise TypeError(f"unknown instruction {type(ins).__name__}")
+
+
+class ProgramRunner:
+    """Executes one prepared program (one pass of one device) for a given device and dtype: the stores are
+    allocated and the index tables uploaded once, here; every layer then only runs the steps."""
+
+    def __init__(self, prepared: PreparedProgram, device: torch.device, dtype: torch.dtype):
+        program = prepared.program
+        self.program = program
+        self.device = device
+        self.dtype = dtype
+        self.acc = acc_dtype(dtype)
+        self.head_dim = head_dim = prepared.head_dim
+        self.stores = {}
+        for name, spec in program.stores.items():
+            shape = (spec.rows, spec.heads, head_dim) if spec.with_dim else (spec.rows, spec.heads)
+            dt = dtype if spec.dtype == MODEL else self.acc
+            self.stores[name] = torch.empty(shape, dtype=dt, device=device)
+        views = prepared.tables.on(device)
+
+        def msg(m: _Message) -> _Message:
+            return _Message(m.peer, {c: [(n, views[h], k) for n, h, k in parts] for c, parts in m.by_class.items()})
+
+        steps = []
+        for step in prepared.steps:
+            kind = step[0]
+            if kind == "comm":
+                steps.append(("comm", step[1], [msg(m) for m in step[2]], [msg(m) for m in step[3]]))
+            elif kind == "attn":
+                steps.append(("attn", step[1], views[step[2]], views[step[3]], step[4]))
+            elif kind == "fill":
+                steps.append(("fill", step[1], views[step[2]]))
+            elif kind == "reduce":
+                steps.append(("reduce", step[1], step[2], step[3], views[step[4]], views[step[5]]))
+            else:
+                steps.append(step)
+        self.steps = steps
 
     # ------------------------------------------------------------------ running
     def _dtype_of(self, cls: str) -> torch.dtype:

@@ -51,6 +51,7 @@ class DCPPlan(Plan):
         self._timings = dict(timings)
         self.comp_cost = comp_cost
         self._executors: dict = {}
+        self._prepared: dict = {}
 
     @property
     def block_size(self) -> int:
@@ -74,8 +75,24 @@ class DCPPlan(Plan):
         self.fwd_programs[rank], self.bwd_programs[rank]
         return self
 
-    def prepare(self, rank: int) -> "DCPPlan":
-        return self.compile_for(rank)
+    def prepared_programs(self, rank: int):
+        """``rank``'s forward and backward programs with their index tables packed (host side, cached)."""
+        if rank not in self._prepared:
+            from dcp_backend.dcp.executor import PreparedProgram
+
+            self.compile_for(rank)
+            d = self.spec.head_dim
+            self._prepared[rank] = (PreparedProgram(self.fwd_programs[rank], d),
+                                    PreparedProgram(self.bwd_programs[rank], d))
+        return self._prepared[rank]
+
+    def prepare(self, rank: int, device: str = "cpu") -> "DCPPlan":
+        from dcp_backend.kernels import get_kernel
+
+        kernel = get_kernel(self.options.kernel, device)
+        for prepared in self.prepared_programs(rank):
+            prepared.prepare_kernel(kernel)
+        return self
 
     def compile_all(self) -> "DCPPlan":
         for r in range(self.world_size):

@@ -7,8 +7,11 @@ inputs are received while the previous stage computes.
   pending computation that unlocks the most compute per byte still missing. The last stage takes the
   rest, so every computation is scheduled.
 * An input needed by several devices of one node crosses the network once: it goes to the device of
-  that node that needs it first (the *gateway*), which forwards it inside the node in a second phase
-  of the same stage (or, for later stages, as an ordinary intra-node transfer).
+  that node that needs it first (the *gateway*), which forwards it inside the node as an ordinary
+  transfer of the stage that needs it, launched before the previous stage computes. When a node-mate
+  needs the block in the gateway's own stage s >= 2, the gateway receives it in stage s - 1 so that the
+  forward still overlaps compute; only stage-1 relays go as a second phase right after the first
+  arrives (nothing computes before stage 0 to hide them behind).
 * Partial results (forward out/lse; backward dq, dk/dv) go back to the owner after the last stage that
   touches them on the computing device.
 
@@ -177,7 +180,16 @@ def _route(pl: Placement, h, need_kind, need_block, need_dev, need_stage) -> Tra
         follower = ~first
         fi = idx[follower]
         src[fi] = gateway[follower]  # forwarded from the gateway inside the node
-        phase[fi] = np.where(stage[fi] == gate_stage[follower], 2, 1)
+        same = stage[fi] == gate_stage[follower]
+        # A follower that needs the block in the gateway's own stage: when that stage is 2 or later, the
+        # gateway receives the block one stage early, so the forward is an ordinary transfer launched
+        # before the previous stage computes (overlapped), not a relay behind that compute. Only stage-1
+        # relays remain second-phase transfers (nothing computes before stage 0 to hide them behind).
+        early = np.zeros(idx.size, dtype=bool)
+        early_groups = np.unique(group[follower][same & (gate_stage[follower] >= 2)])
+        early[np.isin(group, early_groups) & first] = True
+        stage[idx[early]] -= 1
+        phase[fi] = np.where(same & (gate_stage[follower] < 2), 2, 1)
     return Transfers(kind, block, src, dst, stage, phase)
 
 
