@@ -10,7 +10,9 @@ Layout, padding and the index mapping live in :mod:`.te_layout` (pure numpy). Th
 * ``cp_comm_type="a2a+p2p"``: hierarchical CP, ``cp_group=[a2a_group, p2p_group]`` (head all-to-all of
   degree ``head_parallel`` inside groups of consecutive ranks, K/V ring between them). TE does not take
   THD there, so documents are grouped by padded length and each group runs as one BSHD batch with a
-  ``causal`` mask (tail padding is never visible to a real query under causal masking).
+  ``causal`` mask (tail padding is never visible to a real query under causal masking). Each group is a
+  full CP pass per layer, so the plan raises lengths to at most ``max_length_groups`` values (default 4)
+  with the fewest extra causal pairs; ``stats().extra`` reports the passes and the padding.
 
 Masks: TE's CP takes causal and full (no mask) under p2p and causal only under a2a+p2p here; sliding
 windows only with its a2a/all_gather variants. Any other mask raises :class:`CPError` naming a backend
@@ -31,6 +33,7 @@ from dcp_backend.backend import BackendOptions, CPBackend, Plan, PlanStats
 from dcp_backend.baselines.ring_family import check_topology
 from dcp_backend.baselines.te_layout import TELayout
 from dcp_backend.batch import PackedBatch
+from dcp_backend.host_tables import HostTables
 from dcp_backend.masks import build_ranges, range_lengths
 from dcp_backend.spec import AttentionSpec, BackendUnavailableError, CPError
 
@@ -43,11 +46,15 @@ TE_MASKS = {"p2p": {"causal": "padding_causal", "full": "padding"}, "a2a+p2p": {
 class TEOptions(BackendOptions):
     """cp_comm_type: ``p2p`` (K/V ring) or ``a2a+p2p`` (head all-to-all inside groups of ``head_parallel``
     consecutive ranks, K/V ring between groups). head_parallel: a2a degree for ``a2a+p2p`` (default
-    gcd(world size, num_kv_heads)). devices_per_node: ranks per node (statistics only; None = one node)."""
+    gcd(world size, num_kv_heads)). devices_per_node: ranks per node (statistics only; None = one node).
+    max_length_groups: for ``a2a+p2p`` (BSHD, one full CP pass per distinct padded length and layer), the
+    most distinct padded lengths; documents are raised to the chosen lengths with the fewest extra causal
+    pairs (te_layout.bucket_lengths)."""
 
     cp_comm_type: str = "p2p"
     devices_per_node: int | None = None
     head_parallel: int | None = None
+    max_length_groups: int = 4
 
     def validate(self) -> None:
         super().validate()
@@ -56,7 +63,7 @@ class TEOptions(BackendOptions):
                 f"te: cp_comm_type must be one of {list(COMM_TYPES)}, got {self.cp_comm_type!r} "
                 "(TE's 'a2a' and 'all_gather' variants are not offered by this backend)"
             )
-        for name in ("devices_per_node", "head_parallel"):
+        for name in ("devices_per_node", "head_parallel", "max_length_groups"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise CPError(f"te option {name} must be a positive int, got {v!r}")
@@ -84,37 +91,45 @@ class TEPlan(Plan):
     def __init__(self, batch: PackedBatch, spec: AttentionSpec, world_size: int, options: TEOptions, *,
                  head_parallel: int):
         super().__init__(batch, spec, world_size, options)
-        self.layout = TELayout(batch, world_size)
+        self.layout = TELayout(batch, world_size,
+                               options.max_length_groups if options.cp_comm_type == "a2a+p2p" else None)
         self.comm_type = options.cp_comm_type
         self.head_parallel = head_parallel
         self.devices_per_node = check_topology(world_size, options.devices_per_node)
+        self._host: dict = {}  # rank -> host tables (see _tables)
 
     def _local_indices(self, rank: int) -> np.ndarray:
         return self.layout.local_indices(rank)
 
-    # -------------------------------------------------------------- device tensors (cached per device)
-    def device_meta(self, device: torch.device) -> dict:
-        key = ("te_meta", str(device))
-        cache = self.__dict__.setdefault("_device_cache", {})
-        if key not in cache:
+    # -------------------------------------------------------------- device tensors (uploaded once per plan)
+    def _tables(self, rank: int):
+        """Host tables of ``rank`` (built once, in the planning worker): TE's int32 offsets, and the int64
+        length-group rows and buffer positions, each packed into one buffer."""
+        cache = self._host
+        if rank not in cache:
             lay = self.layout
+            offsets = HostTables(np.int32)
+            offsets.add(lay.cu_seqlens)
+            offsets.add(lay.cu_seqlens_padded)
+            rows = HostTables(np.int64)
+            for _, _, r in lay.length_groups:
+                rows.add(r)
+            rows.add(lay.buffer_positions(rank))
+            cache[rank] = (offsets, rows)
+        return cache[rank]
 
-            def t(x, dtype=torch.int32):
-                return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype)
+    def prepare(self, rank: int, device: str = "cpu") -> "TEPlan":
+        self._check_rank(rank)
+        for t in self._tables(rank):
+            t.host  # pack now
+        return self
 
-            cache[key] = {
-                "cu_seqlens": t(lay.cu_seqlens),
-                "cu_seqlens_padded": t(lay.cu_seqlens_padded),
-                "groups": [(plen, docs.size, t(rows, torch.int64)) for plen, docs, rows in lay.length_groups],
-            }
-        return cache[key]
-
-    def positions(self, rank: int, device: torch.device) -> torch.Tensor:
-        key = ("te_pos", rank, str(device))
-        cache = self.__dict__.setdefault("_device_cache", {})
-        if key not in cache:
-            cache[key] = torch.from_numpy(self.layout.buffer_positions(rank)).to(device)
-        return cache[key]
+    def device_meta(self, rank: int, device: torch.device) -> dict:
+        """TE's offsets, the length groups' rows and ``rank``'s buffer positions on ``device``."""
+        offsets, rows = self._tables(rank)
+        o, r = offsets.on(device), rows.on(device)
+        groups = [(plen, docs.size, r[i]) for i, (plen, docs, _) in enumerate(self.layout.length_groups)]
+        return {"cu_seqlens": o[0], "cu_seqlens_padded": o[1], "groups": groups, "positions": r[-1]}
 
     # -------------------------------------------------------------- statistics
     def stats(self, element_size: int = 2) -> PlanStats:
@@ -169,6 +184,7 @@ class TEPlan(Plan):
             bwd_inter_node_bytes=int(bwd[:, 1].sum()), bwd_intra_node_bytes=int(bwd[:, 0].sum()),
             compute_pair_heads=tuple(compute), tokens=tokens, memory_bytes=memory,
             extra={"cp_comm_type": self.comm_type, "head_parallel": A,
+                   "passes_per_layer": len(lay.length_groups) if self.comm_type == "a2a+p2p" else 1,
                    "padded_tokens": int(lay.cu_seqlens_padded[-1]),
                    "padding_fraction": 1.0 - self.batch.total_tokens / float(lay.cu_seqlens_padded[-1]),
                    "fwd_bytes_per_rank": fwd.sum(1).astype(np.int64).tolist(),
@@ -283,8 +299,8 @@ class TEBackend(CPBackend):
         rank = self.rank
         lay = plan.layout
         dpa = self._module(plan, q.device)
-        meta = plan.device_meta(q.device)
-        pos = plan.positions(rank, q.device)
+        meta = plan.device_meta(rank, q.device)
+        pos = meta["positions"]
         H, D = plan.spec.num_heads, plan.spec.head_dim
 
         def padded(x):

@@ -28,12 +28,55 @@ def padded_lengths(seqlens: np.ndarray, cp: int) -> np.ndarray:
     return -(-np.asarray(seqlens, dtype=np.int64) // m) * m
 
 
+def bucket_lengths(padded: np.ndarray, max_groups: int) -> np.ndarray:
+    """Raise lengths to at most ``max_groups`` distinct values, adding the fewest causal attention pairs.
+
+    TE's hierarchical a2a+p2p path takes no THD, so every distinct padded length is one BSHD batch: one
+    complete context-parallel pass (all-to-alls and the K/V ring) per layer. Raising a document to the
+    next chosen length costs ``(B^2 - P^2) / 2`` extra causal pairs (tail padding is never visible to a
+    real query). An exact dynamic programme over the sorted distinct lengths picks the group bounds.
+    """
+    padded = np.asarray(padded, dtype=np.int64)
+    values, counts = np.unique(padded, return_counts=True)
+    m = values.size
+    if m <= max_groups:
+        return padded.copy()
+    v = values.astype(np.float64)
+    sq = np.concatenate([[0.0], np.cumsum(counts * v * v)])  # prefix sums of count * len^2
+    cnt = np.concatenate([[0.0], np.cumsum(counts)])
+
+    def cost(a: int, b: int) -> float:  # lengths a..b (inclusive) raised to values[b]
+        return (cnt[b + 1] - cnt[a]) * v[b] * v[b] - (sq[b + 1] - sq[a])
+
+    inf = float("inf")
+    best = np.full((max_groups + 1, m), inf)
+    arg = np.zeros((max_groups + 1, m), dtype=np.int64)
+    for b in range(m):
+        best[1, b] = cost(0, b)
+    for k in range(2, max_groups + 1):
+        for b in range(m):
+            for a in range(1, b + 1):  # the last group is a..b
+                c = best[k - 1, a - 1] + cost(a, b)
+                if c < best[k, b]:
+                    best[k, b], arg[k, b] = c, a
+    k = int(np.argmin(best[1:, m - 1])) + 1
+    upper = np.empty(m, dtype=np.int64)
+    b = m - 1
+    while k >= 1:
+        a = arg[k, b] if k > 1 else 0
+        upper[a:b + 1] = values[b]
+        b, k = a - 1, k - 1
+    return upper[np.searchsorted(values, padded)]
+
+
 @dataclass(frozen=True, eq=False)
 class TELayout:
-    """DualChunkSwap layout of a packed batch over ``cp`` ranks."""
+    """DualChunkSwap layout of a packed batch over ``cp`` ranks. ``max_length_groups`` (the BSHD path of
+    a2a+p2p) raises padded lengths to at most that many distinct values (:func:`bucket_lengths`)."""
 
     batch: PackedBatch
     cp: int
+    max_length_groups: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.cp, (int, np.integer)) or self.cp < 1:
@@ -42,7 +85,10 @@ class TELayout:
     # ------------------------------------------------------------------ TE's metadata
     @cached_property
     def padded_seqlens(self) -> np.ndarray:
-        return padded_lengths(self.batch.seqlens, self.cp)
+        padded = padded_lengths(self.batch.seqlens, self.cp)
+        if self.max_length_groups is not None:
+            padded = bucket_lengths(padded, self.max_length_groups)
+        return padded
 
     @property
     def cu_seqlens(self) -> np.ndarray:

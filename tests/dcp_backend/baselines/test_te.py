@@ -276,3 +276,40 @@ def test_te_attention_plumbing_with_a_stand_in_kernel():
         ref.backward(do)
         for a, b in zip(got, (ref.detach(), q.grad, k.grad, v.grad)):
             assert torch.allclose(a, b, atol=1e-10), (comm_type, mask)
+
+
+def test_bucketed_lengths_cap_the_passes_with_the_fewest_extra_pairs():
+    import itertools
+
+    from dcp_backend.baselines.te_layout import bucket_lengths
+
+    rng = np.random.default_rng(7)
+    for trial in range(30):
+        padded = rng.integers(1, 12, size=int(rng.integers(1, 9))) * 4
+        k = int(rng.integers(1, 5))
+        got = bucket_lengths(padded, k)
+        assert np.all(got >= padded) and np.unique(got).size <= k and set(got.tolist()) <= set(padded.tolist())
+        extra = float((got.astype(float) ** 2 - padded.astype(float) ** 2).sum())
+        # brute force over every choice of at most k bounds among the distinct lengths (the largest included)
+        values = np.unique(padded)
+        best = float("inf")
+        for n in range(1, k + 1):
+            for bounds in itertools.combinations(values[:-1].tolist(), n - 1):
+                b = np.array(sorted(bounds) + [values[-1]])
+                up = b[np.searchsorted(b, padded)]
+                best = min(best, float((up.astype(float) ** 2 - padded.astype(float) ** 2).sum()))
+        assert extra == pytest.approx(best), (padded, k)
+
+
+def test_a2a_p2p_plans_at_most_max_length_groups_passes():
+    lens = [5, 1, 13, 8, 2, 7, 30, 64, 17, 3]
+    plan = TEBackend.for_planning(world_size=4, cp_comm_type="a2a+p2p", head_parallel=2,
+                                  max_length_groups=3).plan(lens, SPEC)
+    groups = plan.layout.length_groups
+    assert len(groups) == 3 and plan.stats().extra["passes_per_layer"] == 3
+    assert len(TEBackend.for_planning(world_size=4, cp_comm_type="a2a+p2p").plan(lens, SPEC).layout.length_groups) == 4
+    idx = np.concatenate([plan.local_indices(r) for r in range(4)])
+    assert np.array_equal(np.sort(idx), np.arange(sum(lens)))  # still a partition of the real tokens
+    p2p = TEBackend.for_planning(world_size=4).plan(lens, SPEC)  # THD: one pass, no extra padding
+    assert p2p.stats().extra["passes_per_layer"] == 1
+    assert np.array_equal(p2p.layout.padded_seqlens, padded_lengths(np.array(lens), 4))
