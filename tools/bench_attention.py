@@ -10,7 +10,9 @@ Launch with torchrun (NCCL on GPUs, gloo on CPU) or let the tool spawn gloo rank
 
 Each measurement is the maximum over ranks of the mean over ``--repeats`` timed runs after ``--warmup``
 untimed ones; every timed forward and backward starts at a barrier. TFLOP/s count the attention work of
-the real, unmasked (query, key) pairs: 4*pairs*heads*head_dim forward, twice that backward.
+the real, unmasked (query, key) pairs: 4*pairs*heads*head_dim forward, twice that backward
+(``tflops_rank``); ``exec_tflops_rank`` adds what the block kernel really executes on top (the flex kernel
+recomputes each block forward in its backward).
 
 ``--sanity-check`` runs every backend once on a small ragged batch, checks output and gradients against
 the dense reference, and prints one line per backend (``Ring Attn: 1.2345 ms``, ...; a backend that
@@ -44,10 +46,11 @@ LABELS = {"ring": "Ring Attn", "zigzag": "Zigzag Ring Attn", "te": "TE Attn", "l
 SANITY_ORDER = ["ring", "zigzag", "te", "loongtrain", "dcp"]
 SANITY_SEQLENS = [257, 96, 1, 170, 33]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# tflops_rank: attention TFLOP/s per rank (fwd + bwd); imbalance: the plan's max/mean compute per rank;
-# comm_mb: bytes the plan sends, all ranks, forward + backward (PlanStats).
+# tflops_rank: model attention TFLOP/s per rank (fwd + bwd = 3x fwd); exec_tflops_rank: the FLOPs the kernels
+# executed (flex recomputes each block forward in its backward: 4x fwd); imbalance: the plan's max/mean
+# compute per rank; comm_mb: bytes the plan sends, all ranks, forward + backward (PlanStats).
 COLUMNS = ["batch", "tokens", "docs", "backend", "mask", "world", "plan_ms", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
-           "tflops_rank", "imbalance", "comm_mb", "status"]
+           "tflops_rank", "exec_tflops_rank", "imbalance", "comm_mb", "status"]
 PROBE_WORK = (1, 1024, 1024, "causal_split")  # a point of the CPU cost table's grid (fp32, head dim 64, 8/2 heads)
 
 
@@ -68,9 +71,8 @@ def probe_ms(device, reps: int = 6) -> float:
     for _ in range(reps):
         kern.forward(q, k, k, w, 0.125)
     _sync(device)
-    t = torch.tensor([(time.perf_counter() - t0) / reps * 1e3], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+    ms = (time.perf_counter() - t0) / reps * 1e3
+    return _mean_over_ranks(ms, device)
 
 
 # ----------------------------------------------------------------------------------------- arguments
@@ -176,10 +178,21 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _collective_device(device):
+    """Where a collective's tensor must live: the GPU under NCCL (which takes no CPU tensors), else CPU."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _max_over_ranks(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device(device))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def _mean_over_ranks(value: float, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device(device))
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
 
 
 def _pairs(seqlens, spec) -> int:
@@ -234,10 +247,15 @@ def measure(args, name, opts, seqlens, spec, device, dtype, check: bool) -> dict
             want = want.detach()
             err = max(err, float((got.detach().double().cpu() - want[idx]).abs().max() / want.abs().max()))
     f_ms, b_ms, plan_ms, err = _max_over_ranks([f_ms, b_ms, plan_ms, err], device)
-    flops = 4.0 * _pairs(seqlens, spec) * spec.num_heads * spec.head_dim * 3  # fwd + 2x fwd backward
+    fwd_flops = 4.0 * _pairs(seqlens, spec) * spec.num_heads * spec.head_dim
+    flops = fwd_flops * 3  # model FLOPs: forward + backward at twice the forward
+    # executed FLOPs add the block forwards a kernel recomputes in its backward (flex: one per block)
+    executed = flops + fwd_flops * _backward_recompute(name, opts, device)
+    secs = (f_ms + b_ms) * 1e-3
     row = {"plan_ms": plan_ms, "fwd_ms": f_ms, "bwd_ms": b_ms, "fwd_bwd_ms": f_ms + b_ms,
            **({"probe_ms": float(np.mean(probes))} if probes else {}),
-           "tflops_rank": flops / ((f_ms + b_ms) * 1e-3) / 1e12 / world, "err": err}
+           "tflops_rank": flops / secs / 1e12 / world, "exec_tflops_rank": executed / secs / 1e12 / world,
+           "err": err}
     try:
         st = plan.stats(element_size=torch.empty(0, dtype=dtype).element_size())
         row["imbalance"] = st.compute_imbalance
@@ -246,6 +264,15 @@ def measure(args, name, opts, seqlens, spec, device, dtype, check: bool) -> dict
     except NotImplementedError:
         pass
     return row
+
+
+def _backward_recompute(name: str, opts: dict, device) -> float:
+    """Block forwards the backend's kernel recomputes per block backward (0 for TE's own kernels)."""
+    if name == "te":
+        return 0.0
+    from dcp_backend.kernels import get_kernel
+
+    return float(get_kernel(opts.get("kernel", "auto"), device).backward_recompute)
 
 
 def _why(exc: BaseException) -> str:

@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0, help="clip the global grad norm (0 = off)")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--deterministic-mode", action="store_true",
+                   help="torch.use_deterministic_algorithms(True): run-to-run identical results on GPUs too (the "
+                        "gradient scatter-adds of the CP backends take torch's deterministic CUDA path); slower")
     g.add_argument("--bf16", action="store_true",
                    help="bf16 autocast with fp32 weights and optimizer (CUDA only)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
@@ -266,6 +269,8 @@ def validate_args(args, world_size: int) -> None:
     need(not args.bf16 or torch.cuda.is_available(),
          "--bf16 needs CUDA: it is bf16 autocast, and megatron-core's linear layers restore autocast in their "
          "backward for CUDA only; train in fp32 on CPU")
+    need(args.cp_backend != "te" or args.bf16,
+         "--cp-backend te needs --bf16: Transformer Engine's context-parallel attention runs in bf16/fp16 only")
     need(args.transformer_impl != "transformer_engine" or torch.cuda.is_available(),
          "--transformer-impl transformer_engine needs CUDA (and Transformer Engine installed)")
     need(args.attention_dropout == 0.0, "--attention-dropout must be 0: the CP attention backends have no dropout")

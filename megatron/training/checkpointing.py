@@ -4,7 +4,8 @@ Layout (Megatron-like)::
 
     <dir>/latest_checkpointed_iteration.txt      the newest complete checkpoint
     <dir>/iter_0000100/model_optim.pt            model, optimizer, scheduler, progress (rank 0 writes it)
-    <dir>/iter_0000100/rng_rank0003.pt           RNG states of rank 3 (python, numpy, torch, cuda)
+    <dir>/iter_0000100/rng_rank0003.pt           RNG states of rank 3 (python, numpy, torch, cuda, and
+                                                 megatron-core's CUDA RNG tracker)
 
 The model and optimizer are replicated on every rank (no tensor or pipeline parallelism), so one copy is
 saved and every rank loads it; a sharded optimizer (``--use-distributed-optimizer``) is gathered on rank 0
@@ -31,10 +32,18 @@ def _iter_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def _cuda_rng_tracker():
+    """megatron-core's CUDA RNG tracker (named generator states for model-parallel dropout), if in use."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return get_cuda_rng_tracker()
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda_rng_tracker"] = _cuda_rng_tracker().get_states()
     return state
 
 
@@ -44,6 +53,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+        if state.get("cuda_rng_tracker"):
+            _cuda_rng_tracker().set_states(state["cuda_rng_tracker"])
 
 
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, model, optimizer, scheduler, args,

@@ -78,7 +78,9 @@ class CPContext:
     def rope_emb(self, device: torch.device) -> torch.Tensor:
         """``[s, 1, 1, rot_dim]`` rotary angles of the local tokens, computed once per micro-batch."""
         if self._emb is None or self._emb.device != device:
-            freqs = self._freq_table.to(device)[self.position_ids.to(device)]  # [s, rot_dim / 2]
+            if self._freq_table.device != device:  # the constant table moves once, not per micro-batch
+                self._freq_table = self._freq_table.to(device)
+            freqs = self._freq_table[self.position_ids.to(device, non_blocking=True)]  # [s, rot_dim / 2]
             if self.rope.rotary_interleaved:
                 emb = torch.stack((freqs, freqs), dim=-1).reshape(freqs.shape[0], -1)
             else:

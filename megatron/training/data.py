@@ -158,11 +158,13 @@ class PlannerConfig:
     spec: cp.AttentionSpec
     cp_rank: int
     cp_size: int
+    device_type: str = "cpu"  # where attention runs: the block kernel whose host tables the worker builds
 
 
-def prepare_plan(plan, rank: int) -> None:
-    """Precompute a plan's per-rank execution state here (in the worker) instead of in the first layer."""
-    plan.prepare(rank)
+def prepare_plan(plan, rank: int, device_type: str = "cpu") -> None:
+    """Precompute a plan's per-rank execution state here (in the worker) instead of in the first layer:
+    index tables and the block kernel's tables, on the host; the first layer only uploads them."""
+    plan.prepare(rank, device_type)
 
 
 class PlannedBatches(torch.utils.data.Dataset):
@@ -203,7 +205,7 @@ class PlannedBatches(torch.utils.data.Dataset):
         t0 = time.perf_counter()
         plan = self.backend().plan(seqlens, p.spec)
         idx = plan.local_indices(p.cp_rank).numpy()
-        prepare_plan(plan, p.cp_rank)
+        prepare_plan(plan, p.cp_rank, p.device_type)
         plan_seconds = time.perf_counter() - t0
         positions = PackedBatch.from_seqlens(seqlens).positions
         stats = {}

@@ -67,17 +67,20 @@ def build_groups(cp_size: int, timeout_minutes: float, owns: bool) -> DistEnv:
             distributed_timeout_minutes=max(1, math.ceil(timeout_minutes)))
     dp_size = world // cp_size
     cp_group = dp_group = None
-    if cp_size == world:
-        cp_group = dist.group.WORLD
     if dp_size == world:
         dp_group = dist.group.WORLD
-    # Every rank must create every group, in the same order.
-    if cp_group is None:
-        for d in range(dp_size):
-            ranks = list(range(d * cp_size, (d + 1) * cp_size))
-            g = dist.new_group(ranks, timeout=timeout)
-            if rank in ranks:
-                cp_group = g
+    # Every rank must create every group, in the same order. Each CP group gets a second communicator
+    # over the same ranks (registered with dcp_backend.comm), so transfers that must overlap each other
+    # (LoongTrain's outer ring beside its inner ring) run on separate NCCL streams.
+    from dcp_backend import comm
+
+    for d in range(dp_size):
+        ranks = list(range(d * cp_size, (d + 1) * cp_size))
+        g = dist.group.WORLD if cp_size == world else dist.new_group(ranks, timeout=timeout)
+        companion = dist.new_group(ranks, timeout=timeout)
+        if rank in ranks:
+            cp_group = g
+            comm.register_companion_group(g, companion)
     if dp_group is None:
         for c in range(cp_size):
             ranks = list(range(c, world, cp_size))
@@ -94,6 +97,9 @@ def build_groups(cp_size: int, timeout_minutes: float, owns: bool) -> DistEnv:
 def teardown(env: DistEnv | None) -> None:
     from megatron.core import parallel_state
 
+    from dcp_backend import comm
+
+    comm.forget_companion_groups()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if env is not None and env.owns_process_group and dist.is_initialized():

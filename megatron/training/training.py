@@ -188,6 +188,8 @@ class Trainer:
             f"{len(s.batches)} micro-batches of <= {args.seq_length} tokens scheduled")
 
         # Model, optimizer, schedule (identical initial weights on every rank: same seed).
+        if args.deterministic_mode:
+            torch.use_deterministic_algorithms(True)
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
         cpu_compat.seed_model_parallel_rng(args.seed)
@@ -223,7 +225,8 @@ class Trainer:
         else:
             torch.manual_seed(args.seed + 1 + env.rank)  # dropout masks differ per rank (different tokens)
 
-        planner = PlannerConfig(args.cp_backend, dict(args.backend_options), self.spec, env.cp_rank, env.cp_size)
+        planner = PlannerConfig(args.cp_backend, dict(args.backend_options), self.spec, env.cp_rank, env.cp_size,
+                                env.device.type)
         dataset = PlannedBatches(self.source, self.schedule, planner, group=env.cp_group,
                                  with_stats=args.log_plan_stats)
         indices = micro_batch_indices(self.iteration, args.train_iters, args.global_batch_size, env.dp_rank,
