@@ -6,7 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: setup test demo clean lint
+# The one-shot GPU check (tools/gpu_verify.py, at most ~5 minutes; exits non-zero on any failure). It runs
+# with the GPU image's own python (Dockerfile); elsewhere: make setup && make gpu-check GPU_PYTHON=.venv/bin/python
+GPU_PYTHON ?= python3
+
+.PHONY: setup test demo gpu-check clean lint
 
 setup: $(STAMP)
 
@@ -21,6 +25,9 @@ test: setup
 
 demo: setup
 	$(PY) examples/cpu_demo.py --run-dir $(RUN_DIR)
+
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_verify.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache
