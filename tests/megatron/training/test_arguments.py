@@ -87,3 +87,8 @@ def test_defaults_are_resolved():
 def test_bf16_without_cuda(data, monkeypatch):
     msg = _setup_error(_argv(data, "--cp-backend", "ring", "--bf16", "--split-long-documents"), 2, monkeypatch)
     assert "--bf16 needs CUDA" in msg
+
+
+def test_te_without_bf16_is_refused_at_setup(data, monkeypatch):
+    msg = _setup_error(_argv(data, "--cp-backend", "te"), 2, monkeypatch)
+    assert "--cp-backend te needs --bf16" in msg
