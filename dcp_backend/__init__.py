@@ -10,10 +10,12 @@
 from dcp_backend.backend import BackendOptions, CPBackend, Plan, PlanStats
 from dcp_backend.masks import available_masks, register_mask
 from dcp_backend.registry import available_backends, get_backend, make_options, register_backend
-from dcp_backend.spec import AttentionSpec, BackendUnavailableError, CommunicationError, CPError
+from dcp_backend.errors import BackendUnavailableError, CommunicationError, CPError
+from dcp_backend.spec import AttentionSpec
+from dcp_backend.topology import Topology
 
 __all__ = [
     "AttentionSpec", "BackendOptions", "BackendUnavailableError", "CPBackend", "CPError", "CommunicationError",
     "Plan", "PlanStats", "available_backends", "available_masks", "get_backend", "make_options",
-    "register_backend", "register_mask",
+    "register_backend", "register_mask", "Topology",
 ]

@@ -17,7 +17,8 @@ import torch
 
 from dcp_backend import comm
 from dcp_backend.batch import PackedBatch
-from dcp_backend.spec import AttentionSpec, CPError
+from dcp_backend.spec import AttentionSpec
+from dcp_backend.errors import CPError
 
 
 @dataclass(frozen=True)

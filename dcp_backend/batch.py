@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dcp_backend.spec import CPError
+from dcp_backend.errors import CPError
 
 
 def validate_seqlens(seqlens: Sequence[int] | np.ndarray) -> np.ndarray:

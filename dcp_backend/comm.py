@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from dcp_backend.spec import CommunicationError, CPError
+from dcp_backend.errors import CommunicationError, CPError
 
 
 def is_initialized() -> bool:

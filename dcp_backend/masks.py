@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from dcp_backend.batch import PackedBatch
-from dcp_backend.spec import CPError
+from dcp_backend.errors import CPError
 
 MaskFn = Callable[..., np.ndarray]
 
@@ -135,6 +135,11 @@ def build_ranges(batch: PackedBatch, name: str, args: Mapping[str, Any] | None =
 def range_lengths(ranges: np.ndarray) -> np.ndarray:
     """Number of visible keys per query row (ranges must be canonical)."""
     return (ranges[..., 1] - ranges[..., 0]).sum(axis=-1)
+
+
+def count_pairs(batch: PackedBatch, name: str, args: Mapping[str, Any] | None = None) -> int:
+    """Unmasked (query, key) pairs of a packed batch, per head: the attention work it really has."""
+    return int(range_lengths(build_ranges(batch, name, args)).astype(np.int64).sum())
 
 
 def clip_ranges(ranges: np.ndarray, lo: np.ndarray | int, hi: np.ndarray | int) -> np.ndarray:

@@ -10,7 +10,7 @@ import importlib
 from typing import Callable
 
 from dcp_backend.backend import CPBackend
-from dcp_backend.spec import BackendUnavailableError, CPError
+from dcp_backend.errors import BackendUnavailableError, CPError
 
 _BUILTIN = {
     "ring": "dcp_backend.baselines.ring:RingBackend",

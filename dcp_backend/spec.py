@@ -1,24 +1,12 @@
-"""The attention problem a CP backend solves: heads, head size, mask and scale (`AttentionSpec`).
-
-Also the error types every backend raises, so that callers can catch one family of exceptions.
-"""
+"""The attention problem a CP backend solves: heads, head size, mask and scale (`AttentionSpec`)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-
-class CPError(ValueError):
-    """Bad input to a context-parallel backend (wrong option, shape, dtype, lengths, ...)."""
-
-
-class BackendUnavailableError(RuntimeError):
-    """The backend exists but cannot run here (for example Transformer Engine is not installed)."""
-
-
-class CommunicationError(RuntimeError):
-    """A collective or point-to-point transfer failed or timed out (a peer died or diverged)."""
+from dcp_backend import masks
+from dcp_backend.errors import CPError
 
 
 @dataclass(frozen=True)
@@ -37,8 +25,6 @@ class AttentionSpec:
     softmax_scale: float | None = None
 
     def __post_init__(self) -> None:
-        from dcp_backend import masks  # local import: masks imports this module's errors
-
         for name in ("num_heads", "num_kv_heads", "head_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

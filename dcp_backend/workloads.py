@@ -10,12 +10,16 @@ then uniformly in log space between its bounds):
 * ``ldc``: 80% under 4K ([64, 4K]), a 20% long tail in [4K, 128K];
 * ``uniform``: uniform in [1, max_len] (a neutral reference; ``scale`` does not apply).
 
+``read_seqlens_file`` reads a user's own lengths (one per line, or JSON batches) into batches.
+
 Every function is deterministic in its arguments (numpy ``default_rng`` seeded with the seed and the
 dataset name). "Max length" of a dry-run configuration is the batch budget in tokens: documents are
 clipped to it and packed into batches of at most that many tokens (as in the published study, where
 the global batch in tokens equals the maximum sequence length).
 """
 from __future__ import annotations
+
+import json
 
 from typing import Iterable
 
@@ -131,3 +135,53 @@ def dataset_batches(dataset: str, num_batches: int, tokens_per_batch: int, seed:
             cur.append(n)
             used += n
     return batches
+
+
+def checked_batch(batch, where: str) -> list[int]:
+    """``batch`` if it is a non-empty list of positive int lengths; else ValueError naming ``where``."""
+    if not isinstance(batch, list) or not batch:
+        raise ValueError(f"{where}: a batch must be a non-empty list of document lengths, got {batch!r}")
+    for n in batch:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{where}: document lengths must be positive ints, got {n!r}")
+    return batch
+
+
+def read_seqlens_file(path: str, tokens_per_batch: int) -> list[list[int]]:
+    """Batches from ``path``: a JSON list of batches (or an object with a ``batches`` list) is used as
+    given; document lengths (one per line, ``#`` comments allowed, or a flat JSON list) are packed whole
+    and in order into batches of ``tokens_per_batch`` (:func:`pack_batches`)."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+        lengths = []
+        for i, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            try:
+                lengths.append(int(line))
+            except ValueError:
+                raise ValueError(f"{path}:{i}: expected one document length (an int) per line, got {line!r}")
+    if data is not None:
+        if isinstance(data, dict):
+            if "batches" not in data:
+                raise ValueError(f"{path}: a JSON object must hold a 'batches' list")
+            data = data["batches"]
+        if isinstance(data, int):
+            data = [data]
+        if not isinstance(data, list) or not data:
+            raise ValueError(f"{path}: expected a JSON list of batches or of document lengths")
+        if all(isinstance(b, list) for b in data):
+            return [checked_batch(b, f"{path}: batch {i}") for i, b in enumerate(data)]
+        lengths = data
+    if not lengths:
+        raise ValueError(f"{path}: no document lengths found")
+    checked_batch(lengths, path)
+    try:
+        return pack_batches(lengths, tokens_per_batch)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None

@@ -2,7 +2,7 @@
 
 Workers (one per rank) run a list of cases and return their local outputs and gradients, and the trace of
 every transfer they made; the parent process reassembles the results by ``plan.local_indices``, compares
-them with :func:`dcp_backend.reference.dense_attention`, and replays the traces under NCCL's ordering rules
+them with :func:`dcp_backend.dense_reference.dense_attention`, and replays the traces under NCCL's ordering rules
 (:func:`dcp_backend.comm_order.replay`), so every exactness test is also a deadlock check.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import dcp_backend as cp
 from dcp_backend import comm
 from dcp_backend.comm_order import CommOrderError, replay
-from dcp_backend.reference import dense_attention
+from dcp_backend.dense_reference import dense_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp64": 1e-9}

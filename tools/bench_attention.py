@@ -34,12 +34,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dcp_backend as cp  # noqa: E402
-from dcp_backend.masks import parse_mask_args  # noqa: E402
-from dcp_backend.registry import backend_class  # noqa: E402
-from dcp_backend.workloads import dataset_batches  # noqa: E402
+import dcp_backend as cp
+from dcp_backend.masks import parse_mask_args
+from dcp_backend.registry import backend_class
+from dcp_backend.workloads import dataset_batches
 
 LABELS = {"ring": "Ring Attn", "zigzag": "Zigzag Ring Attn", "te": "TE Attn", "loongtrain": "LoongTrain Attn",
           "dcp": "DCP Attn"}
@@ -56,7 +55,7 @@ PROBE_WORK = (1, 1024, 1024, "causal_split")  # a point of the CPU cost table's 
 
 def probe_ms(device, reps: int = 6) -> float:
     """Mean ms of one fixed kernel call run on every rank at once (all ranks busy, like a pass)."""
-    from dcp_backend.cost import calibration_work
+    from dcp_backend.cost_model import calibration_work
     from dcp_backend.kernels import get_kernel
 
     kern = get_kernel("auto", device)
@@ -197,9 +196,9 @@ def _mean_over_ranks(value: float, device) -> float:
 
 def _pairs(seqlens, spec) -> int:
     from dcp_backend.batch import PackedBatch
-    from dcp_backend.masks import build_ranges, range_lengths
+    from dcp_backend.masks import count_pairs
 
-    return int(range_lengths(build_ranges(PackedBatch.from_seqlens(seqlens), spec.mask, spec.mask_args)).sum())
+    return count_pairs(PackedBatch.from_seqlens(seqlens), spec.mask, spec.mask_args)
 
 
 def measure(args, name, opts, seqlens, spec, device, dtype, check: bool) -> dict:
@@ -238,7 +237,7 @@ def measure(args, name, opts, seqlens, spec, device, dtype, check: bool) -> dict
         probes.append(probe_ms(device))
     err = 0.0
     if check:
-        from dcp_backend.reference import dense_attention
+        from dcp_backend.dense_reference import dense_attention
 
         qr, kr, vr = (x.double().requires_grad_(True) for x in full[:3])
         ref = dense_attention(qr, kr, vr, seqlens, spec)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Measure the block kernel on this device and write a cost table (JSON) for dcp_backend.cost.
+"""Measure the block kernel on this device and write a cost table (JSON) for dcp_backend.cost_model.
 
     python tools/calibrate.py --device cpu --out dcp_backend/cost_tables/cpu.json      # measure (minutes)
     python tools/calibrate.py --device cuda --out my_gpu.json                           # on a GPU
@@ -8,7 +8,7 @@
     python tools/calibrate.py --check dcp_backend/cost_tables/cpu.json                  # fit quality
 
 The grid is (q length, kv length, mask / unmasked fraction, heads, head dim, dtype); each point is a
-synthetic work of equal segments (``dcp_backend.cost.calibration_work``) sized to a fixed amount of
+synthetic work of equal segments (``dcp_backend.cost_model.calibration_work``) sized to a fixed amount of
 work, plus a few points of many distinct small segments (so kernel-call overhead is measured apart
 from per-row cost). Every point is timed forward and backward: the median of ``--repeats`` runs after
 ``--warmup`` runs, one torch thread on CPU (what the gloo benchmarks use per rank). The table also gets
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -27,10 +26,9 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dcp_backend.cost import CostModel, calibration_work  # noqa: E402
-from dcp_backend.kernels import get_kernel  # noqa: E402
+from dcp_backend.cost_model import CostModel, calibration_work, read_table, table_from_block_costs, write_table
+from dcp_backend.kernels import get_kernel
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
@@ -188,46 +186,8 @@ def measure(args) -> dict:
 
 # ------------------------------------------------------------------------------------------ converting
 
-def convert_jsonl(path: str) -> dict:
-    """Rows of data/h100_block_costs.jsonl -> table points (backward = fwd+bwd - fwd)."""
-    pts, copy = [], []
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if "copy_block_tokens" in r:
-                copy.append(r)
-                continue
-            pts.append({
-                "dtype": "bf16", "head_dim": r["head_dim"], "heads": r["heads"], "kv_heads": r["kv_heads"],
-                "segments": r["q_tokens"] // r["block"], "q_len": r["block"], "kv_len": r["block"] * r["kv_blocks"],
-                "mask": "causal_last" if r["causal_last"] else "full",
-                "fwd_s": r["fwd_ms"] * 1e-3, "bwd_s": (r["fwdbwd_ms"] - r["fwd_ms"]) * 1e-3,
-                "pairs": r["pairs"],
-            })
-    bw = float(np.mean([c["GBps_read_plus_write"] for c in copy])) * 1e9 if copy else 1.4e12
-    return {
-        "format": "dcp-cost-table", "version": 1, "name": "h100",
-        "device": "NVIDIA H100 80GB HBM3", "kernel": "flex", "tile": [128, 128], "visit": "sparse",
-        "analytic": "h100", "network": "h100-p5",
-        "source": (f"converted by tools/calibrate.py --from-jsonl from {path} (measured once on 2026-11-24: "
-                   "torch.compile'd FlexAttention, BlockMask from block tables, triton.testing.do_bench medians; "
-                   "backward = fwdbwd_ms - fwd_ms)"),
-        "date": datetime.date.today().isoformat(),
-        "command": "python tools/calibrate.py " + " ".join(sys.argv[1:]),
-        "statistic": "median",
-        # Every row has 16384 query rows, so a per-call cost cannot be told apart from per-row cost; pin the
-        # call overhead to a typical H100 kernel launch (GPU time) and fit the rest. An assumption.
-        "fixed": {"fwd": {"calls": 1e-5}, "bwd": {"calls": 2e-5}},
-        # one backward row (block 1024, one key block, full) is 4x its causal twin: a measurement glitch
-        "outlier_factor": 2.0,
-        # copy rows measure read+write bandwidth; the model charges bytes once per gather or scatter
-        "copy": {"bytes_per_s": bw / 2, "overhead_s": 5e-6},
-        "points": pts,
-    }
-
-
 def check(path: str) -> None:
-    from dcp_backend.cost import load_cost_model
+    from dcp_backend.cost_model import load_cost_model
 
     cm = load_cost_model(path)
     print(f"# {cm.describe()}")
@@ -257,39 +217,29 @@ def main(argv=None) -> int:
         check(args.check)
         return 0
     if args.copy_only:
-        with open(args.copy_only) as f:
-            table = json.load(f)
+        table = read_table(args.copy_only)
         dev = torch.device(args.device)
         if dev.type == "cpu":
             torch.set_num_threads(args.threads)
         table["copy"] = copy_bandwidth(dev, max(args.repeats, 9))
         table["copy_command"] = "python tools/calibrate.py " + " ".join(sys.argv[1:])
-        with open(args.copy_only, "w") as f:
-            json.dump(table, f, indent=1)
-            f.write("\n")
+        write_table(table, args.copy_only)
         print(f"copy: {table['copy']['bytes_per_s'] / 1e9:.2f} GB/s + {table['copy']['overhead_s'] * 1e6:.1f} us per op")
         return 0
     if args.append:
-        with open(args.append) as f:
-            table = json.load(f)
+        table = read_table(args.append)
         new = measure(args)
         table["points"].extend(new["points"])
         table.setdefault("appended", []).append({"command": new["command"], "date": new["date"],
                                                  "points": len(new["points"])})
-        CostModel(table, analytic=table["analytic"])
-        with open(args.append, "w") as f:
-            json.dump(table, f, indent=1)
-            f.write("\n")
+        write_table(table, args.append)
         print(f"appended {len(new['points'])} points to {args.append}")
         return 0
     if not args.out:
         raise SystemExit("--out is required (or --check)")
-    table = convert_jsonl(args.from_jsonl) if args.from_jsonl else measure(args)
-    CostModel(table, analytic=table["analytic"])  # must fit
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(table, f, indent=1)
-        f.write("\n")
+    command = "python tools/calibrate.py " + " ".join(sys.argv[1:])
+    table = table_from_block_costs(args.from_jsonl, command) if args.from_jsonl else measure(args)
+    write_table(table, args.out)  # must fit
     print(f"wrote {args.out} ({len(table['points'])} points)")
     return 0
 

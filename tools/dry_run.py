@@ -44,15 +44,14 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import dcp_backend as cp  # noqa: E402
-from dcp_backend.batch import PackedBatch  # noqa: E402
-from dcp_backend.dcp.config import DCPOptions  # noqa: E402
-from dcp_backend.masks import build_ranges, parse_mask_args, range_lengths, resolve_mask_args  # noqa: E402
-from dcp_backend.workloads import DATASETS, dataset_batches, pack_batches  # noqa: E402
+import dcp_backend as cp
+from dcp_backend.batch import PackedBatch
+from dcp_backend.dcp.config import DCPOptions
+from dcp_backend.masks import count_pairs, parse_mask_args, resolve_mask_args
+from dcp_backend.workloads import DATASETS, checked_batch, dataset_batches, read_seqlens_file
 
 BASELINES = ("ring", "zigzag", "loongtrain", "te")
 BYTE_KEYS = ("fwd_inter_node_bytes", "bwd_inter_node_bytes", "fwd_intra_node_bytes", "bwd_intra_node_bytes")
@@ -204,59 +203,12 @@ def load_batches(args) -> list[list[int]]:
             batch = [int(x) for x in args.seqlens.split(",") if x.strip()]
         except ValueError:
             raise ValueError(f"--seqlens must be comma-separated ints, got {args.seqlens!r}")
-        return [_checked_batch(batch, "--seqlens")]
+        return [checked_batch(batch, "--seqlens")]
     if args.dataset:
         return dataset_batches(args.dataset, args.num_batches, args.tokens_per_batch, args.seed, args.scale)
     return read_seqlens_file(args.seqlens_file, args.tokens_per_batch)
 
 
-def _checked_batch(batch, where: str) -> list[int]:
-    if not isinstance(batch, list) or not batch:
-        raise ValueError(f"{where}: a batch must be a non-empty list of document lengths, got {batch!r}")
-    for n in batch:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{where}: document lengths must be positive ints, got {n!r}")
-    return batch
-
-
-def read_seqlens_file(path: str, tokens_per_batch: int) -> list[list[int]]:
-    """Batches from ``path``: a JSON list of batches (or an object with a ``batches`` list) is used as
-    given; document lengths (one per line, ``#`` comments allowed, or a flat JSON list) are packed whole
-    and in order into batches of ``tokens_per_batch`` (:func:`dcp_backend.workloads.pack_batches`)."""
-    with open(path) as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = None
-        lengths = []
-        for i, line in enumerate(text.splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            try:
-                lengths.append(int(line))
-            except ValueError:
-                raise ValueError(f"{path}:{i}: expected one document length (an int) per line, got {line!r}")
-    if data is not None:
-        if isinstance(data, dict):
-            if "batches" not in data:
-                raise ValueError(f"{path}: a JSON object must hold a 'batches' list")
-            data = data["batches"]
-        if isinstance(data, int):
-            data = [data]
-        if not isinstance(data, list) or not data:
-            raise ValueError(f"{path}: expected a JSON list of batches or of document lengths")
-        if all(isinstance(b, list) for b in data):
-            return [_checked_batch(b, f"{path}: batch {i}") for i, b in enumerate(data)]
-        lengths = data
-    if not lengths:
-        raise ValueError(f"{path}: no document lengths found")
-    _checked_batch(lengths, path)
-    try:
-        return pack_batches(lengths, tokens_per_batch)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------- planning
@@ -280,7 +232,7 @@ def make_config(mask: str, mask_args: dict, options: DCPOptions) -> Config:
 
 def mask_sparsity(batch: PackedBatch, mask: str, mask_args: dict) -> float:
     """Unmasked (query, key) pairs over causal pairs of the batch (1 = causal; smaller = sparser)."""
-    pairs = float(range_lengths(build_ranges(batch, mask, mask_args)).sum())
+    pairs = float(count_pairs(batch, mask, mask_args))
     L = batch.seqlens.astype(np.float64)
     return pairs / float((L * (L + 1) / 2).sum())
 

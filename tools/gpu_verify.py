@@ -45,7 +45,6 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 TOL = {  # (out and lse, gradients): max |error| / max |oracle|
     torch.float32: (5e-3, 1e-2),
@@ -326,7 +325,7 @@ def _dist_rank(rank, world, port, cuda, quick, out_dir):
     import dcp_backend as cp
     from dcp_backend.batch import PackedBatch
     from dcp_backend.kernels import AttnWork
-    from dcp_backend.masks import build_ranges
+    from dcp_backend.masks import build_ranges, count_pairs
 
     rows = []
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -348,7 +347,7 @@ def _dist_rank(rank, world, port, cuda, quick, out_dir):
             # the oracle over the whole batch as one work (documents as segments), on every rank
             whole = AttnWork(batch.cu_seqlens, batch.cu_seqlens, ranges)
             ref = oracle(*full, whole, spec.scale)
-            pairs = int((ranges[..., 1] - ranges[..., 0]).sum())
+            pairs = count_pairs(batch, spec.mask, spec.mask_args)
             for name in BACKENDS:
                 opts = _backend_options(name, world, hkv, cuda)
                 if opts is None:

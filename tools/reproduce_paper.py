@@ -5,7 +5,7 @@
     python tools/reproduce_paper.py --out runs/paper --plot-only     # figures + tables from the JSON
 
 Setup as published: LongAlign- and LDC-shaped batches of 131072 tokens at length scales 0.5, 1, 2, 4
-(``dcp_backend.sim.batches``), 8 query / 2 KV heads, head dim 128, bf16, 4 nodes x 8 devices; causal
+(``dcp_backend.sim.benchmark_batches``), 8 query / 2 KV heads, head dim 128, bf16, 4 nodes x 8 devices; causal
 forward and backward for ring, zigzag, LoongTrain (best window), TE (a2a+p2p as published, and p2p) and
 DCP (best of block sizes 1024/2048/4096 and its static candidates); the sparse masks (lambda, shared
 question, causal blockwise) for DCP against the best baseline. Every plan is simulated under four
@@ -29,14 +29,13 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import dcp_backend as cp  # noqa: E402
-from dcp_backend.cost import load_cost_model  # noqa: E402
-from dcp_backend.dcp.config import DCPOptions  # noqa: E402
-from dcp_backend.sim.batches import describe, paper_batches  # noqa: E402
-from dcp_backend.sim.compare import BASELINES, candidate_plans, simulate_candidates  # noqa: E402
-from dcp_backend.sim.network import Topology  # noqa: E402
+import dcp_backend as cp
+from dcp_backend.cost_model import load_cost_model
+from dcp_backend.dcp.config import DCPOptions
+from dcp_backend.sim.benchmark_batches import describe, paper_batches
+from dcp_backend.sim.compare import BASELINES, candidate_plans, simulate_candidates
+from dcp_backend.sim.network import Topology
 
 # Published means (ms per batch, N4D32, A100), docs/research/dcp_reference.md section 8:
 # {(dataset, pass): {scale: (ring, zigzag, loongtrain, te, dcp)}}
@@ -62,7 +61,7 @@ LABELS = {"ring": "Ring", "zigzag": "Zigzag", "loongtrain": "LoongTrain", "te-a2
 
 def simulate(args) -> dict:
     cm = load_cost_model(args.cost_model)
-    topo = Topology(4, 8)
+    topo = Topology.grid(4, 8)
     out = {"date": datetime.date.today().isoformat(), "command": "python tools/reproduce_paper.py "
            + " ".join(sys.argv[1:]), "cost_model": cm.describe(), "settings": SETTINGS, "points": []}
     path = os.path.join(args.out, "results.json")

@@ -19,20 +19,18 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dcp_backend as cp  # noqa: E402
-from dcp_backend.cost import load_cost_model  # noqa: E402
-from dcp_backend.masks import parse_mask_args  # noqa: E402
-from dcp_backend.sim.batches import describe, paper_batches  # noqa: E402
-from dcp_backend.sim.compare import ALL_BACKENDS, BASELINES, compare_batch  # noqa: E402
-from dcp_backend.sim.network import PRESETS, Topology, get_network  # noqa: E402
+import dcp_backend as cp
+from dcp_backend.cost_model import load_cost_model
+from dcp_backend.masks import parse_mask_args
+from dcp_backend.sim.benchmark_batches import describe, paper_batches
+from dcp_backend.sim.compare import ALL_BACKENDS, BASELINES, compare_batch
+from dcp_backend.sim.network import PRESETS, Topology, get_network
 
 
 def parse_args(argv=None):
@@ -100,7 +98,7 @@ def main(argv=None) -> int:
     net = get_network(net_name)
     if args.bandwidth_scale != 1.0:
         net = net.scaled(bandwidth=args.bandwidth_scale)
-    topo = Topology(args.nodes, args.devices_per_node)
+    topo = Topology.grid(args.nodes, args.devices_per_node)
     spec = cp.AttentionSpec(args.num_heads, args.num_kv_heads, args.head_dim, mask=args.mask, mask_args=args.mask_args)
     backends = ALL_BACKENDS if args.all_backends else tuple(x.strip() for x in args.backends.split(",") if x.strip())
     if args.seqlens:

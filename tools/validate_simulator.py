@@ -42,12 +42,12 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import dcp_backend as cp  # noqa: E402
-from dcp_backend.cost import load_cost_model  # noqa: E402
-from dcp_backend.sim.network import NetworkModel, get_network  # noqa: E402
-from dcp_backend.sim.simulate import simulate_plan  # noqa: E402
+import dcp_backend as cp
+from dcp_backend.cost_model import load_cost_model
+from dcp_backend.cost_model import calibration_work
+from dcp_backend.sim.network import NetworkModel, fit_link, get_network, host_model
+from dcp_backend.sim.simulator import simulate_plan
 
 
 # ------------------------------------------------------------------------------------------- network
@@ -89,7 +89,6 @@ def _net_worker(rank, world, port, sizes, reps, q):
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             res[(pattern, n)] = float(t.item())
     # CPU probe: every rank runs the same kernel call at once, as the ranks of a pass do
-    from dcp_backend.cost import calibration_work
     from dcp_backend.kernels import get_kernel
 
     kern = get_kernel("cpu_flash", "cpu")
@@ -130,30 +129,10 @@ def measure_network(world: int, reps: int = 7) -> dict:
             net = get_network("cpu-loopback")
             fit[pattern] = {"bytes_per_s": net.intra_bw, "latency_s": net.intra_latency, "seconds": {}}
             continue
-        b = np.array(sizes, dtype=np.float64)
-        t = np.array([res[(pattern, n)] for n in sizes])
-        slope, icpt = np.polyfit(b, t, 1)
-        fit[pattern] = {"bytes_per_s": float(1 / slope), "latency_s": float(max(icpt, 0.0)),
-                        "seconds": {str(n): res[(pattern, n)] for n in sizes}}
+        seconds = [res[(pattern, n)] for n in sizes]
+        fit[pattern] = {**fit_link(sizes, seconds), "seconds": {str(n): t for n, t in zip(sizes, seconds)}}
     fit["probe_s"] = res["probe_s"]
     return fit
-
-
-def host_model(world: int, probe_s: float, cm, cores: int) -> tuple[float, float]:
-    """(per-core speed, other jobs' runnable threads) from the probe: all ``world`` ranks ran it at once
-    at ``r = t_table / probe_s`` of the table's speed. With no more ranks than cores, fair share would
-    give each a full core, so the slowdown is interference: speed ``r``, no background. With more ranks
-    than cores, each gets ``cores / (world + L)``: ``L = cores / r - world`` (speed 1; if that is
-    negative, the ranks ran faster than fair sharing predicts and the speed absorbs it)."""
-    from dcp_backend.cost import calibration_work
-
-    r = cm.work_seconds(calibration_work(*PROBE_WORK), 8, 64, "fp32") / probe_s
-    if world <= cores:
-        return float(min(r, 1.5)), 0.0
-    bg = cores / r - world
-    if bg < 0:
-        return float(r * world / cores), 0.0
-    return 1.0, float(bg)
 
 
 # ------------------------------------------------------------------------------------------- measured
@@ -225,7 +204,8 @@ def main(argv=None) -> int:
     def network_of(fits, world, probe_s):
         bw = float(np.mean([f["ring"]["bytes_per_s"] for f in fits]))
         lat = float(np.mean([f["ring"]["latency_s"] for f in fits]))
-        speed, bg = host_model(world, probe_s, cm, args.cores)
+        table_s = cm.work_seconds(calibration_work(*PROBE_WORK), 8, 64, "fp32")
+        speed, bg = host_model(world, table_s / probe_s, args.cores)
         # messages of a pass go around all ranks at once: the ring fit
         return NetworkModel(f"cpu-loopback-{world}", intra_bw=bw, inter_bw_per_node=bw, nics_per_node=1,
                             intra_latency=lat, inter_latency=lat, cores=args.cores, background=bg, speed=speed)

@@ -26,7 +26,7 @@ from dcp_backend.baselines.ring_family import RingFamilyBackend, RingFamilyOptio
 from dcp_backend.comm import Exchange
 from dcp_backend.host_tables import HostTables
 from dcp_backend.kernels import get_kernel
-from dcp_backend.spec import CPError
+from dcp_backend.errors import CPError
 
 TAG_A2A = 21
 

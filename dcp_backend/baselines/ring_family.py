@@ -16,6 +16,8 @@ from functools import cached_property
 
 import numpy as np
 
+from dcp_backend.dtypes import acc_element_size
+
 from dcp_backend.backend import BackendOptions, CPBackend, Plan, PlanStats
 from dcp_backend.baselines.layout import ChunkLayout, PairWorkBuilder
 from dcp_backend import comm
@@ -23,7 +25,8 @@ from dcp_backend.baselines.ring_core import RingAttentionFn, RingGeometry, RingG
 from dcp_backend.batch import PackedBatch
 from dcp_backend.kernels import get_kernel
 from dcp_backend.masks import build_ranges, range_lengths
-from dcp_backend.spec import AttentionSpec, CPError
+from dcp_backend.spec import AttentionSpec
+from dcp_backend.errors import CPError
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ class RingFamilyPlan(Plan):
         C, w = self.num_positions, self.window
         nw = C // w
         dpn = self.devices_per_node
-        acc_size = 8 if element_size == 8 else 4
+        acc_size = acc_element_size(element_size)
         kv_heads = max(spec.num_kv_heads // hp, 1)
         kv_tok = 2 * kv_heads * spec.head_dim  # K and V elements per token per rank
         tokens_c = self.layout.tokens_per_position

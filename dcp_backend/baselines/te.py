@@ -26,6 +26,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from dcp_backend.dtypes import acc_element_size
 import torch
 
 from dcp_backend import comm
@@ -35,7 +37,8 @@ from dcp_backend.baselines.te_layout import TELayout
 from dcp_backend.batch import PackedBatch
 from dcp_backend.host_tables import HostTables
 from dcp_backend.masks import build_ranges, range_lengths
-from dcp_backend.spec import AttentionSpec, BackendUnavailableError, CPError
+from dcp_backend.spec import AttentionSpec
+from dcp_backend.errors import BackendUnavailableError, CPError
 
 COMM_TYPES = ("p2p", "a2a+p2p")
 # Masks TE's context parallelism takes, per comm type, and the TE mask type used for each.
@@ -174,7 +177,7 @@ class TEPlan(Plan):
             g0 = (r // A) * A
             compute.append(int(real_pairs[g0:g0 + A].sum()) * (H // A))
         tokens = tuple(int(x) for x in lay.real_tokens())
-        acc_size = 8 if element_size == 8 else 4
+        acc_size = acc_element_size(element_size)
         act = local * (2 * H + 2 * Hkv) * D * element_size  # q, k, v, out (padded buffers)
         ring = 2 * kv_bytes + local * H * D * acc_size  # two K/V receive buffers + fp32 out accumulator
         memory = tuple(act + ring for _ in range(n))

@@ -19,7 +19,7 @@ from functools import cached_property
 import numpy as np
 
 from dcp_backend.batch import PackedBatch, concat_aranges
-from dcp_backend.spec import CPError
+from dcp_backend.errors import CPError
 
 
 def padded_lengths(seqlens: np.ndarray, cp: int) -> np.ndarray:

@@ -21,7 +21,8 @@ import numpy as np
 
 from dcp_backend.batch import PackedBatch, concat_aranges
 from dcp_backend.masks import build_ranges
-from dcp_backend.spec import AttentionSpec, CPError
+from dcp_backend.spec import AttentionSpec
+from dcp_backend.errors import CPError
 
 
 @dataclass(frozen=True)

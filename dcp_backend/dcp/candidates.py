@@ -105,8 +105,9 @@ def head_parallel_degree(spec: AttentionSpec, options, world_size: int) -> int:
 
 def simulated_seconds(plan, cost_model, element_size: int) -> tuple[float, float]:
     """(forward, backward) simulated seconds of a DCP plan on its topology (see the module docstring)."""
-    from dcp_backend.cost import dtype_name, load_cost_model
-    from dcp_backend.sim.simulate import simulate_plan
+    from dcp_backend.cost_model import load_cost_model
+    from dcp_backend.dtypes import dtype_name
+    from dcp_backend.sim.simulator import simulate_plan
 
     cm = load_cost_model(cost_model)
     rep = simulate_plan(plan, cm, cm.network or "h100-p5", dtype_name(element_size), with_stats=False)

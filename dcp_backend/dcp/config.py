@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dcp_backend.backend import BackendOptions
-from dcp_backend.spec import CPError
+from dcp_backend.errors import CPError
 
 PARTITIONERS = ("mtkahypar", "greedy")
 PLACEMENTS = ("hypergraph", "zigzag", "auto")
@@ -31,7 +31,7 @@ class DCPOptions(BackendOptions):
     min_block_size / max_block_size: bounds for block_size="auto".
     cost_model: None (balance unmasked pairs x heads, the default) or a cost table for the planner's
         compute weights in seconds: "h100", "cpu" (shipped tables), a table path, or "analytic:<preset>"
-        (see dcp_backend.cost).
+        (see dcp_backend.cost_model).
     placement: "hypergraph" (default: Mt-KaHyPar placement), "zigzag" (static snake-dealt token blocks,
         computation on the query owner) or "auto" (plan both, simulate both with the cost model on that
         table's network preset, keep the faster; costs two plans and two simulations per batch). See
@@ -85,7 +85,7 @@ class DCPOptions(BackendOptions):
         if self.cost_model is not None:
             if not isinstance(self.cost_model, str):
                 raise CPError(f"dcp option cost_model must be None or a table name/path, got {self.cost_model!r}")
-            from dcp_backend.cost import load_cost_model
+            from dcp_backend.cost_model import load_cost_model
 
             load_cost_model(self.cost_model)  # raises CPError naming the problem
         if self.placement not in PLACEMENTS:

@@ -18,14 +18,15 @@ from dcp_backend.dcp.config import DCPOptions
 from dcp_backend.dcp.instructions import DeviceProgram
 from dcp_backend.dcp.partition import Placement, place
 from dcp_backend.dcp.schedule import PassSchedule, schedule_pass
-from dcp_backend.spec import AttentionSpec, CPError
+from dcp_backend.spec import AttentionSpec
+from dcp_backend.errors import CPError
 
 
 def pair_cost(bs: BlockSet, cost_model: str | None = None, element_size: int = 2) -> np.ndarray:
     """Cost of every computation block: unmasked pairs x query heads of its head block; with a cost model
-    (``DCPOptions.cost_model``, see :mod:`dcp_backend.cost`) its forward + backward seconds instead."""
+    (``DCPOptions.cost_model``, see :mod:`dcp_backend.cost_model`) its forward + backward seconds instead."""
     if cost_model is not None:
-        from dcp_backend.cost import load_cost_model
+        from dcp_backend.cost_model import load_cost_model
 
         return load_cost_model(cost_model).block_seconds(bs, element_size)
     return (bs.pair_count[bs.comp_pair(np.arange(bs.n_comp))] * bs.heads.hb).astype(np.float64)

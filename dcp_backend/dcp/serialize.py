@@ -23,7 +23,8 @@ from dcp_backend.dcp.partition import Placement
 from dcp_backend.dcp.planner import DCPPlan
 from dcp_backend.dcp.schedule import PassSchedule, Transfers
 from dcp_backend.kernels.work import AttnWork
-from dcp_backend.spec import AttentionSpec, CPError
+from dcp_backend.spec import AttentionSpec
+from dcp_backend.errors import CPError
 
 MAGIC = b"DCPPLAN\0"
 VERSION = 1

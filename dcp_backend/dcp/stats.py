@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from dcp_backend.dtypes import acc_element_size
+
 from dcp_backend.backend import PlanStats
 from dcp_backend.dcp.instructions import ACC, Attention, Comm
 
 
 def program_send_bytes(prog, head_dim: int, element_size: int, devices_per_node: int) -> tuple[int, int]:
     """(intra-node, inter-node) bytes one device program sends."""
-    acc_size = 8 if element_size == 8 else 4
+    acc_size = acc_element_size(element_size)
     intra = inter = 0
     for ins in prog.instructions:
         if not isinstance(ins, Comm):
@@ -33,7 +35,7 @@ def program_send_bytes(prog, head_dim: int, element_size: int, devices_per_node:
 
 
 def program_memory_bytes(prog, head_dim: int, element_size: int) -> int:
-    acc_size = 8 if element_size == 8 else 4
+    acc_size = acc_element_size(element_size)
     total = 0
     for spec in prog.stores.values():
         total += spec.rows * spec.heads * (head_dim if spec.with_dim else 1) * (

@@ -13,7 +13,7 @@ import torch
 from dcp_backend.kernels.base import BlockKernel, acc_dtype
 from dcp_backend.kernels.merge import merge_into_, merge_many, merge_partial
 from dcp_backend.kernels.work import AttnWork
-from dcp_backend.spec import CPError
+from dcp_backend.errors import CPError
 
 _FACTORIES: dict[str, Callable[[], BlockKernel]] = {}
 _INSTANCES: dict[str, BlockKernel] = {}

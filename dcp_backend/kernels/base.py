@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dcp_backend.host_tables import HostTables
 from dcp_backend.kernels.work import (KIND_CAUSAL, KIND_CAUSAL_BR, KIND_FULL, KIND_GENERAL, AttnWork,
                                      dense_visibility)
 
@@ -36,8 +37,9 @@ class BlockKernel:
     backward_recompute = 0.0
 
     def prepare(self, work: AttnWork):
-        """Build the work's host-side (device-independent) state now; planning workers call this through
-        ``Plan.prepare`` so that the first attention call only uploads. Default: nothing to build."""
+        """Build the work's host-side (device-independent) state now, in ``work.kernel_state`` under the
+        kernel's own key; planning workers call this through ``Plan.prepare`` so that the first attention
+        call only uploads. Default: nothing to build."""
         return None
 
     def forward(self, q, k, v, work: AttnWork, scale: float):  # pragma: no cover - interface
@@ -52,14 +54,13 @@ class BlockKernel:
 
 @dataclass(eq=False)
 class SegmentGroup:
-    """Segments of one work with equal (kind, q_len, k_len), executed as one batched call."""
+    """Segments of one work with equal (kind, q_len, k_len), executed as one batched call (their q and kv
+    rows are in the work's :class:`SegmentState` tables)."""
 
     kind: int
     batch: int
     q_len: int
     k_len: int
-    q_rows: torch.Tensor  # [batch * q_len] rows of the work's q
-    k_rows: torch.Tensor  # [batch * k_len] rows of the work's kv
     visible: np.ndarray | None  # [batch or 1, q_len, k_len] bool; None when no mask is needed
     masks: dict  # dtype/device -> additive float mask [batch or 1, 1, q_len, k_len]
 
@@ -82,14 +83,31 @@ class SegmentGroup:
         return np.broadcast_to(self.visible, (self.batch, self.q_len, self.k_len))
 
 
-def segment_groups(work: AttnWork) -> list[SegmentGroup]:
-    """Group segments by (kind, q_len, k_len); cached on the work object."""
-    cache = work._cache
-    if "groups" in cache:
-        return cache["groups"]
+@dataclass(eq=False)
+class SegmentState:
+    """What the segment-grouping kernels (cpu_flash, reference) prepare for a work, once: the groups of
+    equal-shaped segments and the empty rows, with their row tables on the host and, per device, one
+    upload (:class:`~dcp_backend.host_tables.HostTables`)."""
+
+    groups: list
+    empty: np.ndarray
+    tables: HostTables
+
+    def rows(self, device) -> tuple[list, torch.Tensor]:
+        """([(q rows, k rows)] per group, empty rows) as tensors on ``device``."""
+        v = self.tables.on(device)
+        return [(v[2 * i], v[2 * i + 1]) for i in range(len(self.groups))], v[-1]
+
+
+def segment_state(work: AttnWork) -> SegmentState:
+    """Group segments by (kind, q_len, k_len); built once per work (its ``kernel_state["segments"]``)."""
+    state = work.kernel_state.get("segments")
+    if state is not None:
+        return state
     kinds = work.kinds()
     qlens, klens = work.q_lens, work.k_lens
     groups: list[SegmentGroup] = []
+    tables = HostTables(np.int64)
     live = np.nonzero((qlens > 0) & (klens > 0))[0]
     if live.size:
         keys = np.stack([kinds[live], qlens[live], klens[live]], axis=1)
@@ -103,32 +121,18 @@ def segment_groups(work: AttnWork) -> list[SegmentGroup]:
                 visible = np.stack([dense_visibility(work, int(s)) for s in segs])
             elif kind == KIND_CAUSAL_BR:  # one mask shared by the whole group
                 visible = np.tri(ql, kl, kl - ql, dtype=bool)[None]
-            groups.append(
-                SegmentGroup(
-                    int(kind), int(segs.size), int(ql), int(kl),
-                    torch.from_numpy(q_rows), torch.from_numpy(k_rows), visible, {},
-                )
-            )
-    cache["groups"] = groups
-    return groups
+            groups.append(SegmentGroup(int(kind), int(segs.size), int(ql), int(kl), visible, {}))
+            tables.add(q_rows)
+            tables.add(k_rows)
+    empty = np.nonzero(work.row_visible == 0)[0]
+    tables.add(empty)
+    state = work.kernel_state["segments"] = SegmentState(groups, empty, tables)
+    return state
 
 
-def empty_rows(work: AttnWork) -> torch.Tensor:
-    """Query rows that see no key at all in this work (their lse must be -inf); cached."""
-    if "empty_rows" not in work._cache:
-        n_visible = (work.ranges[..., 1] - work.ranges[..., 0]).sum(axis=1)
-        work._cache["empty_rows"] = torch.from_numpy(np.nonzero(n_visible == 0)[0])
-    return work._cache["empty_rows"]
+def segment_groups(work: AttnWork) -> list[SegmentGroup]:
+    return segment_state(work).groups
 
 
-def rows_on(t: torch.Tensor, device: torch.device, cache: dict, key) -> torch.Tensor:
-    """A cached copy of an index tensor on ``device``."""
-    if t.device == device:
-        return t
-    k = (key, str(device))
-    if k not in cache:
-        cache[k] = t.to(device)
-    return cache[k]
-
-
-__all__ = ["BlockKernel", "acc_dtype", "SegmentGroup", "segment_groups", "empty_rows", "KIND_FULL", "KIND_CAUSAL", "KIND_CAUSAL_BR", "KIND_GENERAL"]
+__all__ = ["BlockKernel", "acc_dtype", "SegmentGroup", "SegmentState", "segment_groups", "segment_state", "KIND_FULL",
+           "KIND_CAUSAL", "KIND_CAUSAL_BR", "KIND_GENERAL"]

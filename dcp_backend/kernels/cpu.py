@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dcp_backend.kernels.base import BlockKernel, KIND_CAUSAL, acc_dtype, empty_rows, rows_on, segment_groups
+from dcp_backend.kernels.base import BlockKernel, KIND_CAUSAL, acc_dtype, segment_state
 from dcp_backend.kernels.work import AttnWork
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -28,32 +28,40 @@ def _scatter_rows(y: torch.Tensor) -> torch.Tensor:
     return y.transpose(1, 2).reshape(b * n, h, d)
 
 
+def _groups(q, k, v, work: AttnWork):
+    """Per group of equal-shaped segments: (group, q rows, kv rows, q, k, v gathered to [batch, H, len, D]),
+    and the work's empty rows, all on q's device."""
+    state = segment_state(work)
+    rows, empty = state.rows(q.device)
+    out = []
+    for g, (qr, kr) in zip(state.groups, rows):
+        out.append((g, qr, kr, _gather(q, qr, g.batch, g.q_len), _gather(k, kr, g.batch, g.k_len),
+                    _gather(v, kr, g.batch, g.k_len)))
+    return out, empty
+
+
 class CPUFlashKernel(BlockKernel):
     name = "cpu_flash"
 
     def supports(self, device, dtype):
         return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16)
 
+    def prepare(self, work: AttnWork):
+        return segment_state(work)
+
     def forward(self, q, k, v, work: AttnWork, scale: float):
         tq, h, d = q.shape
         out = torch.zeros(tq, h, d, dtype=q.dtype, device=q.device)
         lse = torch.full((tq, h), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
-        cache = work._cache
-        for gi, g in enumerate(segment_groups(work)):
-            qr = rows_on(g.q_rows, q.device, cache, ("q", gi))
-            kr = rows_on(g.k_rows, q.device, cache, ("k", gi))
-            qg = _gather(q, qr, g.batch, g.q_len)
-            kg = _gather(k, kr, g.batch, g.k_len)
-            vg = _gather(v, kr, g.batch, g.k_len)
+        groups, empty = _groups(q, k, v, work)
+        for g, qr, kr, qg, kg, vg in groups:
             mask = g.additive_mask(q.dtype, q.device)
             o, l = _fwd(qg, kg, vg, 0.0, g.kind == KIND_CAUSAL, attn_mask=mask, scale=scale)
             out.index_copy_(0, qr, _scatter_rows(o).to(q.dtype))
             lse.index_copy_(0, qr, l.transpose(1, 2).reshape(-1, h).to(lse.dtype))
-        er = empty_rows(work)
-        if er.numel():
-            er = rows_on(er, q.device, cache, "empty")
-            lse.index_fill_(0, er, float("-inf"))
-            out.index_fill_(0, er, 0.0)
+        if empty.numel():
+            lse.index_fill_(0, empty, float("-inf"))
+            out.index_fill_(0, empty, 0.0)
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, work: AttnWork, scale: float):
@@ -65,13 +73,8 @@ class CPUFlashKernel(BlockKernel):
         # A row with no visible key anywhere has lse = -inf; any finite value gives P = 0 there.
         # The op wants the lse in fp32 except for fp64 inputs.
         lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).to(acc)
-        cache = work._cache
-        for gi, g in enumerate(segment_groups(work)):
-            qr = rows_on(g.q_rows, q.device, cache, ("q", gi))
-            kr = rows_on(g.k_rows, q.device, cache, ("k", gi))
-            qg = _gather(q, qr, g.batch, g.q_len)
-            kg = _gather(k, kr, g.batch, g.k_len)
-            vg = _gather(v, kr, g.batch, g.k_len)
+        groups, _ = _groups(q, k, v, work)
+        for g, qr, kr, qg, kg, vg in groups:
             og = _gather(out, qr, g.batch, g.q_len)
             dog = _gather(dout, qr, g.batch, g.q_len)
             lg = lse.index_select(0, qr).view(g.batch, g.q_len, h).transpose(1, 2).contiguous()

@@ -29,7 +29,7 @@ the masks and tables are tested without a GPU. :meth:`FlexKernel.backward` on CP
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from dcp_backend.batch import concat_aranges
 from dcp_backend.host_tables import HostTables
 from dcp_backend.kernels.base import BlockKernel, acc_dtype
 from dcp_backend.kernels.work import AttnWork
-from dcp_backend.spec import CPError
+from dcp_backend.errors import CPError
 
 TILE = 128
 RECOMPILE_LIMIT = 1024
@@ -120,6 +120,14 @@ class FlexHostTables:
     handles: dict
 
 
+@dataclass(eq=False)
+class FlexState:
+    """The flex kernel's entry of ``AttnWork.kernel_state``: host tables, and per device the BlockMask."""
+
+    host: FlexHostTables
+    on_device: dict = field(default_factory=dict)
+
+
 def flex_host_tables(work: AttnWork) -> FlexHostTables:
     pq, pk = bucket(work.total_q), bucket(work.total_k)
     seg = work.seg_ids()
@@ -129,7 +137,7 @@ def flex_host_tables(work: AttnWork) -> FlexHostTables:
     ends = np.zeros((pq, r), dtype=np.int64)
     starts[: work.total_q] = work.ranges[..., 0] + base
     ends[: work.total_q] = work.ranges[..., 1] + base
-    empty = np.nonzero((work.ranges[..., 1] - work.ranges[..., 0]).sum(1) == 0)[0]
+    empty = np.nonzero(work.row_visible == 0)[0]
     tables = HostTables(np.int32)
     handles = {"starts": tables.add(starts), "ends": tables.add(ends), "empty": tables.add(empty)}
     for name, t in zip(TABLE_NAMES, tile_tables(work, TILE, (pq, pk))):
@@ -176,18 +184,22 @@ class FlexKernel(BlockKernel):
 
     # -------------------------------------------------------------- preparation (once per work)
     def prepare(self, work: AttnWork) -> FlexHostTables:
-        """Host tables of ``work`` (cached on it; planning workers call this through ``Plan.prepare``)."""
-        if "flex_host" not in work._cache:
-            work._cache["flex_host"] = flex_host_tables(work)
-        return work._cache["flex_host"]
+        """Host tables of ``work`` (its ``kernel_state["flex"]``; planning workers call this through
+        ``Plan.prepare``)."""
+        state = work.kernel_state.get("flex")
+        if state is None:
+            state = work.kernel_state["flex"] = FlexState(flex_host_tables(work))
+        return state.host
 
     def _prepared(self, work: AttnWork, device: torch.device):
-        key = ("flex", str(device))
-        if key not in work._cache:
-            host = self.prepare(work)
+        self.prepare(work)
+        state = work.kernel_state["flex"]
+        key = str(device)
+        if key not in state.on_device:
+            host = state.host
             bm, empty = _block_mask(host, device)
-            work._cache[key] = (bm, empty, host.padded_q, host.padded_k)
-        return work._cache[key]
+            state.on_device[key] = (bm, empty, host.padded_q, host.padded_k)
+        return state.on_device[key]
 
     def _flex(self, device: torch.device):
         from torch.nn.attention.flex_attention import flex_attention

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dcp_backend.kernels.base import BlockKernel, segment_groups
+from dcp_backend.kernels.base import BlockKernel, segment_state
 from dcp_backend.kernels.work import AttnWork
 
 
@@ -30,8 +30,8 @@ class ReferenceKernel(BlockKernel):
         grp = h // k.shape[1]
         out = torch.zeros(tq, h, d, dtype=ct, device=q.device)
         lse = torch.full((tq, h), float("-inf"), dtype=ct, device=q.device)
-        for g in segment_groups(work):
-            qr, kr = g.q_rows.to(q.device), g.k_rows.to(q.device)
+        state = segment_state(work)
+        for g, (qr, kr) in zip(state.groups, state.rows(q.device)[0]):
             qg = _prep(q.to(ct), qr, g.batch, g.q_len, 1)
             kg = _prep(k.to(ct), kr, g.batch, g.k_len, grp)
             vg = _prep(v.to(ct), kr, g.batch, g.k_len, grp)
@@ -54,8 +54,8 @@ class ReferenceKernel(BlockKernel):
         dv = torch.zeros(v.shape, dtype=ct, device=q.device)
         lse = lse.to(ct)
         lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-        for g in segment_groups(work):
-            qr, kr = g.q_rows.to(q.device), g.k_rows.to(q.device)
+        state = segment_state(work)
+        for g, (qr, kr) in zip(state.groups, state.rows(q.device)[0]):
             qg = _prep(q.to(ct), qr, g.batch, g.q_len, 1)
             kg = _prep(k.to(ct), kr, g.batch, g.k_len, grp)
             vg = _prep(v.to(ct), kr, g.batch, g.k_len, grp)

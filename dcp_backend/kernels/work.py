@@ -7,15 +7,17 @@ Segment ``s`` pairs query rows ``[cu_q[s], cu_q[s+1])`` with key rows ``[cu_k[s]
 segments only if the caller gathered them twice.
 
 Kernels prepare per-segment data (masks, groups of equal-shape segments, block tables) once per work
-object and cache it on the object, so the preparation runs once per plan, not once per layer.
+object and keep it in ``kernel_state`` under their own key, so the preparation runs once per plan (in the
+planning worker), not once per layer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
-from dcp_backend.spec import CPError
+from dcp_backend.errors import CPError
 
 # Segment kinds the CPU kernel specialises.
 KIND_GENERAL = 0  # arbitrary ranges: an additive mask
@@ -29,7 +31,9 @@ class AttnWork:
     cu_q: np.ndarray
     cu_k: np.ndarray
     ranges: np.ndarray
-    _cache: dict = field(default_factory=dict, repr=False)
+    # Prepared state per block kernel, under the kernel's own key ("segments", "flex"); only the owner reads
+    # or writes its entry (kernels/base.py, kernels/flex.py).
+    kernel_state: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.cu_q = np.asarray(self.cu_q, dtype=np.int64)
@@ -85,9 +89,14 @@ class AttnWork:
     def k_lens(self) -> np.ndarray:
         return np.diff(self.cu_k)
 
+    @cached_property
+    def row_visible(self) -> np.ndarray:
+        """Visible keys of every query row (0: an empty row, whose output is 0 and lse -inf)."""
+        return (self.ranges[..., 1] - self.ranges[..., 0]).sum(axis=1)
+
     def num_pairs(self) -> int:
         """Unmasked (query, key) pairs: the work this batch really does."""
-        return int((self.ranges[..., 1] - self.ranges[..., 0]).sum())
+        return int(self.row_visible.sum())
 
     def seg_ids(self) -> np.ndarray:
         """Segment index of every query row."""
@@ -95,9 +104,11 @@ class AttnWork:
 
     def kinds(self) -> np.ndarray:
         """Per segment: KIND_FULL, KIND_CAUSAL or KIND_GENERAL (cached)."""
-        if "kinds" not in self._cache:
-            self._cache["kinds"] = _classify(self)
-        return self._cache["kinds"]
+        return self._kinds
+
+    @cached_property
+    def _kinds(self) -> np.ndarray:
+        return _classify(self)
 
     def validate(self) -> None:
         """Check every range lies inside its segment's keys (cheap; used by tests and debug)."""

@@ -24,12 +24,13 @@ from dcp_backend.baselines.layout import zigzag_layout
 from dcp_backend.baselines.ring_family import RingFamilyOptions, RingFamilyPlan
 from dcp_backend.baselines.te import TE_MASKS, TEBackend, TEPlan
 from dcp_backend.batch import PackedBatch
-from dcp_backend.cost import CostModel, dtype_name, load_cost_model
+from dcp_backend.cost_model import CostModel, load_cost_model
+from dcp_backend.dtypes import element_size
 from dcp_backend.dcp.candidates import head_parallel_degree, zigzag_plan
 from dcp_backend.dcp.config import DCPOptions
 from dcp_backend.dcp.planner import make_plan
 from dcp_backend.sim.network import Topology
-from dcp_backend.sim.simulate import simulate_plan
+from dcp_backend.sim.simulator import simulate_plan
 
 ALL_BACKENDS = ("ring", "zigzag", "loongtrain", "te", "te-a2a", "dcp")
 BASELINES = ("ring", "zigzag", "loongtrain", "te", "te-a2a")
@@ -159,7 +160,7 @@ def compare_batch(seqlens, spec: cp.AttentionSpec, topo: Topology, cost_model: C
     cm = load_cost_model(cost_model) if not isinstance(cost_model, CostModel) else cost_model
     if dcp_options is None:
         dcp_options = DCPOptions(cost_model=cm.spec)
-    esize = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[dtype_name(dtype)]
+    esize = element_size(dtype)
     cands = candidate_plans(seqlens, spec, topo, backends, dcp_block_sizes, dcp_options, lt_windows, dcp_candidates,
                             esize, log)
     return simulate_candidates(cands, cm, network, dtype, fused_copies, log)

@@ -19,7 +19,7 @@ A pass starts with the executor's prologue (copy the local q/k/v into the stores
 from __future__ import annotations
 
 from dcp_backend.dcp.instructions import ACC, Attention, Comm, Fill, Reduce, Wait
-from dcp_backend.sim.costs import Costs
+from dcp_backend.sim.op_costs import Costs
 from dcp_backend.sim.engine import Compute, Launch
 from dcp_backend.sim.engine import Wait as SimWait
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dcp_backend.sim.network import Links
-from dcp_backend.spec import CPError
+from dcp_backend.errors import CPError
 
 
 @dataclass(eq=False)

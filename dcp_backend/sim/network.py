@@ -27,7 +27,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from dcp_backend.spec import CPError
+import numpy as np
+
+from dcp_backend.errors import CPError
+from dcp_backend.topology import Topology
 
 GB = 1e9
 
@@ -82,23 +85,6 @@ def get_network(name_or_model) -> NetworkModel:
     return PRESETS[name_or_model]
 
 
-@dataclass(frozen=True)
-class Topology:
-    nodes: int
-    devices_per_node: int
-
-    def __post_init__(self):
-        if self.nodes < 1 or self.devices_per_node < 1:
-            raise CPError("topology: nodes and devices_per_node must be >= 1")
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.devices_per_node
-
-    def node(self, rank: int) -> int:
-        return rank // self.devices_per_node
-
-
 class Links:
     """Resource ids, bandwidths and latency of every (src, dst) path of a topology under a network."""
 
@@ -119,3 +105,32 @@ class Links:
             return [(("out", src), self.net.intra_bw), (("in", dst), self.net.intra_bw)], self.net.intra_latency
         return ([(("nic_out", ns, self.nic(src)), self.nic_bw), (("nic_in", nd, self.nic(dst)), self.nic_bw)],
                 self.net.inter_latency)
+
+
+# ------------------------------------------------------------------------------------ fitting
+
+def fit_link(nbytes, seconds) -> dict:
+    """Bandwidth and latency of a link from timed transfers of several sizes (least squares on
+    ``seconds = latency + bytes / bandwidth``; a negative intercept counts as zero latency)."""
+    b = np.asarray(nbytes, dtype=np.float64)
+    t = np.asarray(seconds, dtype=np.float64)
+    if b.size < 2:
+        raise CPError("fit_link needs transfers of at least two sizes")
+    slope, icpt = np.polyfit(b, t, 1)
+    return {"bytes_per_s": float(1 / slope), "latency_s": float(max(icpt, 0.0))}
+
+
+def host_model(world: int, speed_ratio: float, cores: int) -> tuple[float, float]:
+    """(per-core speed, other jobs' runnable threads) of a shared CPU host, from a probe: ``world`` ranks
+    ran one kernel call at once at ``speed_ratio`` = (the cost table's time) / (measured time). With no more
+    ranks than cores, fair share would give each a full core, so the slowdown is interference: speed
+    ``speed_ratio``, no background. With more ranks than cores, each gets ``cores / (world + L)``:
+    ``L = cores / speed_ratio - world`` (speed 1; if that is negative, the ranks ran faster than fair
+    sharing predicts and the speed absorbs it)."""
+    r = speed_ratio
+    if world <= cores:
+        return float(min(r, 1.5)), 0.0
+    bg = cores / r - world
+    if bg < 0:
+        return float(r * world / cores), 0.0
+    return 1.0, float(bg)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from dcp_backend.baselines.layout import PairWorkBuilder
-from dcp_backend.sim.costs import Costs
+from dcp_backend.sim.op_costs import Costs
 from dcp_backend.sim.engine import Compute, Launch, Wait
 
 

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 
 from dcp_backend.batch import PackedBatch
-from dcp_backend.masks import build_ranges, range_lengths
+from dcp_backend.masks import count_pairs
 
 
 @dataclass(frozen=True)
@@ -57,5 +56,4 @@ class ModelShape:
 
 def attention_pairs(seqlens, mask: str, mask_args=None) -> int:
     """Unmasked (query, key) pairs of one packed batch (per head), from the mask's key ranges."""
-    batch = PackedBatch.from_seqlens(seqlens)
-    return int(range_lengths(build_ranges(batch, mask, mask_args)).astype(np.int64).sum())
+    return count_pairs(PackedBatch.from_seqlens(seqlens), mask, mask_args)

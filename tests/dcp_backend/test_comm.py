@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from dcp_backend import comm
-from dcp_backend.spec import CPError
+from dcp_backend.errors import CPError
 from tests.distributed import run_ranks
 
 

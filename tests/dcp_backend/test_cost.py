@@ -7,7 +7,7 @@ import pytest
 
 import dcp_backend as cp
 from dcp_backend import CPError
-from dcp_backend.cost import (CostModel, calibration_work, load_cost_model, segment_features, work_features)
+from dcp_backend.cost_model import (CostModel, calibration_work, load_cost_model, segment_features, work_features)
 from dcp_backend.dcp.config import DCPOptions
 from dcp_backend.dcp.planner import pair_cost
 from dcp_backend.dcp.verify import verify_plan

@@ -8,7 +8,7 @@ import torch
 from dcp_backend.kernels import AttnWork, get_kernel, merge_into_, merge_many, merge_partial
 from dcp_backend.kernels.flex import tile_tables
 from dcp_backend.kernels.work import KIND_CAUSAL, KIND_FULL, KIND_GENERAL
-from dcp_backend.spec import CPError
+from dcp_backend.errors import CPError
 
 
 def random_work(rng, num_segments=7, max_len=23, num_ranges=2):

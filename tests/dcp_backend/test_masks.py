@@ -123,7 +123,7 @@ def test_custom_mask_used_by_reference_and_clip_ranges():
 
     cp.register_mask("test_two_back", two_back)
     try:
-        from dcp_backend.reference import dense_visibility
+        from dcp_backend.dense_reference import dense_visibility
 
         vis = dense_visibility([3, 5], cp.AttentionSpec(1, 1, 2, mask="test_two_back"))
         assert vis.sum() == sum(min(i, 2) + 1 for L in (3, 5) for i in range(L))

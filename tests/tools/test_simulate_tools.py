@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
 import calibrate  # noqa: E402
 import simulate  # noqa: E402
 
-from dcp_backend.cost import load_cost_model  # noqa: E402
+from dcp_backend.cost_model import load_cost_model  # noqa: E402
 
 
 def test_simulate_prints_every_backend_and_the_speedup(capsys, tmp_path):

@@ -10,7 +10,7 @@ CAUSAL = cp.AttentionSpec(4, 2, 8, mask="causal")
 
 
 def _pairs(lens, spec):
-    from dcp_backend.reference import dense_visibility
+    from dcp_backend.dense_reference import dense_visibility
 
     return int(dense_visibility(lens, spec).sum())
 

@@ -13,7 +13,7 @@ import dcp_backend as cp
 from dcp_backend.baselines.te import TEBackend
 from dcp_backend.baselines.te_layout import TELayout, padded_lengths
 from dcp_backend.batch import PackedBatch
-from dcp_backend.reference import dense_attention
+from dcp_backend.dense_reference import dense_attention
 
 SPEC = cp.AttentionSpec(4, 2, 8, mask="causal")
 

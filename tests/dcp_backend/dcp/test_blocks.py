@@ -5,7 +5,7 @@ import pytest
 from dcp_backend import AttentionSpec, CPError
 from dcp_backend.batch import PackedBatch
 from dcp_backend.dcp.blocks import HeadBlocks, auto_block_size, build_blocks
-from dcp_backend.reference import dense_visibility
+from dcp_backend.dense_reference import dense_visibility
 from tests.dcp_backend.baselines.test_ring_family import MASKS
 
 

@@ -120,7 +120,7 @@ def test_dead_rank_ends_the_others_with_an_error():
 
 def _layers_worker(rank, world, backend_name, options, seqlens):
     """Two attention layers sharing one plan (as a model does): out = attn(attn(x) * w) ."""
-    from dcp_backend.reference import dense_attention
+    from dcp_backend.dense_reference import dense_attention
 
     spec = cp.AttentionSpec(4, 2, 8, mask="lambda", mask_args={"sink": 2, "window": 24})
     g = torch.Generator().manual_seed(0)

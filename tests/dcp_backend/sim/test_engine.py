@@ -10,7 +10,7 @@ NET = NetworkModel("test", intra_bw=100.0, inter_bw_per_node=10.0, nics_per_node
 
 
 def test_message_waits_for_both_posts_and_pays_bandwidth_and_latency():
-    links = Links(Topology(1, 2), NET)
+    links = Links(Topology.grid(1, 2), NET)
     progs = [[Compute(3.0), Launch("k", [("m", 1, 200.0)], []), Wait("k")],
              [Launch("k", [], [("m", 0)]), Wait("k"), Compute(1.0)]]
     res = run(progs, links)
@@ -20,7 +20,7 @@ def test_message_waits_for_both_posts_and_pays_bandwidth_and_latency():
 
 
 def test_shared_link_serves_messages_one_after_another():
-    links = Links(Topology(1, 3), NET)
+    links = Links(Topology.grid(1, 3), NET)
     # ranks 1 and 2 both send 100 B to rank 0: its ingress port carries 200 B
     progs = [[Launch("k", [], [("a", 1), ("b", 2)]), Wait("k")],
              [Launch("k", [("a", 0, 100.0)], []), Wait("k")],
@@ -30,13 +30,13 @@ def test_shared_link_serves_messages_one_after_another():
 
 
 def test_inter_node_messages_use_the_nics():
-    links = Links(Topology(2, 1), NET)
+    links = Links(Topology.grid(2, 1), NET)
     progs = [[Launch("k", [("a", 1, 10.0)], []), Wait("k")], [Launch("k", [], [("a", 0)]), Wait("k")]]
     assert run(progs, links).time == pytest.approx(1.0 + 2.0)
 
 
 def test_cores_are_shared_by_computing_ranks():
-    links = Links(Topology(1, 4), NET)
+    links = Links(Topology.grid(1, 4), NET)
     progs = [[Compute(1.0)] for _ in range(4)]
     assert run(progs, links, cores=2).time == pytest.approx(2.0)
     assert run(progs, links, cores=None).time == pytest.approx(1.0)
@@ -46,7 +46,7 @@ def test_cores_are_shared_by_computing_ranks():
 
 
 def test_overlap_of_compute_and_transfer():
-    links = Links(Topology(1, 2), NET)
+    links = Links(Topology.grid(1, 2), NET)
     progs = [[Launch("k", [("m", 1, 300.0)], []), Compute(2.0), Wait("k")],
              [Launch("k", [], [("m", 0)]), Compute(5.0), Wait("k")]]
     res = run(progs, links)
@@ -55,14 +55,14 @@ def test_overlap_of_compute_and_transfer():
 
 
 def test_deadlock_is_reported():
-    links = Links(Topology(1, 2), NET)
+    links = Links(Topology.grid(1, 2), NET)
     progs = [[Launch("k", [], [("m", 1)]), Wait("k")], [Compute(1.0)]]
     with pytest.raises(CPError, match="deadlock"):
         run(progs, links)
 
 
 def test_critical_path_follows_the_message():
-    links = Links(Topology(1, 2), NET)
+    links = Links(Topology.grid(1, 2), NET)
     progs = [[Compute(4.0, "slow"), Launch("k", [("m", 1, 100.0)], []), Wait("k")],
              [Launch("k", [], [("m", 0)]), Wait("k", "w"), Compute(1.0, "tail")]]
     res = run(progs, links)

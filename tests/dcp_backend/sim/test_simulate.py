@@ -5,10 +5,10 @@ import pytest
 
 import dcp_backend as cp
 from dcp_backend.baselines.te import TEBackend
-from dcp_backend.sim.batches import paper_batches
+from dcp_backend.sim.benchmark_batches import paper_batches
 from dcp_backend.sim.compare import compare_batch
 from dcp_backend.sim.network import Topology
-from dcp_backend.sim.simulate import compute_only_seconds, simulate_plan
+from dcp_backend.sim.simulator import compute_only_seconds, simulate_plan
 
 SPEC = cp.AttentionSpec(8, 2, 128, mask="causal")
 
@@ -67,7 +67,7 @@ def test_ring_causal_imbalance_shows_on_the_critical_path():
 
 def test_compare_batch_keeps_best_configurations():
     seqlens = paper_batches("longalign", 1, 16384, 0.25, seed=1)[0]
-    res = compare_batch(seqlens, SPEC, Topology(2, 4), "h100", "a100-p4d", "bf16",
+    res = compare_batch(seqlens, SPEC, Topology.grid(2, 4), "h100", "a100-p4d", "bf16",
                         dcp_block_sizes=(512, 1024))
     assert set(res) == {"ring", "zigzag", "loongtrain", "te", "te-a2a", "dcp", "dcp-hypergraph"}
     assert res["dcp"].total_ms <= res["dcp-hypergraph"].total_ms

@@ -12,9 +12,15 @@ the algorithm from our executor's launch overheads.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
-from dcp_backend.cost import CostModel, dtype_name
+from dcp_backend.cost_model import CostModel
+from dcp_backend.dtypes import acc_element_size, dtype_name
+from dcp_backend.dtypes import element_size as dtype_bytes
+
+
+_SECONDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # AttnWork -> {(model, ...): seconds}
 
 
 @dataclass
@@ -30,19 +36,21 @@ class Costs:
 
     @property
     def element_size(self) -> int:
-        return {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[self.dtype]
+        return dtype_bytes(self.dtype)
 
     @property
     def acc_size(self) -> int:
-        return 8 if self.dtype == "fp64" else 4
+        return acc_element_size(self.element_size)
 
     def attention(self, work, heads: int, backward: bool) -> float:
         if work.num_segments == 0 or work.total_q == 0:
             return 0.0
-        key = ("sim_seconds", id(self.model), heads, self.head_dim, self.dtype, backward)
-        if key not in work._cache:  # memoised on the work (plans are simulated under several settings)
-            work._cache[key] = self.model.work_seconds(work, heads, self.head_dim, self.dtype, backward)
-        return work._cache[key]
+        # memoised per work (plans are simulated under several settings), dropped with the work
+        memo = _SECONDS.setdefault(work, {})
+        key = (self.model, heads, self.head_dim, self.dtype, backward)
+        if key not in memo:
+            memo[key] = self.model.work_seconds(work, heads, self.head_dim, self.dtype, backward)
+        return memo[key]
 
     def copy(self, nbytes: float, ops: int = 1) -> float:
         return self.model.copy_seconds(nbytes, min(ops, 1) if self.fused_copies else ops)

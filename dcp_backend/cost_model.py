@@ -39,6 +39,7 @@ H100-class roofline alone.
 """
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import math
@@ -50,14 +51,12 @@ from pathlib import Path
 import numpy as np
 
 from dcp_backend.kernels.work import KIND_CAUSAL, KIND_FULL, AttnWork
-from dcp_backend.spec import CPError
+from dcp_backend.dtypes import dtype_name, element_size
+from dcp_backend.errors import CPError
 
 FEATURES = ("calls", "segs", "rows", "pairs_full", "pairs_partial", "pairs_causal")
 TABLE_DIR = Path(__file__).resolve().parent / "cost_tables"
 SHIPPED = {"h100": "h100.json", "cpu": "cpu.json"}
-DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float64": "fp64",
-               "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
-ELEMENT_DTYPE = {2: "bf16", 4: "fp32", 8: "fp64"}
 
 # Analytic fallback constants (documented assumptions, not measurements):
 # h100: FlexAttention's measured plateau (~440 TFLOP/s forward, DESIGN.md) rounded down; HBM copy
@@ -74,20 +73,6 @@ ANALYTIC = {
 }
 
 
-def dtype_name(dtype) -> str:
-    """'fp32' / 'bf16' / 'fp16' / 'fp64' for a torch dtype, a name, or an element size in bytes."""
-    if isinstance(dtype, int):
-        if dtype not in ELEMENT_DTYPE:
-            raise CPError(f"no dtype with element size {dtype}")
-        return ELEMENT_DTYPE[dtype]
-    s = str(dtype)
-    if s in ("fp32", "bf16", "fp16", "fp64"):
-        return s
-    if s in DTYPE_NAMES:
-        return DTYPE_NAMES[s]
-    raise CPError(f"unknown dtype {dtype!r} for the cost model")
-
-
 # ----------------------------------------------------------------------------------------- features
 
 def work_features(work: AttnWork, tile=(128, 128), visit: str = "sparse"):
@@ -95,7 +80,7 @@ def work_features(work: AttnWork, tile=(128, 128), visit: str = "sparse"):
     of arrays over live segments: q_len, kv_len, pairs, rows, pairs_full, pairs_partial, pairs_causal."""
     ql, kl = work.q_lens, work.k_lens
     live = (ql > 0) & (kl > 0)
-    per_row = (work.ranges[..., 1] - work.ranges[..., 0]).clip(min=0).sum(axis=1) if work.total_q else np.zeros(0)
+    per_row = work.row_visible if work.total_q else np.zeros(0)
     seg_ids = work.seg_ids()
     pairs = np.bincount(seg_ids, weights=per_row, minlength=work.num_segments)
     if visit == "dense_unless_causal":
@@ -387,7 +372,7 @@ class CostModel:
         if fit is None:
             a = self.analytic
             computed = seg["pairs_full"] + seg["pairs_partial"] + seg["pairs_causal"]
-            e = {"bf16": 2, "fp16": 2, "fp64": 8}.get(dtype_name(dtype), 4)
+            e = element_size(dtype)
             nbytes = (2 * seg["q_len"] * heads + 2 * seg["kv_len"] * max(1, heads // 4)) * head_dim * e
             t = np.maximum(4.0 * computed * heads * head_dim / a["flops_per_s"], nbytes / a["bytes_per_s"])
             return (a["bwd_factor"] if backward else 1.0) * t
@@ -452,6 +437,61 @@ class CostModel:
 
 
 @lru_cache(maxsize=16)
+def table_from_block_costs(path: str, command: str = "") -> dict:
+    """A cost table from measured stage costs in the JSONL format of the shared H100 measurements (one row
+    per stage shape: block, key blocks, q tokens, fwd_ms, fwdbwd_ms; copy rows: bandwidth). Backward =
+    fwdbwd_ms - fwd_ms."""
+    pts, copy = [], []
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "copy_block_tokens" in r:
+                copy.append(r)
+                continue
+            pts.append({
+                "dtype": "bf16", "head_dim": r["head_dim"], "heads": r["heads"], "kv_heads": r["kv_heads"],
+                "segments": r["q_tokens"] // r["block"], "q_len": r["block"], "kv_len": r["block"] * r["kv_blocks"],
+                "mask": "causal_last" if r["causal_last"] else "full",
+                "fwd_s": r["fwd_ms"] * 1e-3, "bwd_s": (r["fwdbwd_ms"] - r["fwd_ms"]) * 1e-3,
+                "pairs": r["pairs"],
+            })
+    bw = float(np.mean([c["GBps_read_plus_write"] for c in copy])) * 1e9 if copy else 1.4e12
+    return {
+        "format": "dcp-cost-table", "version": 1, "name": "h100",
+        "device": "NVIDIA H100 80GB HBM3", "kernel": "flex", "tile": [128, 128], "visit": "sparse",
+        "analytic": "h100", "network": "h100-p5",
+        "source": (f"converted by tools/calibrate.py --from-jsonl from {os.path.basename(path)} (measured once on 2026-11-24: "
+                   "torch.compile'd FlexAttention, BlockMask from block tables, triton.testing.do_bench medians; "
+                   "backward = fwdbwd_ms - fwd_ms)"),
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+        "statistic": "median",
+        # Every row has 16384 query rows, so a per-call cost cannot be told apart from per-row cost; pin the
+        # call overhead to a typical H100 kernel launch (GPU time) and fit the rest. An assumption.
+        "fixed": {"fwd": {"calls": 1e-5}, "bwd": {"calls": 2e-5}},
+        # one backward row (block 1024, one key block, full) is 4x its causal twin: a measurement glitch
+        "outlier_factor": 2.0,
+        # copy rows measure read+write bandwidth; the model charges bytes once per gather or scatter
+        "copy": {"bytes_per_s": bw / 2, "overhead_s": 5e-6},
+        "points": pts,
+    }
+
+
+def read_table(path: str) -> dict:
+    """A cost table (JSON) as a dict."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_table(table: dict, path: str) -> None:
+    """Write a cost table after checking that a cost model can be fitted to it."""
+    CostModel(table, analytic=table["analytic"])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+        f.write("\n")
+
+
 def _load_cached(path: str, mtime: float) -> CostModel:
     with open(path) as f:
         table = json.load(f)

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dcp_backend.cost import CostModel, load_cost_model
+from dcp_backend.cost_model import CostModel, load_cost_model
 from dcp_backend.sim import dcp as sim_dcp
 from dcp_backend.sim import ring as sim_ring
-from dcp_backend.sim.costs import Costs
+from dcp_backend.sim.op_costs import Costs
 from dcp_backend.sim.engine import Result, run
 from dcp_backend.sim.network import Links, NetworkModel, Topology, get_network
 
@@ -50,7 +50,7 @@ class SimReport:
 
 def _topology(plan) -> Topology:
     dpn = int(getattr(plan, "devices_per_node", None) or plan.world_size)
-    return Topology(plan.world_size // dpn, dpn)
+    return Topology(plan.world_size, dpn)
 
 
 def plan_programs(plan, backward: bool, costs: Costs, cache: dict | None = None) -> list[list]:

@@ -1,0 +1,70 @@
+"""Where attention runs: ``world_size`` ranks in nodes of ``devices_per_node`` consecutive ranks.
+
+One :class:`Topology` is the single source of these two facts for planners (placement, statistics,
+LoongTrain's window, TE's statistics), executors and the simulator. Planning takes it explicitly
+(``get_planner(name).plan(seqlens, spec, topology)``), so plans are made without a process group.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from dcp_backend.errors import CPError
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise CPError(f"topology: {name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """``devices_per_node=None`` means one node holding every rank."""
+
+    world_size: int
+    devices_per_node: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("world_size", self.world_size)
+        if self.devices_per_node is None:
+            object.__setattr__(self, "devices_per_node", int(self.world_size))
+        _positive_int("devices_per_node", self.devices_per_node)
+        object.__setattr__(self, "world_size", int(self.world_size))
+        object.__setattr__(self, "devices_per_node", int(self.devices_per_node))
+        if self.world_size % self.devices_per_node:
+            raise CPError(
+                f"world size {self.world_size} is not a multiple of devices_per_node={self.devices_per_node}: "
+                "the world must be nodes x devices_per_node"
+            )
+
+    @classmethod
+    def grid(cls, nodes: int, devices_per_node: int) -> "Topology":
+        _positive_int("nodes", nodes)
+        _positive_int("devices_per_node", devices_per_node)
+        return cls(int(nodes) * int(devices_per_node), devices_per_node)
+
+    @classmethod
+    def of_ranks(cls, world_size: int, devices_per_node: int | None = None) -> "Topology":
+        """A topology of ``world_size`` consecutive ranks. Without ``devices_per_node``: torchrun's
+        ``LOCAL_WORLD_SIZE`` (ranks per node) when it divides the world, so a group larger than a node
+        spans whole nodes and a smaller one sits inside one; else one node."""
+        if devices_per_node is None:
+            local = os.environ.get("LOCAL_WORLD_SIZE")
+            if local and local.isdigit() and int(local) > 0:
+                dpn = min(int(local), int(world_size))
+                if world_size % dpn == 0:
+                    devices_per_node = dpn
+        return cls(world_size, devices_per_node)
+
+    @property
+    def nodes(self) -> int:
+        return self.world_size // self.devices_per_node
+
+    def node(self, rank):
+        """Node of a rank (or of an array of ranks)."""
+        return rank // self.devices_per_node
+
+    def same_node(self, a, b):
+        return self.node(a) == self.node(b)
