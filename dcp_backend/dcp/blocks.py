@@ -56,17 +56,17 @@ class HeadBlocks:
         return cls(spec.num_heads, spec.num_kv_heads, hb, khb)
 
     @property
-    def n_q(self) -> int:
+    def n_q_blocks(self) -> int:
         return self.num_heads // self.hb
 
     @property
-    def n_kv(self) -> int:
+    def n_kv_blocks(self) -> int:
         return self.num_kv_heads // self.khb
 
     @property
     def q_per_kv(self) -> int:
         """Query head blocks reading one KV head block."""
-        return self.n_q // self.n_kv
+        return self.n_q_blocks // self.n_kv_blocks
 
     def kv_of_q(self, k):
         return np.asarray(k) // self.q_per_kv
@@ -96,7 +96,7 @@ class BlockSet:
 
     @property
     def n_comp(self) -> int:
-        return self.n_pairs * self.heads.n_q
+        return self.n_pairs * self.heads.n_q_blocks
 
     @cached_property
     def tb_tokens(self) -> np.ndarray:
@@ -125,16 +125,11 @@ class BlockSet:
     def lse_bytes_per_token(self) -> int:
         return self.heads.hb * 4
 
-    def token_memory_bytes(self, e: int) -> int:
-        """Bytes of one token's attention data on its owner (q, k, v, out for all heads, lse)."""
-        s = self.spec
-        return (2 * s.num_heads + 2 * s.num_kv_heads) * s.head_dim * e + s.num_heads * 4
-
     def comp_pair(self, comp: np.ndarray) -> np.ndarray:
-        return np.asarray(comp) // self.heads.n_q
+        return np.asarray(comp) // self.heads.n_q_blocks
 
     def comp_head(self, comp: np.ndarray) -> np.ndarray:
-        return np.asarray(comp) % self.heads.n_q
+        return np.asarray(comp) % self.heads.n_q_blocks
 
 
 def token_blocks(batch: PackedBatch, block_size: int):

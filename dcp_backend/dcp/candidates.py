@@ -38,9 +38,6 @@ from dcp_backend.dcp.blocks import build_blocks
 from dcp_backend.dcp.partition import Placement
 from dcp_backend.spec import AttentionSpec
 
-PLACEMENTS = ("hypergraph", "zigzag", "auto")
-
-
 def snake_devices(n_items: int, num_devices: int, start: int = 0) -> np.ndarray:
     """Device of item i under the snake deal 0..N-1, N-1..0, ... starting at deal position ``start``."""
     pos = (start + np.arange(n_items, dtype=np.int64)) % (2 * num_devices)
@@ -98,7 +95,7 @@ def head_parallel_degree(spec: AttentionSpec, options, world_size: int) -> int:
     stays inside a node (LoongTrain's head all-to-all degree is gcd(world, KV heads))."""
     from dcp_backend.dcp.blocks import HeadBlocks
 
-    n_q = HeadBlocks.make(spec, options.head_block_size).n_q
+    n_q = HeadBlocks.make(spec, options.head_block_size).n_q_blocks
     dpn = options.devices_per_node or world_size
     return math.gcd(math.gcd(n_q, world_size), dpn)
 

@@ -52,21 +52,21 @@ class _Rows:
 
     def __init__(self, bs: BlockSet, layout: DeviceLayout, slots: dict):
         self.bs, self.layout, self.slots = bs, layout, slots  # slots: (kind, block) -> slot index
-        h = bs.heads
-        self.q_base = layout.num_tokens * h.n_q
-        self.kv_base = layout.num_tokens * h.n_kv
+        heads = bs.heads
+        self.q_base = layout.num_tokens * heads.n_q_blocks
+        self.kv_base = layout.num_tokens * heads.n_kv_blocks
 
     def rows(self, kind: int, block: int) -> np.ndarray:
-        h, bs = self.bs.heads, self.bs
-        per = h.n_q if kind == KIND_Q else h.n_kv
+        bs = self.bs
+        per = bs.heads.n_q_blocks if kind == KIND_Q else bs.heads.n_kv_blocks
         tb, head = divmod(int(block), per)
-        n = int(bs.tb_tokens[tb])
-        off = self.layout.tb_offset[tb]
-        if off >= 0:
-            return (off + np.arange(n, dtype=np.int64)) * per + head
+        tokens = int(bs.tb_tokens[tb])
+        offset = self.layout.tb_offset[tb]
+        if offset >= 0:
+            return (offset + np.arange(tokens, dtype=np.int64)) * per + head
         slot = self.slots[(kind, int(block))]
         base = self.q_base if kind == KIND_Q else self.kv_base
-        return base + slot * bs.block_size + np.arange(n, dtype=np.int64)
+        return base + slot * bs.block_size + np.arange(tokens, dtype=np.int64)
 
 
 def _assign_slots(entries: list[tuple[int, int, int, int]]) -> tuple[dict, dict]:
@@ -74,25 +74,25 @@ def _assign_slots(entries: list[tuple[int, int, int, int]]) -> tuple[dict, dict]
     new block launched strictly after its previous occupant's busy_end. Returns slots and counts."""
     slots, counts = {}, {KIND_Q: 0, KIND_KV: 0}
     for kind in (KIND_Q, KIND_KV):
-        ents = sorted((e for e in entries if e[0] == kind), key=lambda e: (e[2], e[1]))
+        mine = sorted((entry for entry in entries if entry[0] == kind), key=lambda entry: (entry[2], entry[1]))
         busy: list[tuple[int, int]] = []  # heap of (busy_end, slot)
         free: list[int] = []
-        for _, block, launch, end in ents:
+        for _, block, launch, end in mine:
             while busy and busy[0][0] < launch:
                 heapq.heappush(free, heapq.heappop(busy)[1])
             if free:
-                s = heapq.heappop(free)
+                slot = heapq.heappop(free)
             else:
-                s = counts[kind]
+                slot = counts[kind]
                 counts[kind] += 1
-            slots[(kind, block)] = s
-            heapq.heappush(busy, (end, s))
+            slots[(kind, block)] = slot
+            heapq.heappush(busy, (end, slot))
     return slots, counts
 
 
 def _segments(bs: BlockSet, comps: np.ndarray, rows: _Rows):
     """One segment per query block among ``comps``: returns (q_rows, kv_rows, AttnWork)."""
-    h = bs.heads
+    heads = bs.heads
     qid, kvid = comp_inputs(bs)
     cq, ck = qid[comps], kvid[comps]
     order = np.lexsort((ck, cq))
@@ -101,8 +101,8 @@ def _segments(bs: BlockSet, comps: np.ndarray, rows: _Rows):
     first[1:] = cq[1:] != cq[:-1]
     seg = np.cumsum(first) - 1
     seg_q = cq[first]
-    q_tb = seg_q // h.n_q
-    kv_tb = ck // h.n_kv
+    q_tb = seg_q // heads.n_q_blocks
+    kv_tb = ck // heads.n_kv_blocks
     q_len = bs.tb_tokens[q_tb]
     kv_len = bs.tb_tokens[kv_tb]
     cu_q = np.concatenate([[0], np.cumsum(q_len)])
@@ -118,103 +118,117 @@ def _segments(bs: BlockSet, comps: np.ndarray, rows: _Rows):
     piece_seg = np.repeat(seg, rep)
     piece_kv = np.repeat(np.arange(ck.size), rep)
     gtok = bs.tb_global_start[q_tb][piece_seg] + row_in_seg
-    r = bs.ranges[gtok]  # [pieces, R, 2] document-local
+    doc_ranges = bs.ranges[gtok]  # [pieces, R, 2] document-local
     ks = bs.tb_start[kv_tb][piece_kv][:, None]
     ke = bs.tb_end[kv_tb][piece_kv][:, None]
-    s = np.maximum(r[..., 0], ks)
-    e = np.minimum(r[..., 1], ke)
+    starts = np.maximum(doc_ranges[..., 0], ks)
+    ends = np.minimum(doc_ranges[..., 1], ke)
     shift = (kv_off[piece_kv])[:, None] - ks
-    live = e > s
-    work_row = (cu_q[piece_seg] + row_in_seg)[:, None].repeat(r.shape[1], 1)[live]
-    ps, pe = (s + shift)[live], (e + shift)[live]
+    live = ends > starts
+    work_row = (cu_q[piece_seg] + row_in_seg)[:, None].repeat(doc_ranges.shape[1], 1)[live]
+    ps, pe = (starts + shift)[live], (ends + shift)[live]
     ranges = _merge_runs(work_row, ps, pe, int(cu_q[-1]))
     return q_rows, kv_rows, AttnWork(cu_q, cu_k, ranges)
 
 
-def _merge_runs(row: np.ndarray, s: np.ndarray, e: np.ndarray, num_rows: int) -> np.ndarray:
-    """Per row, sort pieces, merge touching ones, and pack into canonical [rows, R, 2] ranges."""
+def _merge_runs(row: np.ndarray, lo: np.ndarray, hi: np.ndarray, num_rows: int) -> np.ndarray:
+    """Per row, sort pieces ``[lo, hi)``, merge touching ones, and pack into canonical [rows, R, 2] ranges."""
     if row.size == 0:
         return np.zeros((num_rows, 1, 2), dtype=np.int64)
-    order = np.lexsort((s, row))
-    row, s, e = row[order], s[order], e[order]
+    order = np.lexsort((lo, row))
+    row, lo, hi = row[order], lo[order], hi[order]
     new = np.ones(row.size, dtype=bool)
-    new[1:] = (row[1:] != row[:-1]) | (s[1:] > e[:-1])
-    run = np.cumsum(new) - 1
-    starts = np.nonzero(new)[0]
-    run_row, run_s = row[starts], s[starts]
-    run_e = np.maximum.reduceat(e, starts)
+    new[1:] = (row[1:] != row[:-1]) | (lo[1:] > hi[:-1])
+    run_first = np.nonzero(new)[0]
+    run_row, run_lo = row[run_first], lo[run_first]
+    run_hi = np.maximum.reduceat(hi, run_first)
     first_run = np.ones(run_row.size, dtype=bool)
     first_run[1:] = run_row[1:] != run_row[:-1]
     idx_in_row = np.arange(run_row.size) - np.maximum.accumulate(np.where(first_run, np.arange(run_row.size), 0))
     width = int(idx_in_row.max()) + 1
     out = np.zeros((num_rows, width, 2), dtype=np.int64)
-    out[run_row, idx_in_row, 0] = run_s
-    out[run_row, idx_in_row, 1] = run_e
-    del run
+    out[run_row, idx_in_row, 0] = run_lo
+    out[run_row, idx_in_row, 1] = run_hi
     return out
 
 
-def _pass_program(bs: BlockSet, pl: Placement, sched: PassSchedule, device: int, layout: DeviceLayout,
-                  backward: bool) -> DeviceProgram:
-    h, B, S = bs.heads, bs.block_size, sched.num_stages
-    inputs, outputs = sched.inputs, sched.outputs
-    qid, kvid = comp_inputs(bs)
-    my_comps = np.nonzero(pl.comp_device == device)[0]
-    # --- slots for blocks received by this device (and how long each is busy)
-    recv_here = np.nonzero(inputs.dst == device)[0]
-    last_use = {}
-    for kind, ids in ((KIND_Q, qid), (KIND_KV, kvid)):
-        c = my_comps
-        for b, st in zip(ids[c].tolist(), sched.comp_stage[c].tolist()):
-            key = (kind, b)
-            last_use[key] = max(last_use.get(key, -1), st)
-    fwd_until = {}  # gateway: forwards of a block sent at time stage-1
-    for i in np.nonzero(inputs.src == device)[0]:
-        key = (int(inputs.kind[i]), int(inputs.block[i]))
-        fwd_until[key] = max(fwd_until.get(key, -1), int(inputs.stage[i]) - 1)
-    has_result = {KIND_Q: True, KIND_KV: backward}
-    entries = []
-    for i in recv_here:
-        key = (int(inputs.kind[i]), int(inputs.block[i]))
-        end = last_use.get(key, 0) + (1 if has_result[key[0]] else 0)
-        end = max(end, fwd_until.get(key, -1))
-        entries.append((key[0], key[1], int(inputs.stage[i]) - 1, end))
-    slots, counts = _assign_slots(entries)
-    rows = _Rows(bs, layout, slots)
-    n = layout.num_tokens
-    q_rows_total = n * h.n_q + counts[KIND_Q] * B
-    kv_rows_total = n * h.n_kv + counts[KIND_KV] * B
-    prog = DeviceProgram(device, n)
-    st = prog.stores
-    if not backward:
-        names_q = (("q", MODEL, True), ("o", ACC, True), ("lse", ACC, False))
-        names_kv = (("k", MODEL, True), ("v", MODEL, True))
-        results, in_parts = FWD_RESULT, FWD_INPUT
-    else:
-        names_q = (("q", MODEL, True), ("o", MODEL, True), ("do", MODEL, True), ("lse", ACC, False),
-                   ("dq", ACC, True))
-        names_kv = (("k", MODEL, True), ("v", MODEL, True), ("dk", ACC, True), ("dv", ACC, True))
-        results, in_parts = BWD_RESULT, BWD_INPUT
-    for name, dt, dim in names_q:
-        st[name] = StoreSpec(name, q_rows_total, h.hb, dim, dt)
-    for name, dt, dim in names_kv:
-        st[name] = StoreSpec(name, kv_rows_total, h.khb, dim, dt)
-    # --- results received by this device (temp rows) and their reductions
-    incoming = np.nonzero(outputs.dst == device)[0]
-    incoming = incoming[np.lexsort((outputs.src[incoming], outputs.block[incoming], outputs.kind[incoming]))]
-    temp_rows = {KIND_Q: 0, KIND_KV: 0}
-    recv_rows = {}  # transfer index -> temp rows
-    for i in incoming:
-        kind = int(outputs.kind[i])
-        nt = int(bs.tb_tokens[int(outputs.block[i]) // (h.n_q if kind == KIND_Q else h.n_kv)])
-        recv_rows[int(i)] = temp_rows[kind] + np.arange(nt, dtype=np.int64)
-        temp_rows[kind] += nt
-    for kind, (src_names, tmp_names) in results.items():
-        for name, tmp in zip(src_names, tmp_names):
-            spec = st[name]
-            st[tmp] = StoreSpec(tmp, temp_rows[kind], spec.heads, spec.with_dim, ACC)
+class _PassCompiler:
+    """Compiles one pass (forward or backward) of one device; the phases are its methods, in order."""
 
-    def comm(key: str, sends_idx, recvs_idx, tr: Transfers, send_parts, recv_parts):
+    def __init__(self, bs: BlockSet, pl: Placement, sched: PassSchedule, device: int, layout: DeviceLayout,
+                 backward: bool):
+        self.bs, self.pl, self.sched, self.device, self.layout, self.backward = bs, pl, sched, device, layout, backward
+        self.heads = bs.heads
+        self.inputs, self.outputs = sched.inputs, sched.outputs
+        self.qid, self.kvid = comp_inputs(bs)
+        self.my_comps = np.nonzero(pl.comp_device == device)[0]
+        if backward:
+            self.results, self.in_parts = BWD_RESULT, BWD_INPUT
+        else:
+            self.results, self.in_parts = FWD_RESULT, FWD_INPUT
+
+    # ------------------------------------------------------------------ rows
+    def assign_slots(self) -> dict:
+        """Slots for the blocks this device receives, each busy until its last reader, result send and
+        forward are done; returns the slot counts per kind and sets ``self.rows``."""
+        inputs, sched = self.inputs, self.sched
+        last_use = {}
+        for kind, ids in ((KIND_Q, self.qid), (KIND_KV, self.kvid)):
+            for block, stage in zip(ids[self.my_comps].tolist(), sched.comp_stage[self.my_comps].tolist()):
+                key = (kind, block)
+                last_use[key] = max(last_use.get(key, -1), stage)
+        forwarded_until = {}  # gateway: forwards of a block sent at time stage-1
+        for i in np.nonzero(inputs.src == self.device)[0]:
+            key = (int(inputs.kind[i]), int(inputs.block[i]))
+            forwarded_until[key] = max(forwarded_until.get(key, -1), int(inputs.stage[i]) - 1)
+        has_result = {KIND_Q: True, KIND_KV: self.backward}
+        entries = []
+        for i in np.nonzero(inputs.dst == self.device)[0]:
+            key = (int(inputs.kind[i]), int(inputs.block[i]))
+            end = last_use.get(key, 0) + (1 if has_result[key[0]] else 0)
+            end = max(end, forwarded_until.get(key, -1))
+            entries.append((key[0], key[1], int(inputs.stage[i]) - 1, end))
+        slots, counts = _assign_slots(entries)
+        self.rows = _Rows(self.bs, self.layout, slots)
+        return counts
+
+    def declare_stores(self, prog: DeviceProgram, counts: dict) -> None:
+        """The pass's stores (own rows, then block-sized slots) and the temp stores for received results."""
+        heads, block = self.heads, self.bs.block_size
+        n = self.layout.num_tokens
+        q_rows_total = n * heads.n_q_blocks + counts[KIND_Q] * block
+        kv_rows_total = n * heads.n_kv_blocks + counts[KIND_KV] * block
+        stores = prog.stores
+        if not self.backward:
+            names_q = (("q", MODEL, True), ("o", ACC, True), ("lse", ACC, False))
+            names_kv = (("k", MODEL, True), ("v", MODEL, True))
+        else:
+            names_q = (("q", MODEL, True), ("o", MODEL, True), ("do", MODEL, True), ("lse", ACC, False),
+                       ("dq", ACC, True))
+            names_kv = (("k", MODEL, True), ("v", MODEL, True), ("dk", ACC, True), ("dv", ACC, True))
+        for name, dtype, with_dim in names_q:
+            stores[name] = StoreSpec(name, q_rows_total, heads.hb, with_dim, dtype)
+        for name, dtype, with_dim in names_kv:
+            stores[name] = StoreSpec(name, kv_rows_total, heads.khb, with_dim, dtype)
+        # results received by this device (temp rows, in (kind, block, source) order)
+        outputs = self.outputs
+        incoming = np.nonzero(outputs.dst == self.device)[0]
+        self.incoming = incoming[np.lexsort((outputs.src[incoming], outputs.block[incoming], outputs.kind[incoming]))]
+        temp_rows = {KIND_Q: 0, KIND_KV: 0}
+        self.recv_rows = {}  # transfer index -> temp rows
+        for i in self.incoming:
+            kind = int(outputs.kind[i])
+            per = heads.n_q_blocks if kind == KIND_Q else heads.n_kv_blocks
+            tokens = int(self.bs.tb_tokens[int(outputs.block[i]) // per])
+            self.recv_rows[int(i)] = temp_rows[kind] + np.arange(tokens, dtype=np.int64)
+            temp_rows[kind] += tokens
+        for kind, (src_names, tmp_names) in self.results.items():
+            for name, tmp in zip(src_names, tmp_names):
+                spec = stores[name]
+                stores[tmp] = StoreSpec(tmp, temp_rows[kind], spec.heads, spec.with_dim, ACC)
+
+    # ------------------------------------------------------------------ instruction builders
+    def comm(self, key: str, sends_idx, recvs_idx, tr: Transfers, send_parts, recv_parts) -> Comm:
         """One op per peer; a peer's transfers packed in (kind, block) order on both sides."""
         ops = {}
         for idx, peer_arr, parts_of, side in ((sends_idx, tr.dst, send_parts, "send"),
@@ -225,77 +239,96 @@ def _pass_program(bs: BlockSet, pl: Placement, sched: PassSchedule, device: int,
                          for peer in np.unique(peer_arr[idx])]
         return Comm(key, ops["send"], ops["recv"])
 
-    def input_parts(i: int):
-        kind, block = int(inputs.kind[i]), int(inputs.block[i])
-        r = rows.rows(kind, block)
-        return [(name, r) for name in in_parts[kind]]
+    def input_parts(self, i: int):
+        kind, block = int(self.inputs.kind[i]), int(self.inputs.block[i])
+        rows = self.rows.rows(kind, block)
+        return [(name, rows) for name in self.in_parts[kind]]
 
-    def result_parts(i: int):
-        kind, block = int(outputs.kind[i]), int(outputs.block[i])
-        r = rows.rows(kind, block)
-        return [(name, r) for name in results[kind][0]]
+    def result_parts(self, i: int):
+        kind, block = int(self.outputs.kind[i]), int(self.outputs.block[i])
+        rows = self.rows.rows(kind, block)
+        return [(name, rows) for name in self.results[kind][0]]
 
-    def result_recv(i: int):
-        kind = int(outputs.kind[i])
-        return [(name, recv_rows[i]) for name in results[kind][1]]
+    def result_recv(self, i: int):
+        kind = int(self.outputs.kind[i])
+        return [(name, self.recv_rows[i]) for name in self.results[kind][1]]
 
-    def fills(received: np.ndarray) -> list:
+    def fills(self, received: np.ndarray) -> list:
         """Reset result rows of freshly received blocks (slots are reused)."""
         out = []
-        for kind, (names, _) in results.items():
-            sel = received[inputs.kind[received] == kind]
+        for kind, (names, _) in self.results.items():
+            sel = received[self.inputs.kind[received] == kind]
             if sel.size:
-                out.append(Fill(names, np.concatenate([rows.rows(kind, int(inputs.block[i])) for i in sel])))
+                out.append(Fill(names, np.concatenate([self.rows.rows(kind, int(self.inputs.block[i])) for i in sel])))
         return out
 
-    ins = prog.instructions
-    for s in range(S + 1):
-        if s < S:
-            sel = inputs.stage == s + 1
-            p1 = sel & (inputs.phase == 1)
-            recv1 = np.nonzero(p1 & (inputs.dst == device))[0]
-            ins.append(comm(f"in{s + 1}", np.nonzero(p1 & (inputs.src == device))[0], recv1, inputs,
-                            input_parts, input_parts))
-        comps = my_comps[sched.comp_stage[my_comps] == s]
-        if comps.size:
-            qr, kr, work = _segments(bs, comps, rows)
-            ins.append(Attention(s, qr, kr, work, np.sort(comps), backward))
-        if s < S:
-            ins.append(Wait(f"in{s + 1}"))
-            ins.extend(fills(recv1))
-            p2 = sel & (inputs.phase == 2)
-            recv2 = np.nonzero(p2 & (inputs.dst == device))[0]
-            ins.append(comm(f"in{s + 1}p2", np.nonzero(p2 & (inputs.src == device))[0], recv2, inputs,
-                            input_parts, input_parts))
-            ins.append(Wait(f"in{s + 1}p2"))
-            ins.extend(fills(recv2))
-        if s > 0:
-            ins.append(Wait(f"out{s - 1}"))
-        osel = outputs.stage == s
-        ins.append(comm(f"out{s}", np.nonzero(osel & (outputs.src == device))[0],
-                        np.nonzero(osel & (outputs.dst == device))[0], outputs, result_parts, result_recv))
-    ins.append(Wait(f"out{S}"))
-    # --- reductions of received partial results into owned rows
-    for kind, (dst_names, tmp_names) in results.items():
-        sel = [i for i in incoming if int(outputs.kind[i]) == kind]
-        if not sel:
-            continue
-        dst_rows = [rows.rows(kind, int(outputs.block[i])) for i in sel]
-        src_rows = [recv_rows[int(i)] for i in sel]
-        if not backward:  # log-sum-exp merges: one instruction per round so destination rows are unique
-            occurrence = {}
-            rounds: dict[int, list] = {}
-            for i, sr, dr in zip(sel, src_rows, dst_rows):
-                b = int(outputs.block[i])
-                rnd = occurrence.get(b, 0)
-                occurrence[b] = rnd + 1
-                rounds.setdefault(rnd, []).append((sr, dr))
-            for rnd in sorted(rounds):
-                srs, drs = zip(*rounds[rnd])
-                ins.append(Reduce("merge", tmp_names, dst_names, np.concatenate(srs), np.concatenate(drs)))
-        else:
-            ins.append(Reduce("sum", tmp_names, dst_names, np.concatenate(src_rows), np.concatenate(dst_rows)))
-    return prog
+    # ------------------------------------------------------------------ the program
+    def stages(self, ins: list) -> None:
+        """Communication and attention of every stage, in the key order shared by all devices."""
+        inputs, outputs, sched, device = self.inputs, self.outputs, self.sched, self.device
+        num_stages = sched.num_stages
+        for stage in range(num_stages + 1):
+            if stage < num_stages:
+                sel = inputs.stage == stage + 1
+                first = sel & (inputs.phase == 1)
+                recv1 = np.nonzero(first & (inputs.dst == device))[0]
+                ins.append(self.comm(f"in{stage + 1}", np.nonzero(first & (inputs.src == device))[0], recv1, inputs,
+                                     self.input_parts, self.input_parts))
+            comps = self.my_comps[sched.comp_stage[self.my_comps] == stage]
+            if comps.size:
+                q_rows, kv_rows, work = _segments(self.bs, comps, self.rows)
+                ins.append(Attention(stage, q_rows, kv_rows, work, np.sort(comps), self.backward))
+            if stage < num_stages:
+                ins.append(Wait(f"in{stage + 1}"))
+                ins.extend(self.fills(recv1))
+                second = sel & (inputs.phase == 2)
+                recv2 = np.nonzero(second & (inputs.dst == device))[0]
+                ins.append(self.comm(f"in{stage + 1}p2", np.nonzero(second & (inputs.src == device))[0], recv2,
+                                     inputs, self.input_parts, self.input_parts))
+                ins.append(Wait(f"in{stage + 1}p2"))
+                ins.extend(self.fills(recv2))
+            if stage > 0:
+                ins.append(Wait(f"out{stage - 1}"))
+            osel = outputs.stage == stage
+            ins.append(self.comm(f"out{stage}", np.nonzero(osel & (outputs.src == device))[0],
+                                 np.nonzero(osel & (outputs.dst == device))[0], outputs, self.result_parts,
+                                 self.result_recv))
+        ins.append(Wait(f"out{num_stages}"))
+
+    def reductions(self, ins: list) -> None:
+        """Merge (forward, log-sum-exp) or sum (backward) received partial results into owned rows."""
+        outputs = self.outputs
+        for kind, (dst_names, tmp_names) in self.results.items():
+            sel = [i for i in self.incoming if int(outputs.kind[i]) == kind]
+            if not sel:
+                continue
+            dst_rows = [self.rows.rows(kind, int(outputs.block[i])) for i in sel]
+            src_rows = [self.recv_rows[int(i)] for i in sel]
+            if not self.backward:  # one merge instruction per round so destination rows are unique
+                occurrence = {}
+                rounds: dict[int, list] = {}
+                for i, sr, dr in zip(sel, src_rows, dst_rows):
+                    block = int(outputs.block[i])
+                    rnd = occurrence.get(block, 0)
+                    occurrence[block] = rnd + 1
+                    rounds.setdefault(rnd, []).append((sr, dr))
+                for rnd in sorted(rounds):
+                    srs, drs = zip(*rounds[rnd])
+                    ins.append(Reduce("merge", tmp_names, dst_names, np.concatenate(srs), np.concatenate(drs)))
+            else:
+                ins.append(Reduce("sum", tmp_names, dst_names, np.concatenate(src_rows), np.concatenate(dst_rows)))
+
+    def compile(self) -> DeviceProgram:
+        prog = DeviceProgram(self.device, self.layout.num_tokens)
+        self.declare_stores(prog, self.assign_slots())
+        self.stages(prog.instructions)
+        self.reductions(prog.instructions)
+        return prog
+
+
+def _pass_program(bs: BlockSet, pl: Placement, sched: PassSchedule, device: int, layout: DeviceLayout,
+                  backward: bool) -> DeviceProgram:
+    return _PassCompiler(bs, pl, sched, device, layout, backward).compile()
 
 
 class Programs:

@@ -62,8 +62,7 @@ class PreparedProgram:
         for (cls, name), rows_list in by_store.items():
             spec = self.program.stores[name]
             rows = np.concatenate(rows_list)
-            per_row = spec.heads * (self.head_dim if spec.with_dim else 1)
-            by_class.setdefault(cls, []).append((name, self.tables.add(rows), int(rows.size) * per_row))
+            by_class.setdefault(cls, []).append((name, self.tables.add(rows), int(rows.size) * spec.row_elements(self.head_dim)))
         return _Message(op.peer, by_class)
 
     def _prepare(self, ins):

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dcp_backend.dtypes import acc_element_size
 from dcp_backend.kernels.work import AttnWork
 
 MODEL, ACC = "model", "acc"  # dtype classes: the input dtype, and the fp32 (fp64) accumulation dtype
@@ -39,6 +40,14 @@ class StoreSpec:
     heads: int  # heads per row
     with_dim: bool  # rows are [heads, head_dim] (else [heads], e.g. lse)
     dtype: str  # MODEL or ACC
+
+    def row_elements(self, head_dim: int) -> int:
+        return self.heads * (head_dim if self.with_dim else 1)
+
+    def nbytes(self, rows: int, head_dim: int, element_size: int) -> int:
+        """Bytes of ``rows`` rows of this store when model tensors have ``element_size`` bytes."""
+        size = acc_element_size(element_size) if self.dtype == ACC else element_size
+        return int(rows) * self.row_elements(head_dim) * size
 
 
 @dataclass(eq=False)

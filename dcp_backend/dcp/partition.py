@@ -93,7 +93,7 @@ class Hypergraph:
 def build_hypergraph(bs: BlockSet, element_size: int) -> Hypergraph:
     """Vertices: computation blocks [0, n_comp) then token blocks [n_comp, n_comp + n_tb)."""
     h = bs.heads
-    n_q, n_kv, n_comp, n_tb = h.n_q, h.n_kv, bs.n_comp, bs.n_tb
+    n_q, n_kv, n_comp, n_tb = h.n_q_blocks, h.n_kv_blocks, bs.n_comp, bs.n_tb
     comp = np.arange(n_comp, dtype=np.int64)
     pair, k = comp // n_q, comp % n_q
     q_net = bs.pair_q[pair] * n_q + k
@@ -235,49 +235,45 @@ def _data_used_by(hg: Hypergraph, local_vertex: np.ndarray, n_comp: int) -> np.n
     return out & ~local_vertex
 
 
-def rebalance(hg: Hypergraph, comp_dev: np.ndarray, owner: np.ndarray, comp_cost: np.ndarray, mem: np.ndarray,
-              k: int, devices_per_node: int, compute_imbalance: float, memory_imbalance: float,
-              max_moves: int | None = None):
-    """Greedy repair so that tokens and compute each respect their own limit (if moves allow it).
+class _Rebalancer:
+    """The state of one greedy repair: the partition, per-net pin counts per device, and vertex -> nets."""
 
-    A move takes one vertex from an overloaded device to a device with room, choosing the move with
-    the least km1 increase per unit of load moved (a byte across nodes counts ``4x``). Memory is
-    repaired first (token blocks), then compute (computation blocks).
-    """
-    n_comp = comp_dev.size
-    part = np.concatenate([comp_dev, owner])
-    counts = hg.pin_counts(part, k)
-    net = hg.net_of_pin()
-    # incidence: vertex -> its nets (CSR)
-    order = np.argsort(hg.pins, kind="stable")
-    v_nets = net[order]
-    v_off = np.concatenate([[0], np.cumsum(np.bincount(hg.pins, minlength=hg.num_vertices))])
-    node = np.arange(k) // devices_per_node
-    max_moves = max_moves if max_moves is not None else 4 * hg.num_vertices
+    def __init__(self, hg: Hypergraph, part: np.ndarray, k: int, devices_per_node: int):
+        self.hg, self.part, self.k = hg, part, k
+        self.counts = hg.pin_counts(part, k)
+        net = hg.net_of_pin()
+        order = np.argsort(hg.pins, kind="stable")  # incidence: vertex -> its nets (CSR)
+        self.v_nets = net[order]
+        self.v_off = np.concatenate([[0], np.cumsum(np.bincount(hg.pins, minlength=hg.num_vertices))])
+        self.node = np.arange(k) // devices_per_node
 
-    def delta_matrix(vs: np.ndarray, src: int) -> np.ndarray:
+    def delta_matrix(self, vs: np.ndarray, src: int) -> np.ndarray:
         """km1 change of moving each vertex in vs from src to every device (vectorised over vs)."""
+        v_off, k = self.v_off, self.k
         deg = v_off[vs + 1] - v_off[vs]
         out = np.zeros((vs.size, k))
         nz = deg > 0
         if not nz.any():
             return out
         first = np.concatenate([[0], np.cumsum(deg[nz])[:-1]])
-        ns = v_nets[np.repeat(v_off[vs][nz] - first, deg[nz]) + np.arange(int(deg[nz].sum()))]
-        c = counts[ns]  # [pins of all vs, k]
-        w = hg.net_weight[ns][:, None]
-        contrib = w * ((c == 0).astype(float) - (c[:, src] == 1).astype(float)[:, None])
+        nets = self.v_nets[np.repeat(v_off[vs][nz] - first, deg[nz]) + np.arange(int(deg[nz].sum()))]
+        pins = self.counts[nets]  # [pins of all vs, k]
+        weight = self.hg.net_weight[nets][:, None]
+        contrib = weight * ((pins == 0).astype(float) - (pins[:, src] == 1).astype(float)[:, None])
         out[nz] = np.add.reduceat(contrib, first, axis=0)
-        inter = node != node[src]
+        inter = self.node != self.node[src]
         return np.where(out > 0, out * np.where(inter, 4.0, 1.0)[None, :], out)
 
-    def move(v: int, src: int, dst: int) -> None:
-        ns = v_nets[v_off[v]:v_off[v + 1]]
-        counts[ns, src] -= 1
-        counts[ns, dst] += 1
-        part[v] = dst
+    def move(self, v: int, src: int, dst: int) -> None:
+        nets = self.v_nets[self.v_off[v]:self.v_off[v + 1]]
+        self.counts[nets, src] -= 1
+        self.counts[nets, dst] += 1
+        self.part[v] = dst
 
-    def repair(is_candidate, load_of, limit, moves_left):
+    def repair(self, is_candidate: np.ndarray, load_of: np.ndarray, limit: float, moves_left: int) -> int:
+        """Move candidate vertices off the most loaded device until every device is under
+        ``limit`` x the mean load (or no move helps); returns the moves left."""
+        k, part = self.k, self.part
         loads = np.zeros(k)
         np.add.at(loads, part[is_candidate], load_of[is_candidate])
         cap = limit * loads.sum() / k
@@ -299,26 +295,36 @@ def rebalance(hg: Hypergraph, comp_dev: np.ndarray, owner: np.ndarray, comp_cost
                 dst = int(np.argmin(loads))
                 if loads[dst] + lw[i] >= loads[src]:
                     break
-                move(int(vs[i]), src, dst)
-                loads[src] -= lw[i]
-                loads[dst] += lw[i]
-                moves_left -= 1
-                continue
-            if vs.size > 256:  # consider the vertices most worth moving first (bounded work per move)
-                pick = np.argsort(-lw, kind="stable")[:256]
-                vs, lw, feasible = vs[pick], lw[pick], feasible[pick]
-            d = delta_matrix(vs, src)
-            score = np.where(feasible, d / np.maximum(np.minimum(lw, excess)[:, None], 1e-30), np.inf)
-            i, dst = np.unravel_index(int(np.argmin(score)), score.shape)
-            move(int(vs[i]), src, int(dst))
+            else:
+                if vs.size > 256:  # consider the vertices most worth moving first (bounded work per move)
+                    pick = np.argsort(-lw, kind="stable")[:256]
+                    vs, lw, feasible = vs[pick], lw[pick], feasible[pick]
+                delta = self.delta_matrix(vs, src)
+                score = np.where(feasible, delta / np.maximum(np.minimum(lw, excess)[:, None], 1e-30), np.inf)
+                i, dst = np.unravel_index(int(np.argmin(score)), score.shape)
+            self.move(int(vs[i]), src, int(dst))
             loads[src] -= lw[i]
             loads[dst] += lw[i]
             moves_left -= 1
         return moves_left
 
+
+def rebalance(hg: Hypergraph, comp_dev: np.ndarray, owner: np.ndarray, comp_cost: np.ndarray, mem: np.ndarray,
+              k: int, devices_per_node: int, compute_imbalance: float, memory_imbalance: float,
+              max_moves: int | None = None):
+    """Greedy repair so that tokens and compute each respect their own limit (if moves allow it).
+
+    A move takes one vertex from an overloaded device to a device with room, choosing the move with
+    the least km1 increase per unit of load moved (a byte across nodes counts ``4x``). Memory is
+    repaired first (token blocks), then compute (computation blocks).
+    """
+    n_comp = comp_dev.size
+    part = np.concatenate([comp_dev, owner])
+    fixer = _Rebalancer(hg, part, k, devices_per_node)
+    max_moves = max_moves if max_moves is not None else 4 * hg.num_vertices
     all_load = np.concatenate([comp_cost, mem])
     is_data = np.zeros(part.size, bool)
     is_data[n_comp:] = True
-    left = repair(is_data, all_load, 1 + memory_imbalance, max_moves)
-    repair(~is_data, all_load, 1 + compute_imbalance, left)
+    left = fixer.repair(is_data, all_load, 1 + memory_imbalance, max_moves)
+    fixer.repair(~is_data, all_load, 1 + compute_imbalance, left)
     return part[:n_comp], part[n_comp:]

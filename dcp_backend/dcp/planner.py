@@ -166,9 +166,9 @@ def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, world_size: int
     tok = bs.tb_tokens.astype(np.float64)
     h = bs.heads
     e = element_size
-    q_fwd = np.repeat(bs.q_bytes_per_token(e) * tok, h.n_q)
-    kv_b = np.repeat(bs.kv_bytes_per_token(e) * tok, h.n_kv)
-    q_bwd = np.repeat((3 * bs.q_bytes_per_token(e) + bs.lse_bytes_per_token()) * tok, h.n_q)
+    q_fwd = np.repeat(bs.q_bytes_per_token(e) * tok, h.n_q_blocks)
+    kv_b = np.repeat(bs.kv_bytes_per_token(e) * tok, h.n_kv_blocks)
+    q_bwd = np.repeat((3 * bs.q_bytes_per_token(e) + bs.lse_bytes_per_token()) * tok, h.n_q_blocks)
     fwd = schedule_pass(bs, pl, cost, q_fwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=False)
     bwd = schedule_pass(bs, pl, cost, q_bwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=True)
     timings["schedule"] = time.perf_counter() - t0

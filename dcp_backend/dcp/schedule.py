@@ -70,8 +70,8 @@ def comp_inputs(bs: BlockSet):
     """(q-side id, kv id) of every computation block."""
     h = bs.heads
     comp = np.arange(bs.n_comp, dtype=np.int64)
-    pair, k = comp // h.n_q, comp % h.n_q
-    return bs.pair_q[pair] * h.n_q + k, bs.pair_kv[pair] * h.n_kv + h.kv_of_q(k)
+    pair, k = comp // h.n_q_blocks, comp % h.n_q_blocks
+    return bs.pair_q[pair] * h.n_q_blocks + k, bs.pair_kv[pair] * h.n_kv_blocks + h.kv_of_q(k)
 
 
 def schedule_pass(bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: np.ndarray, kv_bytes: np.ndarray,
@@ -80,8 +80,8 @@ def schedule_pass(bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: n
     ``kv_outputs``: whether kv-side partial results return to owners (backward dk/dv)."""
     h = bs.heads
     qid, kvid = comp_inputs(bs)
-    q_owner = pl.owner[qid // h.n_q]
-    kv_owner = pl.owner[kvid // h.n_kv]
+    q_owner = pl.owner[qid // h.n_q_blocks]
+    kv_owner = pl.owner[kvid // h.n_kv_blocks]
     dev = pl.comp_device
     dpn = pl.devices_per_node
     q_remote = q_owner != dev
@@ -103,8 +103,8 @@ def schedule_pass(bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: n
         nq = uq.size
         q_loc = np.where(qi >= 0, np.searchsorted(uq, np.maximum(qi, 0)), -1)
         k_loc = np.where(ki >= 0, nq + np.searchsorted(uk, np.maximum(ki, 0)), -1)
-        inter_q = pl.node_of(pl.owner[uq // h.n_q]) != p // dpn
-        inter_k = pl.node_of(pl.owner[uk // h.n_kv]) != p // dpn
+        inter_q = pl.node_of(pl.owner[uq // h.n_q_blocks]) != p // dpn
+        inter_k = pl.node_of(pl.owner[uk // h.n_kv_blocks]) != p // dpn
         cost = np.concatenate([q_bytes[uq] * np.where(inter_q, inter_node_cost, 1.0),
                                kv_bytes[uk] * np.where(inter_k, inter_node_cost, 1.0)])
         ready_at = np.full(cost.size, -1, dtype=np.int64)  # stage an input arrives (-1: not scheduled)
@@ -159,7 +159,7 @@ def _route(pl: Placement, h, need_kind, need_block, need_dev, need_stage) -> Tra
     block = np.concatenate(need_block)
     dst = np.concatenate(need_dev)
     stage = np.concatenate(need_stage)
-    tb = np.where(kind == KIND_Q, block // h.n_q, block // h.n_kv)
+    tb = np.where(kind == KIND_Q, block // h.n_q_blocks, block // h.n_kv_blocks)
     src = pl.owner[tb]
     dpn = pl.devices_per_node
     inter = (src // dpn) != (dst // dpn)
@@ -198,7 +198,7 @@ def _outputs(bs: BlockSet, pl: Placement, comp_stage, qid, kvid, kv_outputs: boo
     h = bs.heads
     dev = pl.comp_device
     parts = []
-    sides = ((KIND_Q, qid, h.n_q), (KIND_KV, kvid, h.n_kv)) if kv_outputs else ((KIND_Q, qid, h.n_q),)
+    sides = ((KIND_Q, qid, h.n_q_blocks), (KIND_KV, kvid, h.n_kv_blocks)) if kv_outputs else ((KIND_Q, qid, h.n_q_blocks),)
     for kind, ids, per in sides:
         owner = pl.owner[ids // per]
         rem = owner != dev

@@ -8,25 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from dcp_backend.dtypes import acc_element_size
-
 from dcp_backend.backend import PlanStats
-from dcp_backend.dcp.instructions import ACC, Attention, Comm
+from dcp_backend.dcp.instructions import Attention, Comm
 
 
 def program_send_bytes(prog, head_dim: int, element_size: int, devices_per_node: int) -> tuple[int, int]:
     """(intra-node, inter-node) bytes one device program sends."""
-    acc_size = acc_element_size(element_size)
     intra = inter = 0
     for ins in prog.instructions:
         if not isinstance(ins, Comm):
             continue
         for op in ins.sends:
-            nbytes = 0
-            for name, rows in op.parts:
-                spec = prog.stores[name]
-                per_row = spec.heads * (head_dim if spec.with_dim else 1)
-                nbytes += rows.size * per_row * (acc_size if spec.dtype == ACC else element_size)
+            nbytes = sum(prog.stores[name].nbytes(rows.size, head_dim, element_size) for name, rows in op.parts)
             if op.peer // devices_per_node == prog.device // devices_per_node:
                 intra += nbytes
             else:
@@ -35,12 +28,7 @@ def program_send_bytes(prog, head_dim: int, element_size: int, devices_per_node:
 
 
 def program_memory_bytes(prog, head_dim: int, element_size: int) -> int:
-    acc_size = acc_element_size(element_size)
-    total = 0
-    for spec in prog.stores.values():
-        total += spec.rows * spec.heads * (head_dim if spec.with_dim else 1) * (
-            acc_size if spec.dtype == ACC else element_size)
-    return total
+    return sum(spec.nbytes(spec.rows, head_dim, element_size) for spec in prog.stores.values())
 
 
 def plan_stats(plan, element_size: int = 2) -> PlanStats:

@@ -67,7 +67,7 @@ class _Device:
         self.ident = {}
         self.valid = {}
         for name, spec in prog.stores.items():
-            per = h.n_q if name in Q_SIDE else h.n_kv
+            per = h.n_q_blocks if name in Q_SIDE else h.n_kv_blocks
             ident = np.full(spec.rows, -1, dtype=np.int64)
             local = (tokens[:, None] * per + np.arange(per)[None, :]).reshape(-1) if n else np.zeros(0, np.int64)
             is_input = name in ("q", "k", "v") or (backward and name in ("o", "do", "lse"))
@@ -200,8 +200,8 @@ def _attention(dev, i, ins: Attention, h, backward):
     kid = dev.ident["k"][ins.kv_rows]
     if not np.array_equal(kid, dev.ident["v"][ins.kv_rows]):
         _fail(dev, i, "k and v rows hold different blocks")
-    q_tok, q_head = qid // h.n_q, qid % h.n_q
-    k_tok, k_head = kid // h.n_kv, kid % h.n_kv
+    q_tok, q_head = qid // h.n_q_blocks, qid % h.n_q_blocks
+    k_tok, k_head = kid // h.n_kv_blocks, kid % h.n_kv_blocks
     seg = w.seg_ids()
     kv_seg = np.repeat(np.arange(w.num_segments), w.k_lens)
     # every key of a segment must belong to the KV head block of the segment's query head block
@@ -253,9 +253,9 @@ def _check_totals(plan, devs, backward):
     for dev in devs:
         toks = plan.layouts[dev.prog.device].global_indices()
         n = toks.size
-        checks = [("dq" if backward else "o", h.n_q, count, ksum)]
+        checks = [("dq" if backward else "o", h.n_q_blocks, count, ksum)]
         if backward:
-            checks += [("dk", h.n_kv, key_count, key_qsum), ("dv", h.n_kv, key_count, key_qsum)]
+            checks += [("dk", h.n_kv_blocks, key_count, key_qsum), ("dv", h.n_kv_blocks, key_count, key_qsum)]
         for name, per, exp_c, exp_s in checks:
             got_c = dev.acc[name][0][: n * per].reshape(n, per)
             got_s = dev.acc[name][1][: n * per].reshape(n, per)

@@ -18,15 +18,14 @@ A pass starts with the executor's prologue (copy the local q/k/v into the stores
 """
 from __future__ import annotations
 
-from dcp_backend.dcp.instructions import ACC, Attention, Comm, Fill, Reduce, Wait
+from dcp_backend.dcp.instructions import Attention, Comm, Fill, Reduce, Wait
 from dcp_backend.sim.op_costs import Costs
 from dcp_backend.sim.engine import Compute, Launch
 from dcp_backend.sim.engine import Wait as SimWait
 
 
 def _part_bytes(prog, name: str, rows, c: Costs) -> float:
-    spec = prog.stores[name]
-    return c.rows_bytes(rows.size, spec.heads, acc=spec.dtype == ACC, with_dim=spec.with_dim)
+    return float(prog.stores[name].nbytes(rows.size, c.head_dim, c.element_size))
 
 
 def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
@@ -36,8 +35,8 @@ def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
     ops: list = []
     # prologue: local q/k/v (and out, dout, lse backward) into the stores, result stores reset
     n = prog.num_local_tokens
-    pro = c.rows_bytes(n * h.n_q, h.hb) * (3 if backward else 1) + c.rows_bytes(n * h.n_kv, h.khb) * 2
-    reset = sum(c.rows_bytes(s.rows, s.heads, acc=s.dtype == ACC, with_dim=s.with_dim)
+    pro = c.rows_bytes(n * h.n_q_blocks, h.hb) * (3 if backward else 1) + c.rows_bytes(n * h.n_kv_blocks, h.khb) * 2
+    reset = sum(float(s.nbytes(s.rows, c.head_dim, c.element_size))
                 for nm, s in prog.stores.items() if nm in (("dq", "dk", "dv") if backward else ("o", "lse")))
     ops.append(Compute(c.copy(pro + reset, 5), "prologue"))
     for ins in prog.instructions:
@@ -97,8 +96,8 @@ def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
                 out.append(Compute(c.copy(nbytes, parts), f"unpack {op[1]}"))
         else:
             out.append(op)
-    out.append(Compute(c.copy(c.rows_bytes(n * h.n_q, h.hb) * (1 if not backward else 1)
-                              + (2 * c.rows_bytes(n * h.n_kv, h.khb) if backward else 0), 2), "epilogue"))
+    out.append(Compute(c.copy(c.rows_bytes(n * h.n_q_blocks, h.hb)
+                              + (2 * c.rows_bytes(n * h.n_kv_blocks, h.khb) if backward else 0), 2), "epilogue"))
     return out
 
 

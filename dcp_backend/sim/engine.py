@@ -138,147 +138,196 @@ def _span_at(spans: list, t: float) -> int:
     return lo - 1
 
 
-def run(programs: list[list], links: Links, cores: float | None = None, background: float = 0.0,
-        speed: float = 1.0, max_events: int = 10_000_000) -> Result:
-    """Simulate ``programs`` (one op list per rank) from time 0; see the module docstring. On a shared
-    host (``cores`` not None) a computing rank progresses at ``speed * min(1, cores / (computing ranks +
-    background))``, ``background`` being other jobs' runnable threads (a fair-share scheduler) and
-    ``speed`` the per-core speed relative to the cost table (interference from other jobs)."""
-    n = len(programs)
-    pc = [0] * n
-    state = ["ready"] * n  # ready | compute | blocked | timer | done
-    remaining = [0.0] * n
-    wake = [0.0] * n
-    wait_since = [0.0] * n
-    wait_cause: list = [None] * n
-    compute = np.zeros(n)
-    waited = np.zeros(n)
-    spans: list[list[Span]] = [[] for _ in range(n)]
-    flows: dict = {}
-    handles: dict = {}  # (rank, handle) -> [flow ids]
-    free: dict = {}  # link key -> time it is free
-    bytes_sent = np.zeros(n)
-    comp_start = [0.0] * n
-    now = 0.0
-    timers: list = []  # heap of (time, rank)
+@dataclass(eq=False)
+class _Rank:
+    """One rank's state in a run: its program counter and what it is doing."""
 
-    def start_flow(f: _Flow) -> None:
-        f.start = now
-        path, lat = links.path(f.src, f.dst)
-        end = now
+    program: list
+    pc: int = 0
+    state: str = "ready"  # ready | compute | blocked | timer | done
+    remaining: float = 0.0  # compute seconds left (at full speed)
+    comp_start: float = 0.0
+    wait_since: float = 0.0
+    wait_cause: object = None
+    compute: float = 0.0
+    waited: float = 0.0
+    bytes_sent: float = 0.0
+    spans: list = field(default_factory=list)
+
+    @property
+    def op(self):
+        return self.program[self.pc]
+
+
+class _Engine:
+    """State and phases of one :func:`run`: ranks, flows, links and timers at the current time."""
+
+    def __init__(self, programs: list[list], links: Links, cores, background: float, speed: float):
+        self.ranks = [_Rank(p) for p in programs]
+        self.links = links
+        self.cores, self.background, self.speed = cores, background, speed
+        self.flows: dict = {}
+        self.handles: dict = {}  # (rank, handle) -> [flow ids]
+        self.free: dict = {}  # link key -> time it is free
+        self.timers: list = []  # heap of (time, rank)
+        self.now = 0.0
+
+    # ------------------------------------------------------------------ messages
+    def start_flow(self, f: _Flow) -> None:
+        f.start = self.now
+        path, lat = self.links.path(f.src, f.dst)
+        end = self.now
         for key, bw in path:
-            s = max(free.get(key, 0.0), now)
+            s = max(self.free.get(key, 0.0), self.now)
             fin = s + f.nbytes / bw
-            free[key] = fin
+            self.free[key] = fin
             end = max(end, fin)
-            f.queued = max(f.queued, s - now)
+            f.queued = max(f.queued, s - self.now)
         f.finish = end + lat
 
-    def handle_status(r: int, h) -> tuple[bool, float, object]:
-        latest, cause = now, None
-        for fid in handles.get((r, h), ()):
-            f = flows[fid]
+    def post(self, r: int, fid, src: int, dst: int, nbytes) -> None:
+        f = self.flows.get(fid)
+        if f is None:
+            f = self.flows[fid] = _Flow(fid, src, dst)
+        if f.src != src or f.dst != dst:
+            raise CPError(f"simulator: message {fid!r} posted with endpoints ({src}, {dst}) and ({f.src}, {f.dst})")
+        if r in f.post:
+            raise CPError(f"simulator: rank {r} posted message {fid!r} twice")
+        f.post[r] = self.now
+        if nbytes is not None:
+            f.nbytes = float(nbytes)
+            self.ranks[r].bytes_sent += nbytes
+        if len(f.post) == 2:
+            if f.nbytes is None:
+                raise CPError(f"simulator: message {fid!r} has no sender size")
+            self.start_flow(f)
+
+    def handle_status(self, r: int, h) -> tuple[bool, float, object]:
+        """(all arrived?, when the last one arrives, the flow that arrives last)."""
+        latest, cause = self.now, None
+        for fid in self.handles.get((r, h), ()):
+            f = self.flows[fid]
             if f.finish is None:
                 return False, 0.0, None
             if f.finish > latest:
                 latest, cause = f.finish, fid
         return True, latest, cause
 
-    def post(r: int, fid, src: int, dst: int, nbytes) -> None:
-        f = flows.get(fid)
-        if f is None:
-            f = flows[fid] = _Flow(fid, src, dst)
-        if f.src != src or f.dst != dst:
-            raise CPError(f"simulator: message {fid!r} posted with endpoints ({src}, {dst}) and ({f.src}, {f.dst})")
-        if r in f.post:
-            raise CPError(f"simulator: rank {r} posted message {fid!r} twice")
-        f.post[r] = now
-        if nbytes is not None:
-            f.nbytes = float(nbytes)
-            bytes_sent[r] += nbytes
-        if len(f.post) == 2:
-            if f.nbytes is None:
-                raise CPError(f"simulator: message {fid!r} has no sender size")
-            start_flow(f)
+    def set_timer(self, r: int, t: float, cause) -> None:
+        rank = self.ranks[r]
+        rank.state, rank.wait_cause = "timer", cause
+        heapq.heappush(self.timers, (t, r))
 
-    def wake_blocked() -> None:
-        for q in range(n):
-            if state[q] == "blocked":
-                ok, t, cause = handle_status(q, programs[q][pc[q]].handle)
+    def wake_blocked(self) -> None:
+        for r, rank in enumerate(self.ranks):
+            if rank.state == "blocked":
+                ok, t, cause = self.handle_status(r, rank.op.handle)
                 if ok:
-                    state[q], wake[q], wait_cause[q] = "timer", t, cause
-                    heapq.heappush(timers, (t, q))
+                    self.set_timer(r, t, cause)
 
-    events = 0
-    while True:
-        events += 1
-        if events > max_events:
-            raise CPError("simulator: too many events (a program loops?)")
-        # 1. run every ready rank until it computes, blocks or ends
+    # ------------------------------------------------------------------ phases
+    def step(self, r: int) -> bool:
+        """Run rank ``r``'s next op if it is ready; True if it posted messages (others may unblock)."""
+        rank = self.ranks[r]
+        if rank.pc >= len(rank.program):
+            rank.state = "done"
+            return False
+        op = rank.op
+        if isinstance(op, Compute):
+            if op.seconds > 0:
+                rank.state, rank.remaining, rank.comp_start = "compute", float(op.seconds), self.now
+                rank.compute += op.seconds
+            else:
+                rank.pc += 1
+            return False
+        if isinstance(op, Launch):
+            ids = self.handles.setdefault((r, op.handle), [])
+            for fid, dst, nbytes in op.sends:
+                self.post(r, fid, r, dst, nbytes)
+                ids.append(fid)
+            for fid, src in op.recvs:
+                self.post(r, fid, src, r, None)
+                ids.append(fid)
+            rank.pc += 1
+            return True
+        if isinstance(op, Wait):
+            rank.wait_since = self.now
+            ok, t, cause = self.handle_status(r, op.handle)
+            if ok and t <= self.now:
+                rank.spans.append(Span("wait", op.label, self.now, self.now, None))
+                rank.pc += 1
+            elif ok:
+                self.set_timer(r, t, cause)
+            else:
+                rank.state = "blocked"
+            return False
+        raise CPError(f"simulator: unknown op {op!r}")
+
+    def run_ready(self) -> None:
+        """Run every ready rank until it computes, blocks or ends."""
         progressed = True
         while progressed:
             progressed = False
-            for r in range(n):
-                while state[r] == "ready":
-                    if pc[r] >= len(programs[r]):
-                        state[r] = "done"
-                        break
-                    op = programs[r][pc[r]]
-                    if isinstance(op, Compute):
-                        if op.seconds > 0:
-                            state[r], remaining[r], comp_start[r] = "compute", float(op.seconds), now
-                            compute[r] += op.seconds
-                        else:
-                            pc[r] += 1
-                    elif isinstance(op, Launch):
-                        ids = handles.setdefault((r, op.handle), [])
-                        for fid, dst, nbytes in op.sends:
-                            post(r, fid, r, dst, nbytes)
-                            ids.append(fid)
-                        for fid, src in op.recvs:
-                            post(r, fid, src, r, None)
-                            ids.append(fid)
-                        pc[r] += 1
-                        progressed = True
-                    elif isinstance(op, Wait):
-                        wait_since[r] = now
-                        ok, t, cause = handle_status(r, op.handle)
-                        if ok and t <= now:
-                            spans[r].append(Span("wait", op.label, now, now, None))
-                            pc[r] += 1
-                        elif ok:
-                            state[r], wake[r], wait_cause[r] = "timer", t, cause
-                            heapq.heappush(timers, (t, r))
-                        else:
-                            state[r] = "blocked"
-                    else:
-                        raise CPError(f"simulator: unknown op {op!r}")
+            for r, rank in enumerate(self.ranks):
+                while rank.state == "ready":
+                    progressed |= self.step(r)
             if progressed:
-                wake_blocked()
-        computing = [r for r in range(n) if state[r] == "compute"]
-        if not computing and not timers:
-            if all(s == "done" for s in state):
-                break
-            stuck = [r for r in range(n) if state[r] == "blocked"]
+                self.wake_blocked()
+
+    def advance(self) -> bool:
+        """Move time to the next compute end or timer; False when every rank is done."""
+        computing = [r for r, rank in enumerate(self.ranks) if rank.state == "compute"]
+        if not computing and not self.timers:
+            if all(rank.state == "done" for rank in self.ranks):
+                return False
+            stuck = [r for r, rank in enumerate(self.ranks) if rank.state == "blocked"]
             raise CPError(f"simulator: deadlock, ranks {stuck} wait for messages that are never posted "
-                          f"(first: rank {stuck[0]} on {programs[stuck[0]][pc[stuck[0]]].handle!r})")
-        rate = 1.0 if cores is None or not computing else speed * min(1.0, cores / (len(computing) + background))
-        t_next = min([now + remaining[r] / rate for r in computing] + ([timers[0][0]] if timers else []))
-        dt = t_next - now
+                          f"(first: rank {stuck[0]} on {self.ranks[stuck[0]].op.handle!r})")
+        cores = self.cores
+        rate = 1.0 if cores is None or not computing else (
+            self.speed * min(1.0, cores / (len(computing) + self.background)))
+        t_next = min([self.now + self.ranks[r].remaining / rate for r in computing]
+                     + ([self.timers[0][0]] if self.timers else []))
+        dt = t_next - self.now
         for r in computing:
-            remaining[r] -= rate * dt
-            if remaining[r] <= 1e-15 * max(1.0, t_next):
-                spans[r].append(Span("compute", programs[r][pc[r]].label, comp_start[r], t_next))
-                state[r] = "ready"
-                pc[r] += 1
-        now = t_next
-        while timers and timers[0][0] <= now + 1e-15:
-            _, r = heapq.heappop(timers)
-            if state[r] != "timer":
+            rank = self.ranks[r]
+            rank.remaining -= rate * dt
+            if rank.remaining <= 1e-15 * max(1.0, t_next):
+                rank.spans.append(Span("compute", rank.op.label, rank.comp_start, t_next))
+                rank.state = "ready"
+                rank.pc += 1
+        self.now = t_next
+        self.fire_timers()
+        return True
+
+    def fire_timers(self) -> None:
+        while self.timers and self.timers[0][0] <= self.now + 1e-15:
+            _, r = heapq.heappop(self.timers)
+            rank = self.ranks[r]
+            if rank.state != "timer":
                 continue
-            spans[r].append(Span("wait", programs[r][pc[r]].label, wait_since[r], now, wait_cause[r]))
-            waited[r] += now - wait_since[r]
-            state[r] = "ready"
-            pc[r] += 1
-    finish = np.array([max([s.end for s in spans[r]], default=0.0) for r in range(n)])
-    return Result(n, finish, compute, waited, spans, flows, bytes_sent)
+            rank.spans.append(Span("wait", rank.op.label, rank.wait_since, self.now, rank.wait_cause))
+            rank.waited += self.now - rank.wait_since
+            rank.state = "ready"
+            rank.pc += 1
+
+    def result(self) -> Result:
+        ranks = self.ranks
+        finish = np.array([max([sp.end for sp in rank.spans], default=0.0) for rank in ranks])
+        return Result(len(ranks), finish, np.array([rank.compute for rank in ranks]),
+                      np.array([rank.waited for rank in ranks]), [rank.spans for rank in ranks], self.flows,
+                      np.array([rank.bytes_sent for rank in ranks]))
+
+
+def run(programs: list[list], links: Links, cores: float | None = None, background: float = 0.0,
+        speed: float = 1.0, max_events: int = 10_000_000) -> Result:
+    """Simulate ``programs`` (one op list per rank) from time 0; see the module docstring. On a shared
+    host (``cores`` not None) a computing rank progresses at ``speed * min(1, cores / (computing ranks +
+    background))``, ``background`` being other jobs' runnable threads (a fair-share scheduler) and
+    ``speed`` the per-core speed relative to the cost table (interference from other jobs)."""
+    eng = _Engine(programs, links, cores, background, speed)
+    for _ in range(max_events):
+        eng.run_ready()
+        if not eng.advance():
+            return eng.result()
+    raise CPError("simulator: too many events (a program loops?)")

@@ -58,102 +58,113 @@ def _kv_heads(plan) -> int:
     return max(plan.spec.num_kv_heads // plan.head_parallel, 1)
 
 
+class _RingPrograms:
+    """Builds one rank's ops for either pass, in the executor's order (dcp_backend.baselines.ring_core):
+    every batch posts both sides of its exchanges, the dK/dV accumulator of step t travels in step t+1's
+    batch and the last one in a closing batch with the receive of the total."""
+
+    def __init__(self, plan, c: Costs, rc: RingCosts, tokens, dkv_size, fused_a2a: bool, tag: str, a2a_tokens):
+        self.plan, self.c, self.rc, self.tag = plan, c, rc, tag
+        self.fused_a2a, self.a2a_tokens = fused_a2a, a2a_tokens
+        self.tokens = plan.layout.tokens_per_position if tokens is None else np.asarray(tokens)
+        self.d, self.hp = plan.spec.head_dim, plan.head_parallel
+        self.heads = plan.spec.num_heads // self.hp
+        self.kvh = _kv_heads(plan)
+        self.acc = c.acc_size if dkv_size is None else dkv_size
+
+    def kv_bytes(self, pos: int) -> float:
+        return 2.0 * self.tokens[pos] * self.kvh * self.d * self.c.element_size
+
+    def dkv_bytes(self, pos: int) -> float:
+        return 2.0 * self.tokens[pos] * self.kvh * self.d * self.acc
+
+    def rank(self, r: int, backward: bool) -> list:
+        c, plan = self.c, self.plan
+        held = int(plan.layout.tokens_per_position[plan.geometry(r).position])
+        a2a = _a2a(plan, r, c, self.fused_a2a, self.tag, self.a2a_tokens) if self.hp > 1 else None
+        ops: list = list(a2a["bwd_out" if backward else "fwd_in"]) if a2a else []
+        ops.append(Compute(c.copy(c.rows_bytes(held, self.kvh) * 2 + c.rows_bytes(held, self.heads, acc=True), 3),
+                           "prologue"))
+        ops += self.backward(r) if backward else self.forward(r)
+        if backward:
+            ops.append(Compute(c.copy(c.rows_bytes(held, self.heads) + c.rows_bytes(held, self.kvh) * 2, 3), "epilogue"))
+        else:
+            ops.append(Compute(c.copy(c.rows_bytes(held, self.heads, acc=True), 1), "epilogue"))
+        if a2a:
+            ops += a2a["bwd_in" if backward else "fwd_out"]
+        return ops
+
+    def forward(self, r: int) -> list:
+        geo, tag, ops = self.plan.geometry(r), self.tag, []
+        w, nw = geo.window, geo.num_windows
+        for o in range(nw):
+            if o < nw - 1:
+                ops.append(Launch(("fo", o), [((tag, "kvo", o, r, geo.outer_next), geo.outer_next,
+                                               self.kv_bytes(geo.source(o, 0)))],
+                                  [((tag, "kvo", o, geo.outer_prev, r), geo.outer_prev)]))
+            for t in range(w):
+                if t < w - 1:
+                    ops.append(Launch(("fi", o, t), [((tag, "kvi", o, t, r, geo.inner_next), geo.inner_next,
+                                                      self.kv_bytes(geo.source(o, t)))],
+                                      [((tag, "kvi", o, t, geo.inner_prev, r), geo.inner_prev)]))
+                ops += _step(self.rc, self.c, geo.position, geo.source(o, t), self.heads, self.kvh, backward=False)
+                if t < w - 1:
+                    ops.append(Wait(("fi", o, t), f"wait kv o{o} t{t}"))
+            if o < nw - 1:
+                ops.append(Wait(("fo", o), f"wait outer kv o{o}"))
+        return ops
+
+    def backward(self, r: int) -> list:
+        geo, tag, c, ops = self.plan.geometry(r), self.tag, self.c, []
+        w, nw = geo.window, geo.num_windows
+        rows_acc = lambda pos, n: c.copy(c.rows_bytes(self.tokens[pos], self.kvh, acc=True) * n, 1)  # noqa: E731
+        for o in range(nw):
+            sends, recvs = [], []
+            if o > 0:  # the previous window's total goes on; this block's accumulator comes in
+                sends.append(((tag, "dkvo", o, r, geo.outer_next), geo.outer_next, self.dkv_bytes(geo.source(o - 1, 0))))
+                recvs.append(((tag, "dkvo", o, geo.outer_prev, r), geo.outer_prev))
+            if o < nw - 1:
+                sends.append(((tag, "kvob", o, r, geo.outer_next), geo.outer_next, self.kv_bytes(geo.source(o, 0))))
+                recvs.append(((tag, "kvob", o, geo.outer_prev, r), geo.outer_prev))
+            ops.append(Launch(("bs", o), sends, recvs))
+            for t in range(w):
+                sends, recvs = [], []
+                if t > 0:  # the previous step's accumulator goes on; this step's comes in
+                    sends.append(((tag, "dkvi", o, t, r, geo.inner_next), geo.inner_next,
+                                  self.dkv_bytes(geo.source(o, t - 1))))
+                    recvs.append(((tag, "dkvi", o, t, geo.inner_prev, r), geo.inner_prev))
+                if t < w - 1:
+                    sends.append(((tag, "kvib", o, t, r, geo.inner_next), geo.inner_next, self.kv_bytes(geo.source(o, t))))
+                    recvs.append(((tag, "kvib", o, t, geo.inner_prev, r), geo.inner_prev))
+                ops.append(Launch(("bi", o, t), sends, recvs))
+                src = geo.source(o, t)
+                ops.append(Compute(rows_acc(src, 2), "zero partial"))
+                ops += _step(self.rc, c, geo.position, src, self.heads, self.kvh, backward=True)
+                ops.append(Wait(("bi", o, t), f"wait kv/dkv o{o} t{t}"))
+                if t > 0:
+                    ops.append(Compute(rows_acc(src, 6), "add dkv"))
+            if w > 1:
+                ops.append(Launch(("bfin", o), [((tag, "dkvi", o, w, r, geo.inner_next), geo.inner_next,
+                                                 self.dkv_bytes(geo.source(o, w - 1)))],
+                                  [((tag, "dkvi", o, w, geo.inner_prev, r), geo.inner_prev)]))
+                ops.append(Wait(("bfin", o), f"wait window dkv o{o}"))
+            ops.append(Wait(("bs", o), f"wait outer o{o}"))
+            if o > 0:
+                ops.append(Compute(rows_acc(geo.source(o, 0), 6), "add outer dkv"))
+        if nw > 1:
+            ops.append(Launch(("bofin",), [((tag, "dkvo", nw, r, geo.outer_next), geo.outer_next,
+                                            self.dkv_bytes(geo.source(nw - 1, 0)))],
+                              [((tag, "dkvo", nw, geo.outer_prev, r), geo.outer_prev)]))
+            ops.append(Wait(("bofin",), "wait own dkv"))
+        return ops
+
+
 def ring_programs(plan, backward: bool, c: Costs, rc: RingCosts | None = None, *, tokens=None,
                   dkv_size: int | None = None, fused_a2a: bool = False, tag: str = "", a2a_tokens=None) -> list[list]:
     """Programs of a :class:`~dcp_backend.baselines.ring_family.RingFamilyPlan` (or a TE plan mapped onto
     one: ``tokens`` per position for message sizes, ``dkv_size`` bytes per dK/dV element, ``fused_a2a``)."""
-    rc = rc or RingCosts(plan, c)
-    tokens = plan.layout.tokens_per_position if tokens is None else np.asarray(tokens)
-    d, hp = plan.spec.head_dim, plan.head_parallel
-    H = plan.spec.num_heads // hp
-    kvh = _kv_heads(plan)
-    e = c.element_size
-    acc = c.acc_size if dkv_size is None else dkv_size
-    kv_b = lambda pos: 2.0 * tokens[pos] * kvh * d * e  # noqa: E731
-    dkv_b = lambda pos: 2.0 * tokens[pos] * kvh * d * acc  # noqa: E731
-    out = []
-    for r in range(plan.world_size):
-        geo = plan.geometry(r)
-        me = geo.position
-        w, nw = geo.window, geo.num_windows
-        ops: list = []
-        held = int(plan.layout.tokens_per_position[me])
-        a2a = _a2a(plan, r, c, fused_a2a, tag, a2a_tokens) if hp > 1 else None
-        if not backward:
-            if a2a:
-                ops += a2a["fwd_in"]
-            ops.append(Compute(c.copy(c.rows_bytes(held, kvh) * 2 + c.rows_bytes(held, H, acc=True), 3), "prologue"))
-            for o in range(nw):
-                if o < nw - 1:
-                    ops.append(Launch(("fo", o), [((tag, "kvo", o, r, geo.outer_next), geo.outer_next,
-                                                   kv_b(geo.source(o, 0)))],
-                                      [((tag, "kvo", o, geo.outer_prev, r), geo.outer_prev)]))
-                for t in range(w):
-                    if t < w - 1:
-                        ops.append(Launch(("fi", o, t), [((tag, "kvi", o, t, r, geo.inner_next), geo.inner_next,
-                                                          kv_b(geo.source(o, t)))],
-                                          [((tag, "kvi", o, t, geo.inner_prev, r), geo.inner_prev)]))
-                    src = geo.source(o, t)
-                    ops += _step(rc, c, me, src, H, kvh, backward=False)
-                    if t < w - 1:
-                        ops.append(Wait(("fi", o, t), f"wait kv o{o} t{t}"))
-                if o < nw - 1:
-                    ops.append(Wait(("fo", o), f"wait outer kv o{o}"))
-            ops.append(Compute(c.copy(c.rows_bytes(held, H, acc=True), 1), "epilogue"))
-            if a2a:
-                ops += a2a["fwd_out"]
-        else:
-            if a2a:
-                ops += a2a["bwd_out"]
-            ops.append(Compute(c.copy(c.rows_bytes(held, kvh) * 2 + c.rows_bytes(held, H, acc=True), 3), "prologue"))
-            pending = []
-            for o in range(nw):
-                sends, recvs = [], []
-                if o > 0:
-                    recvs.append(((tag, "dkvo", o, geo.outer_prev, r), geo.outer_prev))
-                if o < nw - 1:
-                    sends.append(((tag, "kvob", o, r, geo.outer_next), geo.outer_next, kv_b(geo.source(o, 0))))
-                    recvs.append(((tag, "kvob", o, geo.outer_prev, r), geo.outer_prev))
-                ops.append(Launch(("bs", o), sends, recvs))
-                for t in range(w):
-                    sends, recvs = [], []
-                    if t > 0:
-                        recvs.append(((tag, "dkvi", o, t, geo.inner_prev, r), geo.inner_prev))
-                    if t < w - 1:
-                        sends.append(((tag, "kvib", o, t, r, geo.inner_next), geo.inner_next, kv_b(geo.source(o, t))))
-                        recvs.append(((tag, "kvib", o, t, geo.inner_prev, r), geo.inner_prev))
-                    ops.append(Launch(("bi", o, t), sends, recvs))
-                    src = geo.source(o, t)
-                    ops.append(Compute(c.copy(c.rows_bytes(tokens[src], kvh, acc=True) * 2, 1), "zero partial"))
-                    ops += _step(rc, c, me, src, H, kvh, backward=True)
-                    ops.append(Wait(("bi", o, t), f"wait kv/dkv o{o} t{t}"))
-                    if t > 0:
-                        ops.append(Compute(c.copy(c.rows_bytes(tokens[src], kvh, acc=True) * 6, 1), "add dkv"))
-                    if w > 1:
-                        ops.append(Launch(("bf", o, t), [((tag, "dkvi", o, t + 1, r, geo.inner_next), geo.inner_next,
-                                                          dkv_b(src))], []))
-                        pending.append(("bf", o, t))
-                if w > 1:
-                    ops.append(Launch(("bfin", o), [], [((tag, "dkvi", o, w, geo.inner_prev, r), geo.inner_prev)]))
-                    ops.append(Wait(("bfin", o), f"wait window dkv o{o}"))
-                ops.append(Wait(("bs", o), f"wait outer o{o}"))
-                if o > 0:
-                    ops.append(Compute(c.copy(c.rows_bytes(tokens[geo.source(o, 0)], kvh, acc=True) * 6, 1),
-                                       "add outer dkv"))
-                if nw > 1:
-                    ops.append(Launch(("bo", o), [((tag, "dkvo", o + 1, r, geo.outer_next), geo.outer_next,
-                                                   dkv_b(geo.source(o, 0)))], []))
-                    pending.append(("bo", o))
-            if nw > 1:
-                ops.append(Launch(("bofin",), [], [((tag, "dkvo", nw, geo.outer_prev, r), geo.outer_prev)]))
-                ops.append(Wait(("bofin",), "wait own dkv"))
-            for p in pending:
-                ops.append(Wait(p, "wait sends"))
-            ops.append(Compute(c.copy(c.rows_bytes(held, H) + c.rows_bytes(held, kvh) * 2, 3), "epilogue"))
-            if a2a:
-                ops += a2a["bwd_in"]
-        out.append(ops)
-    return out
+    builder = _RingPrograms(plan, c, rc or RingCosts(plan, c), tokens, dkv_size, fused_a2a, tag, a2a_tokens)
+    return [builder.rank(r, backward) for r in range(plan.world_size)]
 
 
 def _step(rc: RingCosts, c: Costs, dst: int, src: int, H: int, kvh: int, backward: bool) -> list:

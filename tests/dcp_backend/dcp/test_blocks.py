@@ -33,12 +33,12 @@ def test_pair_counts_match_dense_mask(mask, args, block):
 def test_head_blocks_gqa():
     spec = AttentionSpec(8, 2, 16)
     hb = HeadBlocks.make(spec, None)
-    assert (hb.hb, hb.khb, hb.n_q, hb.n_kv, hb.q_per_kv) == (4, 1, 2, 2, 1)
+    assert (hb.hb, hb.khb, hb.n_q_blocks, hb.n_kv_blocks, hb.q_per_kv) == (4, 1, 2, 2, 1)
     hb = HeadBlocks.make(spec, 1)
-    assert (hb.n_q, hb.n_kv, hb.q_per_kv) == (8, 2, 4)
+    assert (hb.n_q_blocks, hb.n_kv_blocks, hb.q_per_kv) == (8, 2, 4)
     assert list(hb.kv_of_q(np.arange(8))) == [0, 0, 0, 0, 1, 1, 1, 1]
     hb = HeadBlocks.make(spec, 8)
-    assert (hb.n_q, hb.khb, hb.n_kv) == (1, 2, 1)
+    assert (hb.n_q_blocks, hb.khb, hb.n_kv_blocks) == (1, 2, 1)
     with pytest.raises(CPError, match="head_block_size"):
         HeadBlocks.make(spec, 3)
     with pytest.raises(CPError, match="head_block_size"):
