@@ -1,7 +1,9 @@
 """Shard, run, unshard, compare: check a CP backend against the float64 single-process reference.
 
-Workers (one per rank) run a list of cases and return their local outputs and gradients; the parent
-process reassembles them by ``plan.local_indices`` and compares with :func:`dcp_backend.reference.dense_attention`.
+Workers (one per rank) run a list of cases and return their local outputs and gradients (and the bytes
+the backend counted as sent); the parent process reassembles them by ``plan.local_indices`` and compares
+with :func:`tests.reference_oracle.attention`, a reference that shares no mask or scale code with the
+library (its visibility comes from DESIGN.md's per-token rule, its scale is ``1/math.sqrt(head_dim)``).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import numpy as np
 import torch
 
 import dcp_backend as cp
-from dcp_backend.reference import dense_attention
+from tests import reference_oracle
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp64": 1e-9}
@@ -29,10 +31,11 @@ class Case:
     options: dict = field(default_factory=dict)
     dtype: str = "fp32"
     seed: int = 0
+    softmax_scale: float | None = None
 
     def spec(self) -> cp.AttentionSpec:
         return cp.AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, mask=self.mask,
-                                mask_args=self.mask_args)
+                                mask_args=self.mask_args, softmax_scale=self.softmax_scale)
 
     def tensors(self):
         g = torch.Generator().manual_seed(self.seed)
@@ -44,8 +47,9 @@ class Case:
         return q, k, v, do
 
     def __str__(self) -> str:
+        scale = "" if self.softmax_scale is None else f" scale={self.softmax_scale}"
         return (f"{self.backend}{self.options} mask={self.mask}{self.mask_args or ''} heads={self.num_heads}/"
-                f"{self.num_kv_heads} {self.dtype} seqlens={self.seqlens}")
+                f"{self.num_kv_heads}{scale} {self.dtype} seqlens={self.seqlens}")
 
 
 def random_seqlens(rng: np.random.Generator, num_docs: int, max_len: int, world_size: int) -> list[int]:
@@ -66,10 +70,13 @@ def worker(rank: int, world_size: int, cases: list[Case]):
         idx = plan.local_indices(rank)
         dt = DTYPES[case.dtype]
         ql, kl, vl = (x[idx].to(dt).requires_grad_(True) for x in (q, k, v))
+        backend.counters.reset()
         out = backend.attention(ql, kl, vl, plan)
+        sent_fwd = backend.counters.total()
         out.backward(do[idx].to(dt))
         results.append({"idx": idx, "out": out.detach().double(), "dq": ql.grad.double(),
-                        "dk": kl.grad.double(), "dv": vl.grad.double()})
+                        "dk": kl.grad.double(), "dv": vl.grad.double(),
+                        "sent_fwd": sent_fwd, "sent_bwd": backend.counters.total() - sent_fwd})
     return results
 
 
@@ -96,7 +103,7 @@ def check_results(cases: list[Case], per_rank: list[list[dict]]) -> None:
             full[key] = buf
         q, k, v, do = case.tensors()
         q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
-        ref = dense_attention(q, k, v, case.seqlens, case.spec())
+        ref = reference_oracle.attention(q, k, v, case.seqlens, case.mask, case.mask_args, case.softmax_scale)
         ref.backward(do)
         tol = TOLERANCE[case.dtype]
         errs = {
