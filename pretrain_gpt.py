@@ -17,7 +17,7 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 
 def main(argv=None) -> int:
-    from dcp_backend.spec import CommunicationError, CPError
+    from dcp_backend.errors import CommunicationError, CPError
     from megatron.training.arguments import ConfigError
     from megatron.training.training import pretrain
 

@@ -128,13 +128,22 @@ class Plan:
 
     @cached_property
     def fingerprint(self) -> int:
-        """Identity of (backend, lengths, spec, world size, options); equal on every rank for one batch."""
+        """Identity of (backend, lengths, spec, world size, options) and of what the backend decided from
+        them (:meth:`_fingerprint_extra`); equal on every rank for one batch. ``attention`` compares it
+        across ranks once per plan, so ranks that disagree fail at once instead of hanging."""
         h = hashlib.blake2b(digest_size=8)
         h.update(self.backend.encode())
         h.update(self.batch.seqlens.tobytes())
         h.update(repr(self.spec.key()).encode())
         h.update(repr((self.world_size, sorted(vars(self.options).items()))).encode())
+        h.update(self._fingerprint_extra())
         return int.from_bytes(h.digest(), "little")
+
+    def _fingerprint_extra(self) -> bytes:
+        """Bytes of the decisions a plan made beyond its inputs, for backends whose plan is not a pure
+        function of the inputs' hash (a solver's placement): a rank that planned differently then fails
+        the fingerprint check. Empty for plans that follow from the inputs by fixed rules."""
+        return b""
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(docs={self.batch.num_docs}, tokens={self.batch.total_tokens}, "

@@ -260,5 +260,6 @@ def check_same(value: int, group=None, what: str = "value", device: torch.device
     if int(t[0]) != v or int(-t[1]) != v:
         raise CPError(
             f"rank {group_rank(group)}: ranks disagree on the {what}; every rank of the group must pass the "
-            "same sequence lengths, spec and options (plans are deterministic, so this means the inputs differ)"
+            "same sequence lengths, spec and options, and plans must be deterministic (the inputs differ, or a "
+            "rank's planner decided differently, e.g. another DCP placement)"
         )

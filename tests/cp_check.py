@@ -1,8 +1,10 @@
-"""Shard, run, unshard, compare: check a CP backend against the float64 single-process reference.
+"""Shard, run, unshard, compare: check a CP backend against an independent float64 reference.
 
-Workers (one per rank) run a list of cases and return their local outputs and gradients, and the trace of
-every transfer they made; the parent process reassembles the results by ``plan.local_indices``, compares
-them with :func:`dcp_backend.dense_reference.dense_attention`, and replays the traces under NCCL's ordering rules
+Workers (one per rank) run a list of cases and return their local outputs and gradients, the bytes the
+backend counted as sent, and the trace of every transfer they made; the parent process reassembles the
+results by ``plan.local_indices``, compares them with :func:`tests.reference_oracle.attention` (a reference
+that shares no mask or scale code with the library: its visibility comes from DESIGN.md's per-token rule,
+its scale is ``1/math.sqrt(head_dim)``), and replays the traces under NCCL's ordering rules
 (:func:`dcp_backend.comm_order.replay`), so every exactness test is also a deadlock check.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import dcp_backend as cp
 from dcp_backend import comm
 from dcp_backend.comm_order import CommOrderError, replay
-from dcp_backend.dense_reference import dense_attention
+from tests import reference_oracle
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp64": 1e-9}
@@ -33,11 +35,12 @@ class Case:
     options: dict = field(default_factory=dict)
     dtype: str = "fp32"
     seed: int = 0
+    softmax_scale: float | None = None
     forward_only: bool = False  # no backward (kernels without one, e.g. FlexAttention on CPU)
 
     def spec(self) -> cp.AttentionSpec:
         return cp.AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, mask=self.mask,
-                                mask_args=self.mask_args)
+                                mask_args=self.mask_args, softmax_scale=self.softmax_scale)
 
     def tensors(self):
         g = torch.Generator().manual_seed(self.seed)
@@ -49,8 +52,9 @@ class Case:
         return q, k, v, do
 
     def __str__(self) -> str:
+        scale = "" if self.softmax_scale is None else f" scale={self.softmax_scale}"
         return (f"{self.backend}{self.options} mask={self.mask}{self.mask_args or ''} heads={self.num_heads}/"
-                f"{self.num_kv_heads} {self.dtype} seqlens={self.seqlens}")
+                f"{self.num_kv_heads}{scale} {self.dtype} seqlens={self.seqlens}")
 
 
 def random_seqlens(rng: np.random.Generator, num_docs: int, max_len: int, world_size: int) -> list[int]:
@@ -72,14 +76,18 @@ def worker(rank: int, world_size: int, cases: list[Case]):
         idx = plan.local_indices(rank)
         dt = DTYPES[case.dtype]
         ql, kl, vl = (x[idx].to(dt).requires_grad_(True) for x in (q, k, v))
+        backend.counters.reset()
         with comm.record_trace() as trace:
             if case.forward_only:
                 with torch.no_grad():
                     out = backend.attention(ql, kl, vl, plan)
             else:
                 out = backend.attention(ql, kl, vl, plan)
+            sent_fwd = backend.counters.total()
+            if not case.forward_only:
                 out.backward(do[idx].to(dt))
-        res = {"idx": idx, "out": out.detach().double(), "trace": trace.events}
+        res = {"idx": idx, "out": out.detach().double(), "trace": trace.events,
+               "sent_fwd": sent_fwd, "sent_bwd": backend.counters.total() - sent_fwd}
         if not case.forward_only:
             res.update(dq=ql.grad.double(), dk=kl.grad.double(), dv=vl.grad.double())
         results.append(res)
@@ -94,13 +102,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _reference(case: Case, cache: dict) -> dict:
-    """The float64 reference's out (and dq, dk, dv) for a case; cases with the same inputs share one."""
-    key = (tuple(case.seqlens), case.spec().key(), case.num_heads, case.num_kv_heads, case.head_dim, case.seed,
-           case.forward_only)
+    """The reference's out (and dq, dk, dv) for a case; cases with the same inputs share one."""
+    key = (tuple(case.seqlens), case.mask, tuple(sorted(case.mask_args.items())), case.softmax_scale,
+           case.num_heads, case.num_kv_heads, case.head_dim, case.seed, case.forward_only)
     if key not in cache:
         q, k, v, do = case.tensors()
         q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
-        ref = dense_attention(q, k, v, case.seqlens, case.spec())
+        ref = reference_oracle.attention(q, k, v, case.seqlens, case.mask, case.mask_args, case.softmax_scale)
         want = {"out": ref.detach()}
         if not case.forward_only:
             ref.backward(do)
@@ -110,7 +118,8 @@ def _reference(case: Case, cache: dict) -> dict:
 
 
 def check_results(cases: list[Case], per_rank: list[list[dict]]) -> None:
-    """Assert partition of tokens and agreement of out, dq, dk, dv with the reference."""
+    """Assert partition of tokens, agreement of out (dq, dk, dv) with the reference, and communication that
+    NCCL's ordering rules would complete."""
     failures = []
     cache: dict = {}
     for ci, case in enumerate(cases):

@@ -114,6 +114,14 @@ class DCPPlan(Plan):
             t["compile"] = t.get("compile", 0.0) + sum(p.compile_seconds for p in progs)
         return t
 
+    def _fingerprint_extra(self) -> bytes:
+        """The placement (token-block owners, computation-block devices) and block size: a partitioner
+        that placed differently on two ranks makes them disagree here, at the first attention call,
+        rather than deadlock on mismatched transfers."""
+        pl = self.placement
+        return b"".join([np.int64(self.block_size).tobytes(), np.ascontiguousarray(pl.owner, np.int64).tobytes(),
+                         np.ascontiguousarray(pl.comp_device, np.int64).tobytes()])
+
     def stats(self, element_size: int = 2) -> PlanStats:
         from dcp_backend.dcp.stats import plan_stats
 

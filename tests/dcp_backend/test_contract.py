@@ -1,7 +1,8 @@
 """The backend contract: every bad input raises a clear CPError (single process and on 2 gloo ranks),
-ranks that disagree fail instead of hanging, a crashed peer surfaces as a CommunicationError within the
-process-group timeout, and plans are deterministic and partition the tokens for any lengths and world
-sizes (planned without a process group)."""
+ranks that disagree (on the inputs, or on a DCP placement) fail instead of hanging, a crashed peer
+surfaces as a CommunicationError within the process-group timeout, and plans are deterministic (in one
+process and across spawned processes) and partition the tokens for any lengths and world sizes (planned
+without a process group)."""
 import os
 import time
 
@@ -127,10 +128,57 @@ def _contract_worker(rank, world_size):
     spec = SPEC if rank == 0 else cp.AttentionSpec(4, 2, 8, mask="full")
     p3 = be.plan([5, 3, 1], spec)
     _expect(res, "different mask", lambda: be.attention(q, k, k, p3), cp.CPError, "ranks disagree")
+    # Same inputs, but rank 1's DCP planner placed differently (a nondeterministic placement): the
+    # placement is in the fingerprint, so both ranks fail the check at once instead of waiting on
+    # transfers that never match.
+    res["different dcp placement"] = _dcp_placement_disagrees(rank)
     # The group is still usable afterwards.
     out = be.attention(q, k, k, plan)
     res["after errors"] = "ok" if out.shape == q.shape and torch.isfinite(out).all() else "bad output"
-    return res
+    return {"checks": res, "dcp_plan": _dcp_plan_digest()}
+
+
+def _dcp_placement_disagrees(rank) -> str:
+    from dcp_backend.dcp import planner
+    from dcp_backend.dcp.partition import Placement
+
+    be = cp.get_backend("dcp", block_size=16, num_stages=2)
+    place = planner.place
+    if rank == 1:
+        def rotated(*args, **kwargs):  # a valid placement, but not the one rank 0 computed
+            pl = place(*args, **kwargs)
+            n = pl.num_devices
+            return Placement((pl.owner + 1) % n, (pl.comp_device + 1) % n, n, pl.devices_per_node)
+
+        planner.place = rotated
+    try:
+        plan = be.plan([90, 40, 7], SPEC)
+    finally:
+        planner.place = place
+    n = plan.num_local_tokens(rank)
+    q, kv = torch.randn(n, 4, 8), torch.randn(n, 2, 8)
+    t0 = time.monotonic()
+    res = {}
+    _expect(res, "x", lambda: be.attention(q, kv, kv, plan), cp.CPError, "ranks disagree on the dcp plan")
+    elapsed = time.monotonic() - t0
+    return res["x"] if elapsed < 10 else f"{res['x']} after {elapsed:.0f}s"
+
+
+def _dcp_plan_digest() -> str:
+    """A DCP plan for 8 devices on 2 nodes, made in this process (Mt-KaHyPar at both levels)."""
+    import hashlib
+
+    from dcp_backend.batch import PackedBatch
+    from dcp_backend.dcp.config import DCPOptions
+    from dcp_backend.dcp.planner import make_plan
+    from dcp_backend.dcp.serialize import serialize
+
+    plan = make_plan(PackedBatch.from_seqlens(DCP_DET_LENS), cp.AttentionSpec(8, 2, 8, mask="lambda"), 8,
+                     DCPOptions(devices_per_node=4, block_size=32), compile_all=True)
+    return hashlib.sha256(serialize(plan, with_timings=False)).hexdigest()
+
+
+DCP_DET_LENS = [300, 33, 1, 150, 260, 64, 90]
 
 
 def _plan_for(world_size):
@@ -143,10 +191,14 @@ def _plan_for(world_size):
 
 def test_input_errors_on_two_ranks():
     per_rank = run_ranks(_contract_worker, 2, pg_timeout=30)
-    for rank, res in enumerate(per_rank):
+    for rank, out in enumerate(per_rank):
+        res = out["checks"]
         bad = {k: v for k, v in res.items() if v != "ok"}
         assert not bad, f"rank {rank}: {bad}"
-        assert len(res) == 13
+        assert len(res) == 14
+    # Determinism across processes: both spawned ranks and this process make the same DCP plan, byte for
+    # byte (placement, schedules, programs).
+    assert per_rank[0]["dcp_plan"] == per_rank[1]["dcp_plan"] == _dcp_plan_digest()
 
 
 def _crash_worker(rank, world_size, when):
@@ -190,7 +242,9 @@ def test_crashed_rank_fails_the_others(when):
 PLANNERS = [
     ("ring", {}), ("zigzag", {}), ("loongtrain", {"head_parallel": 1}), ("loongtrain", {"head_parallel": 2}),
     ("loongtrain", {"head_parallel": 2, "window": 1}), ("te", {}), ("te", {"cp_comm_type": "a2a+p2p"}),
+    ("dcp", {"block_size": 16}),  # every other trial (planning is the slow part); 2 nodes: the spawned check
 ]
+TIMINGS = ("planning_seconds", "planning_seconds_by_phase")
 
 
 def _planner(name, world_size, options):
@@ -210,19 +264,32 @@ def test_plans_are_deterministic_and_partition_tokens():
                 continue
             if opts.get("window") and (n // opts["head_parallel"]) % opts["window"]:
                 continue
+            if name == "dcp" and trial % 2:
+                continue
             a = _planner(name, n, opts).plan(lens, SPEC)
             b = _planner(name, n, opts).plan(list(lens), SPEC)
-            assert a.fingerprint == b.fingerprint
+            assert a.fingerprint == b.fingerprint  # dcp: includes the placement
             parts = [a.local_indices(r) for r in range(n)]
             for r in range(n):
                 assert parts[r].dtype == torch.int64 and parts[r].dim() == 1
                 assert torch.equal(parts[r], b.local_indices(r)), (name, opts, lens, n, r)
             assert torch.equal(torch.cat(parts).sort().values, torch.arange(sum(lens))), (name, opts, lens, n)
-            assert a.stats().as_dict() == b.stats().as_dict()
+            sa, sb = ({k: v for k, v in x.stats().as_dict().items() if k not in TIMINGS} for x in (a, b))
+            assert sa == sb
             checked += 1
-    assert checked > 300
+    assert checked > 330
     # Different inputs or options give different fingerprints.
     p = cp.get_backend("zigzag", world_size=2).plan([4, 5], SPEC)
     assert p.fingerprint != cp.get_backend("zigzag", world_size=2).plan([5, 4], SPEC).fingerprint
     assert p.fingerprint != cp.get_backend("zigzag", world_size=2, devices_per_node=1).plan([4, 5], SPEC).fingerprint
     assert p.fingerprint != cp.get_backend("ring", world_size=2).plan([4, 5], SPEC).fingerprint
+    # A DCP plan's fingerprint covers its placement, not only its inputs.
+    from dcp_backend.dcp.partition import Placement
+
+    d = cp.get_backend("dcp", world_size=2, block_size=16).plan([40, 30], SPEC)
+    pl = d.placement
+    d2 = cp.get_backend("dcp", world_size=2, block_size=16).plan([40, 30], SPEC)
+    assert d2.fingerprint == d.fingerprint
+    d2.placement = Placement(1 - pl.owner, pl.comp_device, 2, pl.devices_per_node)
+    d2.__dict__.pop("fingerprint", None)
+    assert d2.fingerprint != d.fingerprint

@@ -1,45 +1,13 @@
-"""Masks: the vectorised range masks against a per-token brute force written from DESIGN.md's table,
-the canonical form of ranges, custom masks, and argument errors."""
-import math
-
+"""Masks: the vectorised range masks against a per-token brute force written from DESIGN.md's table
+(tests/reference_oracle.py, which the exactness tests use as their reference too), the canonical form
+of ranges, custom masks, and argument errors."""
 import numpy as np
 import pytest
 
 import dcp_backend as cp
 from dcp_backend import masks
 from dcp_backend.batch import PackedBatch
-
-
-def brute_keys(name, args, i, L):
-    """The set of visible keys of query i in a document of length L, literally from the DESIGN table."""
-    if name == "causal":
-        return set(range(0, i + 1))
-    if name == "full":
-        return set(range(0, L))
-    if name == "sliding_window":
-        return set(range(max(0, i - args["window"] + 1), i + 1))
-    if name == "lambda":
-        S, W = args["sink"], args["window"]
-        return set(range(0, min(S, i + 1))) | set(range(max(0, i - W + 1), i + 1))
-    if name == "shared_question":
-        f, n = args["question_fraction"], args["num_answers"]
-        Q = math.floor(f * L)
-        P = (L - Q) // n
-        if i < Q:
-            return set(range(0, i + 1))
-        if P > 0 and i < Q + P * (n - 1):
-            start = Q + ((i - Q) // P) * P
-        else:
-            start = Q + (n - 1) * P
-        return set(range(0, Q)) | set(range(start, i + 1))
-    if name == "causal_blockwise":
-        B, K = args["block"], args["k_local"]
-        b, nb = i // B, -(-L // B)
-        if b == 0 or b == nb - 1:
-            return set(range(0, i + 1))
-        return set(range(0, B)) | set(range(max(B, i - K * B), i + 1))
-    raise AssertionError(name)
-
+from tests.reference_oracle import MASK_DEFAULTS, mask_args_with_defaults, visible_keys
 
 MASK_ARGS = {
     "causal": [{}],
@@ -72,17 +40,18 @@ def assert_canonical(r, lengths):
 
 def test_builtin_masks_match_brute_force():
     rng = np.random.default_rng(0)
-    assert set(MASK_ARGS) <= set(cp.available_masks())
+    assert set(MASK_ARGS) == set(MASK_DEFAULTS) and set(MASK_ARGS) <= set(cp.available_masks())
     for name, arg_list in MASK_ARGS.items():
         for args in arg_list:
             for trial in range(3):
                 lens = [1] + rng.integers(1, 40, size=4).tolist() + [int(rng.integers(1, 4))]
                 batch = PackedBatch.from_seqlens(lens)
-                full_args = masks.resolve_mask_args(name, args)
+                full_args = mask_args_with_defaults(name, args)  # DESIGN.md's defaults, not the library's
+                assert masks.resolve_mask_args(name, args) == full_args
                 r = masks.build_ranges(batch, name, args)
                 assert_canonical(r, batch.token_seqlens)
                 got = ranges_to_sets(r)
-                want = [brute_keys(name, full_args, int(i), int(L))
+                want = [visible_keys(name, full_args, int(i), int(L))
                         for i, L in zip(batch.positions, batch.token_seqlens)]
                 assert got == want, (name, args, lens)
                 assert np.array_equal(masks.range_lengths(r), [len(x) for x in want])

@@ -1,5 +1,5 @@
 """Ring, zigzag and LoongTrain against the float64 reference: all masks, ragged batches, GQA/MHA,
-world sizes 2, 3, 4 and 8, forward and backward."""
+world sizes 2, 3, 4 and 8, forward and backward, bf16 and an explicit softmax scale."""
 import numpy as np
 import pytest
 
@@ -52,11 +52,16 @@ def test_eight_ranks_double_ring():
     check_results(cases, run_ranks(worker, 8, cases))
 
 
-def test_bf16_and_single_rank():
+def test_bf16_explicit_scale_and_single_rank():
     cases = [
         Case("zigzag", [17, 90, 3], dtype="bf16", seed=5),
         Case("loongtrain", [17, 90, 3], dtype="bf16", mask="sliding_window", mask_args={"window": 16},
              options={"head_parallel": 2}, seed=6),
+        # a non-default softmax_scale reaches every kernel call (the reference writes its own scale)
+        Case("ring", [23, 1, 40], softmax_scale=0.9, seed=9),
+        Case("zigzag", [31, 2, 12], mask="lambda", mask_args={"sink": 2, "window": 7}, softmax_scale=0.2, seed=10),
+        Case("loongtrain", [29, 3, 18], num_heads=4, num_kv_heads=1, softmax_scale=1.7,
+             options={"head_parallel": 1, "window": 1}, seed=11),
     ]
     check_results(cases, run_ranks(worker, 2, cases))
     single = [Case("ring", [5, 1, 12], seed=7), Case("loongtrain", [9, 2], mask="full", seed=8)]

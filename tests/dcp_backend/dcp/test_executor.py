@@ -1,6 +1,7 @@
 """The dcp backend end to end on gloo ranks: out, dq, dk, dv against the float64 reference for many
-masks, topologies, block and head-block sizes, stage counts; bytes counted by the executor equal the
-plan's statistics; a batch that fits on its devices moves nothing; a dead rank ends the others."""
+masks, topologies, block and head-block sizes, stage counts and an explicit softmax scale; bytes counted
+by the executor equal the plan's statistics in fp32 and bf16, and a tiny plan's bytes computed by hand;
+a batch that fits on its devices moves nothing; a dead rank ends the others."""
 import os
 
 import numpy as np
@@ -42,44 +43,90 @@ def test_dcp_eight_ranks_four_nodes():
     check_results(cases, run_ranks(worker, 8, cases))
 
 
-def test_dcp_bf16_and_one_device():
+# A tiny plan whose bytes are computed by hand. One causal document of 64 tokens, 2 query heads and 1 KV
+# head of dimension 4, on 2 devices with the static zigzag placement (documented in dcp/candidates.py):
+# block size 16 (the largest power of two giving the document two blocks per device, at least 16), token
+# blocks b0..b3 dealt in snake order to devices 0, 1, 1, 0, and every computation block (q block i, kv
+# block j <= i) on its query block's owner. So queries, outputs, lse and dq never move; only keys and
+# values do, and their gradients come back:
+#   device 1 (q blocks 1, 2) reads kv block b0 from device 0; device 0 (q block 3) reads b1 and b2 from 1.
+# One kv block = 16 tokens x (k + v) x 1 KV head x 4 dims = 128 elements.
+#   forward:  device 0 sends kv(b0) at the model size: 128 x 2 bytes (bf16) = 256
+#             device 1 sends kv(b1), kv(b2):          2 x 128 x 2          = 512
+#   backward: device 0 sends kv(b0) again (256) and the dk/dv of b1 and b2 it accumulated, in the fp32
+#             accumulation dtype whatever the model dtype: 2 x 128 x 4 = 1024; in all 256 + 1024 = 1280
+#             device 1 sends kv(b1), kv(b2) again (512) and dk/dv of b0 (128 x 4 = 512); in all 1024
+TINY = Case("dcp", [64], num_heads=2, num_kv_heads=1, head_dim=4, dtype="bf16",
+            options={"placement": "zigzag", "num_stages": 1}, seed=9)
+TINY_FWD_BYTES, TINY_BWD_BYTES = [256, 512], [1280, 1024]
+
+
+def test_tiny_plan_bytes_by_hand():
+    plan = cp.get_backend("dcp", world_size=2, **TINY.options).plan(TINY.seqlens, TINY.spec())
+    assert plan.block_size == 16 and plan.placement.owner.tolist() == [0, 1, 1, 0]
+    st = plan.stats(element_size=2)
+    assert st.extra["fwd_bytes_per_rank"] == TINY_FWD_BYTES
+    assert st.extra["bwd_bytes_per_rank"] == TINY_BWD_BYTES
+    assert st.fwd_intra_node_bytes == 768 and st.bwd_intra_node_bytes == 2304 and st.fwd_inter_node_bytes == 0
+
+
+def test_dcp_bf16_explicit_scale_and_one_device():
     cases = [Case("dcp", [70, 3, 41], dtype="bf16", mask="lambda", mask_args={"sink": 2, "window": 16},
-                  options={"block_size": 16}, seed=1)]
-    check_results(cases, run_ranks(worker, 2, cases))
+                  options={"block_size": 16}, seed=1),
+             Case("dcp", [45, 1, 30], mask="sliding_window", mask_args={"window": 9}, softmax_scale=0.45,
+                  options={"block_size": 16, "num_stages": 2}, seed=2),
+             TINY]
+    per_rank = run_ranks(worker, 2, cases)
+    check_results(cases, per_rank)
+    # the executor sent exactly the hand-computed bytes of the tiny plan (bf16 model tensors, fp32 dk/dv)
+    assert [per_rank[r][2]["sent_fwd"] for r in range(2)] == TINY_FWD_BYTES
+    assert [per_rank[r][2]["sent_bwd"] for r in range(2)] == TINY_BWD_BYTES
     single = [Case("dcp", [33, 1, 90], mask=m, mask_args=a, options={"block_size": 16}, seed=i)
               for i, (m, a) in enumerate(MASKS)]
     check_results(single, run_ranks(worker, 1, single))
 
 
-def _count_worker(rank, world, seqlens, options):
+def _count_worker(rank, world, seqlens, options, dtypes=(torch.float32,)):
     spec = cp.AttentionSpec(4, 2, 8, mask="causal")
     backend = cp.get_backend("dcp", **options)
     plan = backend.plan(seqlens, spec)
     n = plan.num_local_tokens(rank)
-    q = torch.randn(n, 4, 8, requires_grad=True)
-    k = torch.randn(n, 2, 8, requires_grad=True)
-    v = torch.randn(n, 2, 8, requires_grad=True)
-    backend.counters.reset()
-    out = backend.attention(q, k, v, plan)
-    fwd = dict(backend.counters.sent_bytes)
-    out.sum().backward()
-    total = dict(backend.counters.sent_bytes)
-    st = plan.stats(element_size=4)
-    return {"fwd": sum(fwd.values()), "total": sum(total.values()),
+    res = {}
+    for dtype in dtypes:
+        q = torch.randn(n, 4, 8, dtype=dtype, requires_grad=True)
+        k = torch.randn(n, 2, 8, dtype=dtype, requires_grad=True)
+        v = torch.randn(n, 2, 8, dtype=dtype, requires_grad=True)
+        backend.counters.reset()
+        out = backend.attention(q, k, v, plan)
+        fwd = dict(backend.counters.sent_bytes)
+        out.sum().backward()
+        total = dict(backend.counters.sent_bytes)
+        st = plan.stats(element_size=q.element_size())
+        res[str(dtype)] = {
+            "fwd": sum(fwd.values()), "total": sum(total.values()),
             "split": backend.counters.split(rank, options["devices_per_node"]),
             "plan_fwd": st.extra["fwd_bytes_per_rank"][rank], "plan_bwd": st.extra["bwd_bytes_per_rank"][rank],
             "plan_fwd_inter": st.extra["fwd_inter_node_bytes_per_rank"][rank],
             "plan_bwd_inter": st.extra["bwd_inter_node_bytes_per_rank"][rank]}
+    return res if len(dtypes) > 1 else res[str(dtypes[0])]
 
 
 def test_counted_bytes_equal_plan_statistics():
+    """fp32 and bf16: in bf16 the model tensors travel at 2 bytes but lse and the partial out/dq/dk/dv
+    accumulators at 4, so only bf16 tells a wrong element size of those apart."""
     opts = {"devices_per_node": 2, "block_size": 16, "num_stages": 3}
-    res = run_ranks(_count_worker, 4, [5, 200, 64, 90, 1, 33], opts)
-    assert sum(r["total"] for r in res) > 0
-    for r in res:
-        assert r["fwd"] == r["plan_fwd"]
-        assert r["total"] == r["plan_fwd"] + r["plan_bwd"]
-        assert r["split"][1] == r["plan_fwd_inter"] + r["plan_bwd_inter"]
+    res = run_ranks(_count_worker, 4, [5, 200, 64, 90, 1, 33], opts, (torch.float32, torch.bfloat16))
+    for dtype in ("torch.float32", "torch.bfloat16"):
+        assert sum(r[dtype]["total"] for r in res) > 0
+        for rank, per_dtype in enumerate(res):
+            r = per_dtype[dtype]
+            assert r["fwd"] == r["plan_fwd"], (dtype, rank)
+            assert r["total"] == r["plan_fwd"] + r["plan_bwd"], (dtype, rank)
+            assert r["split"][1] == r["plan_fwd_inter"] + r["plan_bwd_inter"], (dtype, rank)
+    # bf16 moves fewer bytes than fp32 but more than half of them (the accumulators stay fp32)
+    f32 = sum(r["torch.float32"]["total"] for r in res)
+    b16 = sum(r["torch.bfloat16"]["total"] for r in res)
+    assert f32 / 2 < b16 < f32
 
 
 def test_batch_that_fits_moves_nothing():

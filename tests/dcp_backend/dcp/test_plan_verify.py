@@ -100,6 +100,32 @@ def test_verifier_catches_broken_plans():
     assert applied >= 6
 
 
+def _remap_head_block(plan) -> bool:
+    """Point one forward attention call's keys/values at the same tokens' *other* KV head block. Every
+    count and checksum of keys per query stays the same (same key tokens), so only the check that pairs
+    a query head block with its own KV head block can see it."""
+    h = plan.blocks.heads
+    assert h.n_kv_blocks >= 2
+    for prog in plan.fwd_programs:
+        local_rows = prog.num_local_tokens * h.n_kv_blocks  # own tokens first, row = token * n_kv + kv head block
+        for ins in prog.instructions:
+            if isinstance(ins, Attention) and ins.kv_rows.size and (ins.kv_rows < local_rows).all():
+                tok, hb = np.divmod(ins.kv_rows, h.n_kv_blocks)
+                ins.kv_rows = tok * h.n_kv_blocks + (hb + 1) % h.n_kv_blocks
+                return True
+    return False
+
+
+def test_verifier_catches_remapped_head_block():
+    plan = _plan([100, 37, 64, 5, 1, 80, 200], 4, 2, heads=(4, 2), block_size=16, num_stages=2)
+    assert plan.blocks.heads.n_kv_blocks == 2
+    verify_plan(plan)
+    bad = copy.deepcopy(plan)
+    assert _remap_head_block(bad)
+    with pytest.raises(PlanVerificationError, match="pairs a query head block with another KV head block"):
+        verify_plan(bad)
+
+
 def test_plans_are_deterministic_and_serialise():
     seqlens = [598, 4423, 995, 491, 1548, 69, 1273]
     a = _plan(seqlens, 8, 4, "shared_question", block_size=128, seed=3)

@@ -1,4 +1,6 @@
-"""The CP core attention: RoPE from per-token document positions, and documents attended in isolation."""
+"""The CP core attention: RoPE from per-token document positions, documents attended in isolation, and
+the world-size-1 path equal to megatron-core's own core attention (DotProductAttention)."""
+import pytest
 import torch
 
 import dcp_backend as cp
@@ -63,15 +65,81 @@ def _per_token_losses(rank, world_size, seqlens, tokens):
         labels = torch.roll(toks, -1)
         with torch.no_grad():
             out.append(model(toks[idx][None], pos[idx][None], None, labels=labels[idx][None])[0])
+    mcore = _ours_vs_megatron_core(env, n=40)
     parallel_state.destroy_model_parallel()
-    return out
+    return out, mcore
 
 
-def test_packed_documents_equal_separate_runs():
+def _ours_vs_megatron_core(env, n):
+    """The world-size-1 path (our GPT layers, CP core attention on the ring backend at one rank) against
+    megatron-core's own local layer (``DotProductAttention`` with an explicit causal mask) on one causal
+    document: the core attention modules on O(1) q/k/v, and whole models with the same weights."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.training.model import attention_spec, build_model, transformer_config
+
+    # No RoPE: megatron's own RoPE path needs CUDA (cpu_compat item 3); ours is tested above.
+    args = parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                       "--num-query-groups", "2", "--seq-length", "64", "--train-iters", "1", "--mock-data",
+                       "uniform", "--vocab-size", "50", "--cp-backend", "ring", "--attention-mask", "causal",
+                       "--position-embedding-type", "none"])
+    validate_args(args, 1)
+    args.padded_vocab_size = 64
+    backend = cp.get_backend("ring", group=env.cp_group)
+    torch.manual_seed(0)
+    ours, ctx = build_model(args, backend, env.device)
+    config = transformer_config(args)
+    theirs = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization=args.normalization),
+                      vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+                      share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                      position_embedding_type="none", parallel_output=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    core = theirs.decoder.layers[0].self_attention.core_attention
+    assert isinstance(core, DotProductAttention)
+    # On CPU, megatron's DotProductAttention forks the CUDA RNG tracker around its dropout and takes its
+    # score buffer from the global memory buffer, which allocates on CUDA: the inference tracker (a no-op
+    # fork) and a CPU buffer, allocated ahead, keep it on CPU. Nothing is patched.
+    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True)
+    parallel_state.get_global_memory_buffer().buffer[("mpu", torch.float32)] = torch.empty(4 * n * n)
+    causal = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)[None, None]  # True = masked
+    plan = backend.plan([n], attention_spec(args))
+    ctx.set_batch(plan, torch.arange(n))
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(n, 1, 4, 16, generator=g)
+    k, v = torch.randn(n, 1, 2, 16, generator=g), torch.randn(n, 1, 2, 16, generator=g)
+    with torch.no_grad():
+        core_ours = ours.decoder.layers[0].self_attention.core_attention(q, k, v, None)
+        core_theirs = core(q, k, v, causal)
+        tokens = torch.randint(0, 50, (1, n), generator=g)
+        pos, labels = torch.arange(n)[None], torch.roll(tokens, -1, 1)
+        loss_ours = ours(tokens, pos, None, labels=labels)
+        loss_theirs = theirs(tokens, pos, causal, labels=labels)
+    return {"core": (core_ours, core_theirs), "loss": (loss_ours, loss_theirs)}
+
+
+@pytest.fixture(scope="module")
+def world_one():
     seqlens = (7, 20, 1, 13)
     tokens = torch.randint(0, 50, (sum(seqlens),), generator=torch.Generator().manual_seed(1))
-    packed, *alone = run_ranks(_per_token_losses, 1, seqlens, tokens)[0]
+    out, mcore = run_ranks(_per_token_losses, 1, seqlens, tokens)[0]
+    return seqlens, out, mcore
+
+
+def test_packed_documents_equal_separate_runs(world_one):
+    seqlens, (packed, *alone), _ = world_one
     # Labels of the last token of each document are arbitrary here: compare all other positions.
     starts = [0, 7, 27, 28]
     for s, n, single in zip(starts, seqlens, alone):
         assert torch.allclose(packed[s:s + n - 1], single[:n - 1], atol=1e-5)
+
+
+def test_world_size_one_matches_megatron_core_attention(world_one):
+    mcore = world_one[2]
+    ours, theirs = mcore["core"]
+    assert ours.shape == theirs.shape == (40, 1, 64)
+    assert (ours - theirs).abs().max() < 1e-5 * theirs.abs().max()
+    ours, theirs = mcore["loss"]
+    assert ours.shape == theirs.shape == (1, 40)
+    assert (ours - theirs).abs().max() < 1e-5 * theirs.abs().max()
