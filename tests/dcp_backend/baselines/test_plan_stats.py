@@ -1,5 +1,6 @@
 """Plan statistics of the ring family: compute balance as the layouts promise, token and pair totals,
-and communication bytes equal to what the executor's counters record in a real gloo run (fp32)."""
+and communication bytes equal to what the executor's counters record in a real gloo run (fp32 and
+bf16)."""
 import numpy as np
 import torch
 
@@ -52,6 +53,9 @@ CASES = [
 LENS = [37, 1, 90, 5, 22]
 
 
+DTYPES = (torch.float32, torch.bfloat16)  # bf16: K/V at 2 bytes, the travelling dK/dV accumulators at 4
+
+
 def _count_worker(rank, world_size):
     results = []
     for name, opts, mask, args in CASES:
@@ -59,29 +63,32 @@ def _count_worker(rank, world_size):
         be = cp.get_backend(name, **opts)
         plan = be.plan(LENS, spec)
         n = plan.num_local_tokens(rank)
-        g = torch.Generator().manual_seed(rank)
-        q = torch.randn(n, 8, 4, generator=g, requires_grad=True)
-        k = torch.randn(n, 2, 4, generator=g, requires_grad=True)
-        v = torch.randn(n, 2, 4, generator=g, requires_grad=True)
-        be.counters.reset()
-        out = be.attention(q, k, v, plan)
-        dpn = opts["devices_per_node"]
-        fwd = be.counters.split(rank, dpn)
-        be.counters.reset()
-        out.backward(torch.ones_like(out))
-        bwd = be.counters.split(rank, dpn)
-        results.append((fwd, bwd))
+        for dtype in DTYPES:
+            g = torch.Generator().manual_seed(rank)
+            q = torch.randn(n, 8, 4, generator=g).to(dtype).requires_grad_(True)
+            k = torch.randn(n, 2, 4, generator=g).to(dtype).requires_grad_(True)
+            v = torch.randn(n, 2, 4, generator=g).to(dtype).requires_grad_(True)
+            be.counters.reset()
+            out = be.attention(q, k, v, plan)
+            dpn = opts["devices_per_node"]
+            fwd = be.counters.split(rank, dpn)
+            be.counters.reset()
+            out.backward(torch.ones_like(out))
+            bwd = be.counters.split(rank, dpn)
+            results.append((fwd, bwd))
     return results
 
 
 def test_stats_bytes_equal_counted_bytes():
     per_rank = run_ranks(_count_worker, 4)
-    for ci, (name, opts, mask, args) in enumerate(CASES):
+    for ci, (case, dtype) in enumerate((c, d) for c in CASES for d in DTYPES):
+        name, opts, mask, args = case
         spec = cp.AttentionSpec(8, 2, 4, mask=mask, mask_args=args)
-        st = cp.get_backend(name, world_size=4, **opts).plan(LENS, spec).stats(element_size=4)
+        st = cp.get_backend(name, world_size=4, **opts).plan(LENS, spec).stats(
+            element_size=torch.empty(0, dtype=dtype).element_size())
         fwd = np.array([per_rank[r][ci][0] for r in range(4)])  # [rank, (intra, inter)]
         bwd = np.array([per_rank[r][ci][1] for r in range(4)])
-        label = f"{name}{opts} {mask}"
+        label = f"{name}{opts} {mask} {dtype}"
         assert st.extra["fwd_bytes_per_rank"] == fwd.sum(1).tolist(), label
         assert st.extra["bwd_bytes_per_rank"] == bwd.sum(1).tolist(), label
         assert (st.fwd_intra_node_bytes, st.fwd_inter_node_bytes) == tuple(fwd.sum(0)), label
