@@ -60,7 +60,7 @@ SHIPPED = {"h100": "h100.json", "cpu": "cpu.json"}
 
 # Analytic fallback constants (documented assumptions, not measurements):
 # h100: FlexAttention's measured plateau (~440 TFLOP/s forward, DESIGN.md) rounded down; HBM copy
-#   bandwidth ~1.4 TB/s (read + write, /work/shared/data/h100_block_costs.jsonl copy rows).
+#   bandwidth ~1.4 TB/s (read + write: the copy rows of the shipped H100 table, docs/SIMULATOR.md).
 # a100: FlashAttention-2 forward ~70% of the 312 TFLOP/s bf16 peak; ~1.3 TB/s.
 # cpu: one core of an AVX-512 class server (~60 GFLOP/s sustained in fp32 attention), ~5 GB/s copies.
 ANALYTIC = {

@@ -1,16 +1,18 @@
-"""Name -> backend registry (``get_backend``), with typed, validated options.
+"""Name -> backend registry: ``get_planner`` (planning only) and ``get_backend`` (planning and running),
+with typed, validated options.
 
 Built-in backends are registered by module path and imported on first use, so ``import dcp_backend``
-stays light and an unavailable backend (Transformer Engine on CPU) fails only when it is asked for.
+stays light; a backend's module imports what it needs to *run* (Transformer Engine) only when it runs,
+so every backend plans everywhere, and an unavailable one fails only when asked to run.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Callable
 
-from dcp_backend.backend import CPBackend
+from dcp_backend.contract import BackendOptions, CPBackend, Planner
 from dcp_backend.errors import BackendUnavailableError, CPError
+from dcp_backend.topology import Topology
 
 _BUILTIN = {
     "ring": "dcp_backend.baselines.ring:RingBackend",
@@ -19,7 +21,7 @@ _BUILTIN = {
     "te": "dcp_backend.baselines.te:TEBackend",
     "dcp": "dcp_backend.dcp.backend:DCPBackend",
 }
-_REGISTRY: dict[str, type[CPBackend] | Callable[[], type[CPBackend]]] = {}
+_REGISTRY: dict[str, type[CPBackend]] = {}
 
 
 def register_backend(name: str, cls: type[CPBackend], *, overwrite: bool = False) -> None:
@@ -57,20 +59,51 @@ def backend_class(name: str) -> type[CPBackend]:
     return cls
 
 
-def make_options(name: str, **options):
+def options_class(name: str) -> type[BackendOptions]:
+    """The options dataclass of backend ``name`` (its fields are the backend's options)."""
+    return backend_class(name).options_class()
+
+
+def make_options(name: str, **options) -> BackendOptions:
     """Build and validate the options dataclass of backend ``name`` (no process group needed)."""
-    cls = backend_class(name)
-    known = {f.name for f in dataclasses.fields(cls.Options)}
+    cls = options_class(name)
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise CPError(f"backend {name!r} got unknown option(s) {unknown}; it accepts {sorted(known)}")
-    opts = cls.Options(**options)
-    opts.validate()
-    return opts
+        hint = ""
+        if {"world_size", "devices_per_node"} & set(unknown):
+            hint = " (world_size and devices_per_node describe the topology: pass them to get_backend, or a Topology)"
+        raise CPError(f"backend {name!r} got unknown option(s) {unknown}; it accepts {sorted(known)}{hint}")
+    return cls(**options)
 
 
-def get_backend(name: str, group=None, **options) -> CPBackend:
-    """The backend ``name`` over process group ``group`` (None = WORLD) with keyword ``options``."""
+def get_planner(name: str, **options) -> Planner:
+    """The planner of backend ``name``: ``.plan(seqlens, spec, Topology(...))`` on CPU, without a process
+    group or the backend's run-time libraries."""
+    return backend_class(name).Planner(make_options(name, **options))
+
+
+def get_backend(name: str, group=None, *, topology: Topology | None = None, world_size: int | None = None,
+                devices_per_node: int | None = None, **options) -> CPBackend:
+    """The backend ``name`` over process group ``group`` (None = WORLD) with keyword ``options``.
+
+    The topology is ``topology``, or ``world_size`` x ``devices_per_node`` (world_size defaults to the
+    group's size; devices_per_node to one node).
+    """
     cls = backend_class(name)
     cls.check_available()
-    return cls(group=group, options=make_options(name, **options))
+    return cls(group, make_options(name, **options), topology, world_size=world_size,
+               devices_per_node=devices_per_node)
+
+
+def plan_each(names, seqlens, spec, topology: Topology, options: dict | None = None) -> dict:
+    """Plan one batch with each named backend (its options from ``options[name]``, else defaults):
+    ``{name: Plan}``, or ``{name: CPError}`` for a backend that cannot plan it (a mask TE refuses, heads
+    not divisible by a degree). The one place tools and the simulator plan every backend."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = get_planner(name, **(options or {}).get(name, {})).plan(seqlens, spec, topology)
+        except CPError as exc:
+            out[name] = exc
+    return out

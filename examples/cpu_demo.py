@@ -32,10 +32,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKEND_FLAGS = {
-    "dcp": ["--dcp-devices-per-node", "2"],
-    "loongtrain": ["--loongtrain-head-parallel", "2", "--loongtrain-devices-per-node", "2"],
-    "ring": ["--ring-devices-per-node", "2"],
-    "zigzag": ["--zigzag-devices-per-node", "2"],
+    "dcp": ["--cp-devices-per-node", "2"],
+    "loongtrain": ["--loongtrain-head-parallel", "2", "--cp-devices-per-node", "2"],
+    "ring": ["--cp-devices-per-node", "2"],
+    "zigzag": ["--cp-devices-per-node", "2"],
 }
 
 

@@ -32,11 +32,11 @@ case "$SEQ" in
   *) BLOCK=2048 ;;
 esac
 case "$BACKEND" in
-  dcp) BACKEND_ARGS="--dcp-devices-per-node $GPUS --dcp-block-size $BLOCK --dcp-head-block-size 1 \
+  dcp) BACKEND_ARGS="--cp-devices-per-node $GPUS --dcp-block-size $BLOCK --dcp-head-block-size 1 \
         --dcp-memory-imbalance 0.2 --dcp-compute-imbalance 0.1 --dcp-inter-node-imbalance-factor ${FACTOR:-4}" ;;
-  loongtrain) BACKEND_ARGS="--loongtrain-head-parallel 2 --loongtrain-devices-per-node $GPUS" ;;
+  loongtrain) BACKEND_ARGS="--loongtrain-head-parallel 2 --cp-devices-per-node $GPUS" ;;
   te) BACKEND_ARGS="--te-cp-comm-type a2a+p2p" ;;
-  *) BACKEND_ARGS="--${BACKEND}-devices-per-node $GPUS" ;;
+  *) BACKEND_ARGS="--cp-devices-per-node $GPUS" ;;
 esac
 
 # shellcheck disable=SC2086

@@ -12,8 +12,8 @@ DATA=${DATA:?set DATA to an indexed-dataset prefix (tools/preprocess_data.py)}
 TOKENIZER=${TOKENIZER:?set TOKENIZER to a sentencepiece model (tools/train_tokenizer.py)}
 RUN=${RUN:-runs/gpu_${BACKEND}}
 case "$BACKEND" in
-  dcp) DEFAULT_ARGS="--dcp-devices-per-node $GPUS --dcp-block-size auto" ;;
-  loongtrain) DEFAULT_ARGS="--loongtrain-head-parallel 2 --loongtrain-devices-per-node $GPUS" ;;
+  dcp) DEFAULT_ARGS="--cp-devices-per-node $GPUS --dcp-block-size auto" ;;
+  loongtrain) DEFAULT_ARGS="--loongtrain-head-parallel 2 --cp-devices-per-node $GPUS" ;;
   te) DEFAULT_ARGS="--te-cp-comm-type p2p" ;;
   *) DEFAULT_ARGS="" ;;
 esac

@@ -18,10 +18,10 @@ DATA=${DATA:?set DATA}
 TOKENIZER=${TOKENIZER:?set TOKENIZER}
 RUN=${RUN:-runs/multinode_${BACKEND}}
 case "$BACKEND" in
-  dcp) DEFAULT_ARGS="--dcp-devices-per-node $GPUS --dcp-block-size auto --dcp-inter-node-imbalance-factor 4" ;;
-  loongtrain) DEFAULT_ARGS="--loongtrain-head-parallel 2 --loongtrain-devices-per-node $GPUS" ;;
+  dcp) DEFAULT_ARGS="--cp-devices-per-node $GPUS --dcp-block-size auto --dcp-inter-node-imbalance-factor 4" ;;
+  loongtrain) DEFAULT_ARGS="--loongtrain-head-parallel 2 --cp-devices-per-node $GPUS" ;;
   te) DEFAULT_ARGS="--te-cp-comm-type a2a+p2p" ;;
-  ring|zigzag) DEFAULT_ARGS="--${BACKEND}-devices-per-node $GPUS" ;;
+  ring|zigzag) DEFAULT_ARGS="--cp-devices-per-node $GPUS" ;;
   *) DEFAULT_ARGS="" ;;
 esac
 BACKEND_ARGS=${BACKEND_ARGS:-$DEFAULT_ARGS}

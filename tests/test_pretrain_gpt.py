@@ -46,7 +46,8 @@ def test_training_run_writes_logs_and_checkpoint(tmp_path, data):
     assert all(r["comm_bytes_planned"] > 0 and r["compute_imbalance"] >= 1.0 for r in records)
     saved = json.load(open(run / "args.json"))
     assert saved["cp_backend"] == "zigzag"
-    assert saved["backend_options"] == {"devices_per_node": 2}  # from torchrun's LOCAL_WORLD_SIZE
+    assert saved["backend_options"] == {}
+    assert saved["cp_topology"] == {"world_size": 2, "devices_per_node": 2}  # from torchrun's LOCAL_WORLD_SIZE
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
     assert sorted(os.listdir(tmp_path / "ckpt" / "iter_0000005")) == ["model_optim.pt", "rng_rank0000.pt",

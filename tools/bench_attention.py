@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import datetime
 import os
 import platform
@@ -37,7 +36,7 @@ import torch.distributed as dist
 
 import dcp_backend as cp
 from dcp_backend.masks import parse_mask_args
-from dcp_backend.registry import backend_class
+from dcp_backend.registry import options_class
 from dcp_backend.workloads import dataset_batches
 
 LABELS = {"ring": "Ring Attn", "zigzag": "Zigzag Ring Attn", "te": "TE Attn", "loongtrain": "LoongTrain Attn",
@@ -149,19 +148,20 @@ def runs_of(args) -> list[tuple[str, str, dict]]:
     names = SANITY_ORDER if args.sanity_check else [x.strip() for x in args.backends.split(",") if x.strip()]
     runs = []
     for name in names:
-        opts = {"head_parallel": args.head_parallel, "window": args.window, "devices_per_node": args.devices_per_node,
-                "kernel": args.kernel}
+        opts = {"head_parallel": args.head_parallel, "window": args.window, "kernel": args.kernel}
         if name == "te":
             opts.update(cp_comm_type=args.cp_comm_type, kernel=None)
             if args.cp_comm_type != "a2a+p2p":
                 opts["head_parallel"] = None
         try:
-            fields = {f.name for f in dataclasses.fields(backend_class(name).Options)}
+            fields = set(options_class(name).names())
         except cp.BackendUnavailableError:
             fields = set(opts)
         except cp.CPError:
             fields = set()
         opts = {k: v for k, v in opts.items() if v is not None and k in fields}
+        if args.devices_per_node:  # the topology, not an option
+            opts["devices_per_node"] = args.devices_per_node
         if name == "dcp" and args.block_size:
             for bs in args.block_size.split(","):
                 runs.append((f"dcp(block={bs})", name, dict(opts, block_size=bs if bs == "auto" else int(bs))))

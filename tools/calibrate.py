@@ -3,7 +3,7 @@
 
     python tools/calibrate.py --device cpu --out dcp_backend/cost_tables/cpu.json      # measure (minutes)
     python tools/calibrate.py --device cuda --out my_gpu.json                           # on a GPU
-    python tools/calibrate.py --from-jsonl /work/shared/data/h100_block_costs.jsonl \
+    python tools/calibrate.py --from-jsonl h100_block_costs.jsonl \
         --out dcp_backend/cost_tables/h100.json                                         # convert H100 rows
     python tools/calibrate.py --check dcp_backend/cost_tables/cpu.json                  # fit quality
 

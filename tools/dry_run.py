@@ -50,6 +50,7 @@ import numpy as np
 import dcp_backend as cp
 from dcp_backend.batch import PackedBatch
 from dcp_backend.dcp.config import DCPOptions
+from dcp_backend.registry import plan_each
 from dcp_backend.masks import count_pairs, parse_mask_args, resolve_mask_args
 from dcp_backend.workloads import DATASETS, checked_batch, dataset_batches, read_seqlens_file
 
@@ -176,13 +177,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown baseline(s) {bad}; choose from {list(BASELINES)} or 'none'")
     try:
         args.spec = make_spec(args, args.mask, args.mask_args)
+        args.topology = cp.Topology.grid(args.nodes, args.devices_per_node)
         args.options = DCPOptions(
-            world_size=args.nodes * args.devices_per_node, devices_per_node=args.devices_per_node,
             block_size=args.block_size, head_block_size=args.head_block_size,
             compute_imbalance=args.compute_imbalance, memory_imbalance=args.memory_imbalance,
             inter_node_imbalance_factor=args.inter_node_factor, num_stages=args.num_stages, seed=args.seed,
             partitioner=args.partitioner, inter_node_cost=args.inter_node_cost)
-        args.options.validate()
     except cp.CPError as exc:
         p.error(str(exc))
     try:
@@ -237,13 +237,13 @@ def mask_sparsity(batch: PackedBatch, mask: str, mask_args: dict) -> float:
     return pairs / float((L * (L + 1) / 2).sum())
 
 
-def plan_dcp(batch: PackedBatch, spec: cp.AttentionSpec, options: DCPOptions, element_size: int,
-             verify: bool = False) -> dict:
+def plan_dcp(batch: PackedBatch, spec: cp.AttentionSpec, topology: cp.Topology, options: DCPOptions,
+             element_size: int, verify: bool = False) -> dict:
     """Plan (all devices compiled) and return the DCP statistics as a flat dict."""
     from dcp_backend.dcp.planner import make_plan
 
     t0, c0 = time.perf_counter(), time.process_time()
-    plan = make_plan(batch, spec, options.world_size, options, element_size=element_size, compile_all=True)
+    plan = make_plan(batch, spec, topology, options, element_size=element_size, compile_all=True)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     st = plan.stats(element_size)
     if verify:
@@ -251,7 +251,7 @@ def plan_dcp(batch: PackedBatch, spec: cp.AttentionSpec, options: DCPOptions, el
 
         verify_plan(plan)
     d = st.as_dict()
-    for k in ("backend", "world_size", "nodes", "devices_per_node"):
+    for k in ("backend_name", "world_size", "nodes", "devices_per_node"):
         d.pop(k)
     d["tokens_per_device"] = d.pop("tokens")
     d["planning_wall_seconds"] = wall
@@ -263,21 +263,21 @@ def plan_dcp(batch: PackedBatch, spec: cp.AttentionSpec, options: DCPOptions, el
     return d
 
 
-def plan_baseline(name: str, seqlens, spec: cp.AttentionSpec, world: int, dpn: int, element_size: int) -> dict:
-    """The same figures for a static baseline, or ``{"error": reason}`` when it cannot plan this batch."""
-    try:
-        if name == "te":
-            from dcp_backend.baselines.te import TEBackend
-
-            backend = TEBackend.for_planning(world_size=world, devices_per_node=dpn)
-        else:
-            backend = cp.get_backend(name, world_size=world, devices_per_node=dpn)
+def plan_baselines(names, seqlens, spec: cp.AttentionSpec, topology: cp.Topology, element_size: int) -> dict:
+    """The same figures for each static baseline at its defaults, or ``{"error": reason}`` for one that
+    cannot plan this batch."""
+    out = {}
+    for name in names:
         t0 = time.perf_counter()
-        plan = backend.plan(seqlens, spec)
-        st = plan.stats(element_size)
-        seconds = time.perf_counter() - t0
-    except cp.CPError as exc:
-        return {"error": str(exc)}
+        plan = plan_each([name], seqlens, spec, topology)[name]
+        if isinstance(plan, cp.CPError):
+            out[name] = {"error": str(plan)}
+            continue
+        out[name] = _baseline_figures(plan.stats(element_size), time.perf_counter() - t0)
+    return out
+
+
+def _baseline_figures(st, seconds: float) -> dict:
     d = st.as_dict()
     out = {k: d[k] for k in FIGURE_KEYS}
     out["planning_seconds"] = seconds
@@ -291,14 +291,13 @@ def plan_baseline(name: str, seqlens, spec: cp.AttentionSpec, world: int, dpn: i
 
 def batch_record(index: int, seqlens: list[int], args, spec: cp.AttentionSpec, options: DCPOptions) -> dict:
     batch = PackedBatch.from_seqlens(seqlens)
-    world = args.nodes * args.devices_per_node
+    world = args.topology.world_size
     rec = {"batch": index, "num_docs": len(seqlens), "tokens": int(sum(seqlens)), "seqlens": list(seqlens),
            "nodes": args.nodes, "devices_per_node": args.devices_per_node, "world_size": world,
            "mask": spec.mask, "mask_args": dict(spec.mask_args),
            "mask_sparsity": mask_sparsity(batch, spec.mask, spec.mask_args)}
-    rec.update(plan_dcp(batch, spec, options, args.element_size, args.verify))
-    rec["baselines"] = {b: plan_baseline(b, seqlens, spec, world, args.devices_per_node, args.element_size)
-                        for b in args.baselines}
+    rec.update(plan_dcp(batch, spec, args.topology, options, args.element_size, args.verify))
+    rec["baselines"] = plan_baselines(args.baselines, seqlens, spec, args.topology, args.element_size)
     return rec
 
 
@@ -436,9 +435,9 @@ def sweep_row(args, grid: str, cfg: Config, b: int, seqlens, dcp: dict, baseline
 
 def _sweep_task(task) -> tuple[tuple, dict]:
     """One DCP plan of a sweep (runs in the main process or in a worker process)."""
-    key, seqlens, spec, options, element_size, verify = task
+    key, seqlens, spec, topology, options, element_size, verify = task
     try:
-        return key, plan_dcp(PackedBatch.from_seqlens(seqlens), spec, options, element_size, verify)
+        return key, plan_dcp(PackedBatch.from_seqlens(seqlens), spec, topology, options, element_size, verify)
     except cp.CPError as exc:
         return key, {"error": str(exc)}
 
@@ -461,7 +460,6 @@ def _resolve_jobs(jobs: int) -> int:
 def run_sweep(args) -> dict:
     configs = sweep_configs(args)
     unique = list(dict.fromkeys(c for _, c in configs))
-    world = args.nodes * args.devices_per_node
     total = len(unique) * len(args.batches)
     jobs = min(_resolve_jobs(args.jobs), total)
     t_start = time.perf_counter()
@@ -472,10 +470,9 @@ def run_sweep(args) -> dict:
         for b, seqlens in enumerate(args.batches):
             key = (cfg.mask, cfg.mask_args, b)
             if key not in per_mask:  # baselines do not depend on the DCP options: once per mask and batch
-                per_mask[key] = (mask_sparsity(PackedBatch.from_seqlens(seqlens), cfg.mask, cfg.args), {
-                    n: plan_baseline(n, seqlens, spec, world, args.devices_per_node, args.element_size)
-                    for n in args.baselines})
-            tasks.append(((c, b), seqlens, spec, cfg.options, args.element_size, args.verify))
+                per_mask[key] = (mask_sparsity(PackedBatch.from_seqlens(seqlens), cfg.mask, cfg.args),
+                                 plan_baselines(args.baselines, seqlens, spec, args.topology, args.element_size))
+            tasks.append(((c, b), seqlens, spec, args.topology, cfg.options, args.element_size, args.verify))
     results: dict[tuple[int, int], dict] = {}
     with _progress(total, args, "sweep") as bar:
         if jobs == 1:

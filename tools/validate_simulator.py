@@ -159,12 +159,7 @@ def predict(args, world: int, seqlens: list[int], nets: dict, cm) -> dict:
     spec = cp.AttentionSpec(args.heads, args.kv_heads, args.head_dim, mask="causal")
     out = {}
     for name in [b.strip() for b in args.backends.split(",")] + ["te"]:
-        if name == "te":
-            from dcp_backend.baselines.te import TEBackend
-
-            plan = TEBackend.for_planning(world_size=world).plan(seqlens, spec)
-        else:
-            plan = cp.get_backend(name, world_size=world).plan(seqlens, spec)
+        plan = cp.get_planner(name).plan(seqlens, spec, cp.Topology(world))
         rep = simulate_plan(plan, cm, nets[name], "fp32")
         out[name] = {"fwd_ms": rep.fwd_ms, "bwd_ms": rep.bwd_ms, **rep.summary()}
     return out

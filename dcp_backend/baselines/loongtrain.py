@@ -5,11 +5,11 @@ head group turns "my tokens, all heads" into "the position's tokens, my heads" (
 split, or replicated when there are fewer KV heads than ``hp``). The context ring over the ``C = N/hp``
 positions is the zigzag layout run as a double ring: an inner ring inside windows of ``window``
 positions and an outer ring between windows, overlapped with the inner sweep. A second all-to-all
-returns the output to token sharding. Backward mirrors it (autograd through both all-to-alls).
+returns the output to token sharding. Backward mirrors it: each direction of the all-to-all is the
+other's gradient.
 
 Options: ``head_parallel`` (default: gcd(world size, num_kv_heads)), ``window`` (default: the ring
-positions of one node, i.e. devices_per_node / head_parallel, when it divides C; else C),
-``devices_per_node``.
+positions of one node, i.e. devices_per_node / head_parallel, when it divides C; else C).
 """
 from __future__ import annotations
 
@@ -22,31 +22,33 @@ import torch
 
 from dcp_backend.baselines.layout import zigzag_layout
 from dcp_backend.baselines.ring_core import RingAttentionFn
-from dcp_backend.baselines.ring_family import RingFamilyBackend, RingFamilyOptions, RingFamilyPlan, check_topology
+from dcp_backend.baselines.ring_family import (RingFamilyExecutor, RingFamilyOptions, RingFamilyPlan,
+                                               RingFamilyPlanner)
 from dcp_backend.comm import Exchange
-from dcp_backend.host_tables import HostTables
-from dcp_backend.kernels import get_kernel
+from dcp_backend.contract import CPBackend, option, positive_int
 from dcp_backend.errors import CPError
+from dcp_backend.host_tables import HostTables
 
 TAG_A2A = 21
 
 
 @dataclass(frozen=True)
 class LoongTrainOptions(RingFamilyOptions):
-    head_parallel: int | None = None
-    window: int | None = None
+    head_parallel: int | None = option(None, "head all-to-all degree (default: gcd(CP size, KV heads)); ranks of "
+                                             "one head group are consecutive")
+    window: int | None = option(None, "double-ring inner window in ring positions (default: the positions of one "
+                                      "node); 1 = every hand-off on the outer ring")
 
     def validate(self) -> None:
         super().validate()
         for name in ("head_parallel", "window"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise CPError(f"loongtrain option {name} must be a positive int, got {v!r}")
+            positive_int("loongtrain", name, getattr(self, name), allow_none=True)
 
 
 class HeadSplit(list):
     """Heads each head slot receives (a list per slot: a split, or replication when num_heads < hp), with
-    the same lists as index tensors uploaded once per device (the backward scatters by them every layer)."""
+    the same lists as index tensors uploaded once per device (the all-to-alls gather and scatter by them
+    every layer)."""
 
     def __init__(self, num_heads: int, hp: int):
         if num_heads >= hp:
@@ -54,6 +56,7 @@ class HeadSplit(list):
             super().__init__(list(range(s * per, (s + 1) * per)) for s in range(hp))
         else:
             super().__init__([s * num_heads // hp] for s in range(hp))
+        self.num_heads = num_heads
         self.tables = HostTables(np.int64)
         for heads in self:
             self.tables.add(heads)
@@ -67,90 +70,86 @@ def _head_index(num_heads: int, hp: int) -> HeadSplit:
     return HeadSplit(num_heads, hp)
 
 
-def _exchange(parts_out: list[torch.Tensor | None], shapes_in: list[tuple], slot: int, ranks: list[int], group,
-              counters, like: torch.Tensor) -> list[torch.Tensor]:
-    """Send parts_out[p] to head slot p and receive a tensor of shapes_in[p] from it (p != slot)."""
-    x = Exchange(group, "LoongTrain head all-to-all", counters=counters)
-    recv = []
-    for p, shape in enumerate(shapes_in):
-        if p == slot:
-            recv.append(None)
-            continue
-        buf = torch.empty(shape, dtype=like.dtype, device=like.device)
-        x.send(parts_out[p], ranks[p], TAG_A2A)
-        x.recv(buf, ranks[p], TAG_A2A)
-        recv.append(buf)
-    x.launch().wait()
-    return recv
+@dataclass(frozen=True)
+class _Group:
+    """One head group as seen from a rank: its slot, the tokens of every slot, their ranks."""
+
+    slot: int
+    counts: tuple
+    ranks: tuple
+    group: object
+    counters: object
+
+    def exchange(self, parts_out: list, shapes_in: list, like: torch.Tensor) -> list:
+        """Send ``parts_out[p]`` to slot p and receive a ``shapes_in[p]`` tensor from it (p != my slot);
+        my own part stays."""
+        x = Exchange(self.group, "LoongTrain head all-to-all", counters=self.counters)
+        got = []
+        for p, shape in enumerate(shapes_in):
+            if p == self.slot:
+                got.append(parts_out[p])
+                continue
+            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+            x.send(parts_out[p], self.ranks[p], TAG_A2A)
+            x.recv(buf, self.ranks[p], TAG_A2A)
+            got.append(buf)
+        x.launch().wait()
+        return got
+
+
+def seq_to_heads(x: torch.Tensor, heads: HeadSplit, g: _Group) -> torch.Tensor:
+    """[my tokens, all heads] -> [the position's tokens, my heads]."""
+    index = heads.on(x.device)
+    parts = [x.index_select(1, index[p]) for p in range(len(heads))]
+    mine = len(heads[g.slot])
+    got = g.exchange(parts, [(g.counts[p], mine, x.shape[2]) for p in range(len(heads))], x)
+    return torch.cat(got, dim=0)
+
+
+def heads_to_seq(y: torch.Tensor, heads: HeadSplit, g: _Group) -> torch.Tensor:
+    """[the position's tokens, my heads] -> [my tokens, all heads]; heads held by several slots (KV heads
+    replicated when there are fewer than hp) are summed, which is the gradient of :func:`seq_to_heads`."""
+    offs = np.concatenate([[0], np.cumsum(g.counts)])
+    parts = [y[int(offs[p]):int(offs[p + 1])].contiguous() for p in range(len(heads))]
+    mine = g.counts[g.slot]
+    got = g.exchange(parts, [(mine, len(heads[p]), y.shape[2]) for p in range(len(heads))], y)
+    out = torch.zeros((mine, heads.num_heads, y.shape[2]), dtype=y.dtype, device=y.device)
+    index = heads.on(y.device)
+    for p, part in enumerate(got):
+        out.index_add_(1, index[p], part)
+    return out
 
 
 class _SeqToHeads(torch.autograd.Function):
-    """[my tokens, all heads] -> [position tokens, my heads]; ``heads[p]`` are the heads slot p gets."""
+    @staticmethod
+    def forward(ctx, x, heads, g):
+        ctx.meta = (heads, g)
+        return seq_to_heads(x, heads, g)
 
     @staticmethod
-    def forward(ctx, x, heads, slot, counts, ranks, group, counters):
-        ctx.meta = (heads, slot, counts, ranks, group, counters, x.shape[1])
-        hx, d = len(heads[slot]), x.shape[2]
-        index = heads.on(x.device)
-        outs = [x.index_select(1, index[p]) for p in range(len(heads))]
-        got = _exchange(outs, [(counts[p], hx, d) for p in range(len(heads))], slot, ranks, group, counters, x)
-        got[slot] = outs[slot]
-        return torch.cat(got, dim=0)
-
-    @staticmethod
-    def backward(ctx, g):
-        heads, slot, counts, ranks, group, counters, nh = ctx.meta
-        offs = [0]
-        for c in counts:
-            offs.append(offs[-1] + c)
-        parts = [g[offs[p]:offs[p + 1]].contiguous() for p in range(len(heads))]
-        mine = counts[slot]
-        got = _exchange(parts, [(mine, len(heads[p]), g.shape[2]) for p in range(len(heads))], slot, ranks, group,
-                        counters, g)
-        got[slot] = parts[slot]
-        gx = torch.zeros((mine, nh, g.shape[2]), dtype=g.dtype, device=g.device)
-        index = heads.on(g.device)
-        for p, part in enumerate(got):  # index_add sums replicated KV heads
-            gx.index_add_(1, index[p], part)
-        return gx, None, None, None, None, None, None
+    def backward(ctx, grad):
+        return heads_to_seq(grad, *ctx.meta), None, None
 
 
 class _HeadsToSeq(torch.autograd.Function):
-    """[position tokens, my heads] -> [my tokens, all heads] (query heads are split, never replicated)."""
+    @staticmethod
+    def forward(ctx, y, heads, g):
+        ctx.meta = (heads, g)
+        return heads_to_seq(y, heads, g)
 
     @staticmethod
-    def forward(ctx, y, heads, slot, counts, ranks, group, counters):
-        ctx.meta = (heads, slot, counts, ranks, group, counters)
-        offs = [0]
-        for c in counts:
-            offs.append(offs[-1] + c)
-        parts = [y[offs[p]:offs[p + 1]].contiguous() for p in range(len(heads))]
-        mine = counts[slot]
-        got = _exchange(parts, [(mine, len(heads[p]), y.shape[2]) for p in range(len(heads))], slot, ranks, group,
-                        counters, y)
-        got[slot] = parts[slot]
-        return torch.cat(got, dim=1)
-
-    @staticmethod
-    def backward(ctx, g):
-        heads, slot, counts, ranks, group, counters = ctx.meta
-        hx = len(heads[slot])
-        index = heads.on(g.device)
-        outs = [g.index_select(1, index[p]) for p in range(len(heads))]
-        got = _exchange(outs, [(counts[p], hx, g.shape[2]) for p in range(len(heads))], slot, ranks, group,
-                        counters, g)
-        got[slot] = outs[slot]
-        return torch.cat(got, dim=0), None, None, None, None, None, None
+    def backward(ctx, grad):
+        return seq_to_heads(grad, *ctx.meta), None, None
 
 
-class LoongTrainBackend(RingFamilyBackend):
+class LoongTrainPlanner(RingFamilyPlanner):
     name = "loongtrain"
     Options = LoongTrainOptions
 
-    def resolve(self, spec, world_size: int) -> tuple[int, int]:
-        """(head_parallel, window) for this spec and world size, validated."""
+    def resolve(self, spec, topology) -> tuple[int, int]:
+        """(head_parallel, window) for this spec and topology, validated."""
         o = self.options
-        dpn = check_topology(world_size, o.devices_per_node)
+        world_size, dpn = topology.world_size, topology.devices_per_node
         hp = o.head_parallel if o.head_parallel is not None else math.gcd(world_size, spec.num_kv_heads)
         if world_size % hp:
             raise CPError(f"loongtrain: head_parallel={hp} must divide the world size {world_size}")
@@ -168,13 +167,17 @@ class LoongTrainBackend(RingFamilyBackend):
             window = per_node if positions % per_node == 0 else positions
         return hp, window
 
-    def check_spec(self, spec) -> None:
-        self.resolve(spec, self.world_size)
+    def check_spec(self, spec, topology) -> None:
+        self.resolve(spec, topology)
 
-    def _make_plan(self, batch, spec, world_size):
-        hp, window = self.resolve(spec, world_size)
-        return RingFamilyPlan(batch, spec, world_size, self.options, layout=zigzag_layout(batch, world_size // hp),
-                              window=window, head_parallel=hp, backend=self.name)
+    def _make_plan(self, batch, spec, topology):
+        hp, window = self.resolve(spec, topology)
+        return RingFamilyPlan(self.name, batch, spec, topology, self.options,
+                              layout=zigzag_layout(batch, topology.world_size // hp), window=window, head_parallel=hp)
+
+
+class LoongTrainExecutor(RingFamilyExecutor):
+    name = "loongtrain"
 
     def _attention(self, q, k, v, plan: RingFamilyPlan):
         hp = plan.head_parallel
@@ -182,15 +185,18 @@ class LoongTrainBackend(RingFamilyBackend):
             return super()._attention(q, k, v, plan)
         rank = self.rank
         c, slot = divmod(rank, hp)
-        counts = [int(x) for x in plan.slot_tokens(c)]
-        ranks = [plan.rank_of_position(c, s) for s in range(hp)]
-        qh = _head_index(q.shape[1], hp)
-        kvh = _head_index(k.shape[1], hp)
-        args = (slot, counts, ranks, self.group, self.counters)
-        qc = _SeqToHeads.apply(q, qh, *args)
-        kc = _SeqToHeads.apply(k, kvh, *args)
-        vc = _SeqToHeads.apply(v, kvh, *args)
-        kernel = get_kernel(self.options.kernel, q.device)
-        oc = RingAttentionFn.apply(qc, kc, vc, plan.rank_work(rank), kernel, plan.spec.scale, self.ring_groups(plan),
-                                   self.counters)
-        return _HeadsToSeq.apply(oc, qh, *args)
+        g = _Group(slot, tuple(int(x) for x in plan.slot_tokens(c)),
+                   tuple(plan.rank_of_position(c, s) for s in range(hp)), self.group, self.counters)
+        qh, kvh = _head_index(q.shape[1], hp), _head_index(k.shape[1], hp)
+        qc = _SeqToHeads.apply(q, qh, g)
+        kc = _SeqToHeads.apply(k, kvh, g)
+        vc = _SeqToHeads.apply(v, kvh, g)
+        oc = RingAttentionFn.apply(qc, kc, vc, plan.rank_work(rank), self.kernel(q.device), plan.spec.scale,
+                                   self.ring_groups(plan), self.counters)
+        return _HeadsToSeq.apply(oc, qh, g)
+
+
+class LoongTrainBackend(CPBackend):
+    name = "loongtrain"
+    Planner = LoongTrainPlanner
+    Executor = LoongTrainExecutor

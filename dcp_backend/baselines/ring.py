@@ -6,12 +6,24 @@ imbalance); every mask and any lengths are accepted.
 from __future__ import annotations
 
 from dcp_backend.baselines.layout import contiguous_layout
-from dcp_backend.baselines.ring_family import RingFamilyBackend, RingFamilyPlan
+from dcp_backend.baselines.ring_family import RingFamilyExecutor, RingFamilyPlan, RingFamilyPlanner
+from dcp_backend.contract import CPBackend
 
 
-class RingBackend(RingFamilyBackend):
+class RingPlanner(RingFamilyPlanner):
     name = "ring"
 
-    def _make_plan(self, batch, spec, world_size):
-        return RingFamilyPlan(batch, spec, world_size, self.options, layout=contiguous_layout(batch, world_size),
-                              window=world_size, head_parallel=1, backend=self.name)
+    def _make_plan(self, batch, spec, topology):
+        n = topology.world_size
+        return RingFamilyPlan(self.name, batch, spec, topology, self.options, layout=contiguous_layout(batch, n),
+                              window=n, head_parallel=1)
+
+
+class RingExecutor(RingFamilyExecutor):
+    name = "ring"
+
+
+class RingBackend(CPBackend):
+    name = "ring"
+    Planner = RingPlanner
+    Executor = RingExecutor

@@ -18,7 +18,7 @@ import numpy as np
 
 from dcp_backend.dtypes import acc_element_size
 
-from dcp_backend.backend import BackendOptions, CPBackend, Plan, PlanStats
+from dcp_backend.contract import Executor, KernelOptions, Plan, Planner, PlanStats
 from dcp_backend.baselines.layout import ChunkLayout, PairWorkBuilder
 from dcp_backend import comm
 from dcp_backend.baselines.ring_core import RingAttentionFn, RingGeometry, RingGroups, RingRankWork
@@ -27,45 +27,22 @@ from dcp_backend.kernels import get_kernel
 from dcp_backend.masks import build_ranges, range_lengths
 from dcp_backend.spec import AttentionSpec
 from dcp_backend.errors import CPError
+from dcp_backend.topology import Topology
 
 
 @dataclass(frozen=True)
-class RingFamilyOptions(BackendOptions):
-    """devices_per_node: ranks per node (topology for statistics and LoongTrain's defaults);
-    None means all ranks on one node."""
-
-    devices_per_node: int | None = None
-
-    def validate(self) -> None:
-        super().validate()
-        if self.devices_per_node is not None and (
-            not isinstance(self.devices_per_node, int) or self.devices_per_node < 1
-        ):
-            raise CPError(f"devices_per_node must be a positive int, got {self.devices_per_node!r}")
-
-
-def check_topology(world_size: int, devices_per_node: int | None) -> int:
-    dpn = devices_per_node or world_size
-    if world_size % dpn:
-        raise CPError(
-            f"world size {world_size} is not a multiple of devices_per_node={dpn}: the world must be "
-            "nodes x devices_per_node"
-        )
-    return dpn
+class RingFamilyOptions(KernelOptions):
+    """Options of ring and zigzag: the block kernel only (the topology comes with the plan)."""
 
 
 class RingFamilyPlan(Plan):
-    backend = "ring-family"
-
-    def __init__(self, batch: PackedBatch, spec: AttentionSpec, world_size: int, options, *, layout: ChunkLayout,
-                 window: int, head_parallel: int, backend: str):
-        super().__init__(batch, spec, world_size, options)
-        self.backend = backend
+    def __init__(self, backend_name: str, batch: PackedBatch, spec: AttentionSpec, topology: Topology, options, *,
+                 layout: ChunkLayout, window: int, head_parallel: int):
+        super().__init__(backend_name, batch, spec, topology, options)
         self.layout = layout
         self.window = window
         self.head_parallel = head_parallel
         self.num_positions = layout.num_positions
-        self.devices_per_node = check_topology(world_size, getattr(options, "devices_per_node", None))
         self._rank_work: dict[int, RingRankWork] = {}
 
     # -------------------------------------------------------------- placement
@@ -174,7 +151,7 @@ class RingFamilyPlan(Plan):
             ring_bufs = (held + 2 * biggest) * kv_tok * element_size + held * (spec.num_heads // hp) * spec.head_dim * acc_size
             memory.append(act + ring_bufs)
         return PlanStats(
-            backend=self.backend, world_size=n, nodes=n // dpn, devices_per_node=dpn,
+            backend_name=self.backend_name, world_size=n, nodes=n // dpn, devices_per_node=dpn,
             fwd_inter_node_bytes=int(fwd[:, 1].sum()), fwd_intra_node_bytes=int(fwd[:, 0].sum()),
             bwd_inter_node_bytes=int(bwd[:, 1].sum()), bwd_intra_node_bytes=int(bwd[:, 0].sum()),
             compute_pair_heads=tuple(compute), tokens=tuple(tokens), memory_bytes=tuple(memory),
@@ -184,24 +161,10 @@ class RingFamilyPlan(Plan):
         )
 
 
-class RingFamilyBackend(CPBackend):
-    """Shared attention path: (optional head all-to-all) + double ring over the block kernel."""
+class RingFamilyPlanner(Planner):
+    """Shared by ring, zigzag and LoongTrain: subclasses choose the layout, window and head-parallel degree."""
 
     Options = RingFamilyOptions
-    PlanType = RingFamilyPlan
-
-
-    def ring_groups(self, plan: RingFamilyPlan) -> RingGroups:
-        """The inner ring on the backend's group; the outer ring (several windows) on a second communicator
-        over the same ranks (:func:`dcp_backend.comm.companion_group`), so the two overlap under NCCL."""
-        multi = plan.num_positions // plan.window > 1
-        return RingGroups(self.group, comm.companion_group(self.group) if multi else self.group)
-
-    def _attention(self, q, k, v, plan: RingFamilyPlan):
-        rank = self.rank
-        kernel = get_kernel(self.options.kernel, q.device)
-        rw = plan.rank_work(rank)
-        return RingAttentionFn.apply(q, k, v, rw, kernel, plan.spec.scale, self.ring_groups(plan), self.counters)
 
     def _kv_heads_check(self, spec: AttentionSpec, hp: int) -> None:
         if spec.num_heads % hp:
@@ -214,3 +177,19 @@ class RingFamilyBackend(CPBackend):
                 "divide one another (KV heads are split, or replicated when there are fewer than hp)"
             )
 
+
+class RingFamilyExecutor(Executor):
+    """Shared attention path: (optional head all-to-all, LoongTrain) + double ring over the block kernel."""
+
+    PlanType = RingFamilyPlan
+
+    def ring_groups(self, plan: RingFamilyPlan) -> RingGroups:
+        """The inner ring on the executor's group; the outer ring (several windows) on a second communicator
+        over the same ranks (:func:`dcp_backend.comm.companion_group`), so the two overlap under NCCL."""
+        multi = plan.num_positions // plan.window > 1
+        return RingGroups(self.group, comm.companion_group(self.group) if multi else self.group)
+
+    def _attention(self, q, k, v, plan: RingFamilyPlan):
+        rw = plan.rank_work(self.rank)
+        return RingAttentionFn.apply(q, k, v, rw, self.kernel(q.device), plan.spec.scale, self.ring_groups(plan),
+                                     self.counters)

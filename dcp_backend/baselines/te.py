@@ -17,7 +17,7 @@ Layout, padding and the index mapping live in :mod:`.te_layout` (pure numpy). Th
 Masks: TE's CP takes causal and full (no mask) under p2p and causal only under a2a+p2p here; sliding
 windows only with its a2a/all_gather variants. Any other mask raises :class:`CPError` naming a backend
 that takes it. TE runs only on CUDA with bf16/fp16; where it is not installed ``get_backend("te")``
-raises :class:`BackendUnavailableError`. Plans and statistics need no TE (``TEBackend.for_planning``).
+raises :class:`BackendUnavailableError`. Plans and statistics need no TE (``get_planner("te")``).
 """
 from __future__ import annotations
 
@@ -26,19 +26,18 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
-from dcp_backend.dtypes import acc_element_size
 import torch
 
 from dcp_backend import comm
-from dcp_backend.backend import BackendOptions, CPBackend, Plan, PlanStats
-from dcp_backend.baselines.ring_family import check_topology
 from dcp_backend.baselines.te_layout import TELayout
 from dcp_backend.batch import PackedBatch
+from dcp_backend.contract import BackendOptions, CPBackend, Executor, Plan, Planner, PlanStats, option, positive_int
+from dcp_backend.dtypes import acc_element_size
+from dcp_backend.errors import BackendUnavailableError, CPError
 from dcp_backend.host_tables import HostTables
 from dcp_backend.masks import build_ranges, range_lengths
 from dcp_backend.spec import AttentionSpec
-from dcp_backend.errors import BackendUnavailableError, CPError
+from dcp_backend.topology import Topology
 
 COMM_TYPES = ("p2p", "a2a+p2p")
 # Masks TE's context parallelism takes, per comm type, and the TE mask type used for each.
@@ -47,17 +46,12 @@ TE_MASKS = {"p2p": {"causal": "padding_causal", "full": "padding"}, "a2a+p2p": {
 
 @dataclass(frozen=True)
 class TEOptions(BackendOptions):
-    """cp_comm_type: ``p2p`` (K/V ring) or ``a2a+p2p`` (head all-to-all inside groups of ``head_parallel``
-    consecutive ranks, K/V ring between groups). head_parallel: a2a degree for ``a2a+p2p`` (default
-    gcd(world size, num_kv_heads)). devices_per_node: ranks per node (statistics only; None = one node).
-    max_length_groups: for ``a2a+p2p`` (BSHD, one full CP pass per distinct padded length and layer), the
-    most distinct padded lengths; documents are raised to the chosen lengths with the fewest extra causal
-    pairs (te_layout.bucket_lengths)."""
-
-    cp_comm_type: str = "p2p"
-    devices_per_node: int | None = None
-    head_parallel: int | None = None
-    max_length_groups: int = 4
+    cp_comm_type: str = option("p2p", "Transformer Engine CP communication: p2p (K/V ring, THD) or a2a+p2p (head "
+                                      "all-to-all inside groups of head_parallel consecutive ranks, K/V ring between)")
+    head_parallel: int | None = option(None, "a2a degree for a2a+p2p (default gcd(CP size, KV heads))")
+    max_length_groups: int = option(4, "a2a+p2p only: most distinct padded lengths per batch (each is a full CP pass "
+                                       "per layer); documents are raised to the chosen lengths with the fewest extra "
+                                       "causal pairs")
 
     def validate(self) -> None:
         super().validate()
@@ -66,14 +60,10 @@ class TEOptions(BackendOptions):
                 f"te: cp_comm_type must be one of {list(COMM_TYPES)}, got {self.cp_comm_type!r} "
                 "(TE's 'a2a' and 'all_gather' variants are not offered by this backend)"
             )
-        for name in ("devices_per_node", "head_parallel", "max_length_groups"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise CPError(f"te option {name} must be a positive int, got {v!r}")
+        positive_int("te", "head_parallel", self.head_parallel, allow_none=True)
+        positive_int("te", "max_length_groups", self.max_length_groups)
         if self.head_parallel is not None and self.cp_comm_type != "a2a+p2p":
             raise CPError("te: head_parallel applies only to cp_comm_type='a2a+p2p'; drop it or switch comm type")
-        if self.kernel != "auto":
-            raise CPError("te: the kernel option does not apply (TE runs its own fused kernels); leave it 'auto'")
 
 
 def _unsupported_mask(spec: AttentionSpec, comm_type: str) -> CPError:
@@ -89,16 +79,13 @@ def _unsupported_mask(spec: AttentionSpec, comm_type: str) -> CPError:
 class TEPlan(Plan):
     """The DualChunkSwap layout of one batch plus the comm type and a2a degree it runs with."""
 
-    backend = "te"
-
-    def __init__(self, batch: PackedBatch, spec: AttentionSpec, world_size: int, options: TEOptions, *,
-                 head_parallel: int):
-        super().__init__(batch, spec, world_size, options)
-        self.layout = TELayout(batch, world_size,
-                               options.max_length_groups if options.cp_comm_type == "a2a+p2p" else None)
-        self.comm_type = options.cp_comm_type
+    def __init__(self, batch: PackedBatch, spec: AttentionSpec, topology: Topology, options: TEOptions, *,
+                 head_parallel: int, comm_type: str | None = None):
+        super().__init__("te", batch, spec, topology, options)
+        self.comm_type = comm_type or options.cp_comm_type
+        self.layout = TELayout(batch, topology.world_size,
+                               options.max_length_groups if self.comm_type == "a2a+p2p" else None)
         self.head_parallel = head_parallel
-        self.devices_per_node = check_topology(world_size, options.devices_per_node)
         self._host: dict = {}  # rank -> host tables (see _tables)
 
     def _local_indices(self, rank: int) -> np.ndarray:
@@ -182,7 +169,7 @@ class TEPlan(Plan):
         ring = 2 * kv_bytes + local * H * D * acc_size  # two K/V receive buffers + fp32 out accumulator
         memory = tuple(act + ring for _ in range(n))
         return PlanStats(
-            backend="te", world_size=n, nodes=n // dpn, devices_per_node=dpn,
+            backend_name="te", world_size=n, nodes=n // dpn, devices_per_node=dpn,
             fwd_inter_node_bytes=int(fwd[:, 1].sum()), fwd_intra_node_bytes=int(fwd[:, 0].sum()),
             bwd_inter_node_bytes=int(bwd[:, 1].sum()), bwd_intra_node_bytes=int(bwd[:, 0].sum()),
             compute_pair_heads=tuple(compute), tokens=tokens, memory_bytes=memory,
@@ -195,34 +182,12 @@ class TEPlan(Plan):
         )
 
 
-class TEBackend(CPBackend):
+class TEPlanner(Planner):
+    """Plans TE's layout and statistics; needs no Transformer Engine."""
+
     name = "te"
     Options = TEOptions
-    PlanType = TEPlan
 
-    def __init__(self, group=None, options: TEOptions | None = None):
-        super().__init__(group, options)
-        self._dpa: dict = {}
-        self._groups = None
-        self._stream = None
-
-    @classmethod
-    def check_available(cls) -> None:
-        if importlib.util.find_spec("transformer_engine") is None:
-            raise BackendUnavailableError(
-                "Transformer Engine is not installed; install the `gpu` extra or use the Dockerfile "
-                "(TE needs CUDA; on CPU use the ring, zigzag, loongtrain or dcp backend). Plans and "
-                "statistics work without it: TEBackend.for_planning(world_size=N)."
-            )
-
-    @classmethod
-    def for_planning(cls, **options) -> "TEBackend":
-        """A TE backend that plans (layouts, statistics) without Transformer Engine or a process group."""
-        from dcp_backend.registry import make_options
-
-        return cls(group=None, options=make_options("te", **options))
-
-    # -------------------------------------------------------------- planning
     def resolve_head_parallel(self, spec: AttentionSpec, world_size: int) -> int:
         o = self.options
         if o.cp_comm_type != "a2a+p2p":
@@ -238,15 +203,25 @@ class TEBackend(CPBackend):
             )
         return hp
 
-    def check_spec(self, spec: AttentionSpec) -> None:
+    def check_spec(self, spec: AttentionSpec, topology: Topology) -> None:
         if spec.mask not in TE_MASKS[self.options.cp_comm_type]:
             raise _unsupported_mask(spec, self.options.cp_comm_type)
-        n = self.world_size
-        check_topology(n, self.options.devices_per_node)
-        self.resolve_head_parallel(spec, n)
+        self.resolve_head_parallel(spec, topology.world_size)
 
-    def _make_plan(self, batch, spec, world_size):
-        return TEPlan(batch, spec, world_size, self.options, head_parallel=self.resolve_head_parallel(spec, world_size))
+    def _make_plan(self, batch, spec, topology):
+        return TEPlan(batch, spec, topology, self.options,
+                      head_parallel=self.resolve_head_parallel(spec, topology.world_size))
+
+
+class TEExecutor(Executor):
+    name = "te"
+    PlanType = TEPlan
+
+    def __init__(self, group=None, kernel: str = "auto"):
+        super().__init__(group, kernel)
+        self._dpa: dict = {}
+        self._groups = None
+        self._stream = None
 
     # -------------------------------------------------------------- execution (CUDA + TE)
     def _check_device(self, q: torch.Tensor) -> None:
@@ -334,3 +309,18 @@ class TEBackend(CPBackend):
         inverse = torch.empty_like(torch.cat(rows))
         inverse[torch.cat(rows)] = torch.arange(inverse.numel(), device=inverse.device)
         return out_rows.index_select(0, inverse.index_select(0, pos))
+
+
+class TEBackend(CPBackend):
+    name = "te"
+    Planner = TEPlanner
+    Executor = TEExecutor
+
+    @classmethod
+    def check_available(cls) -> None:
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise BackendUnavailableError(
+                "Transformer Engine is not installed; install the `gpu` extra or use the Dockerfile "
+                "(TE needs CUDA; on CPU use the ring, zigzag, loongtrain or dcp backend). Plans and "
+                "statistics work without it: get_planner('te').plan(seqlens, spec, Topology(N))."
+            )

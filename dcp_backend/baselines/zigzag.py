@@ -5,12 +5,24 @@ The head/tail pairing balances causal work across ranks; fully masked chunk pair
 from __future__ import annotations
 
 from dcp_backend.baselines.layout import zigzag_layout
-from dcp_backend.baselines.ring_family import RingFamilyBackend, RingFamilyPlan
+from dcp_backend.baselines.ring_family import RingFamilyExecutor, RingFamilyPlan, RingFamilyPlanner
+from dcp_backend.contract import CPBackend
 
 
-class ZigzagBackend(RingFamilyBackend):
+class ZigzagPlanner(RingFamilyPlanner):
     name = "zigzag"
 
-    def _make_plan(self, batch, spec, world_size):
-        return RingFamilyPlan(batch, spec, world_size, self.options, layout=zigzag_layout(batch, world_size),
-                              window=world_size, head_parallel=1, backend=self.name)
+    def _make_plan(self, batch, spec, topology):
+        n = topology.world_size
+        return RingFamilyPlan(self.name, batch, spec, topology, self.options, layout=zigzag_layout(batch, n),
+                              window=n, head_parallel=1)
+
+
+class ZigzagExecutor(RingFamilyExecutor):
+    name = "zigzag"
+
+
+class ZigzagBackend(CPBackend):
+    name = "zigzag"
+    Planner = ZigzagPlanner
+    Executor = ZigzagExecutor

@@ -1,9 +1,11 @@
-"""DCP options: a validated dataclass (all fields documented), shared by the planner and the backend."""
+"""DCP options: a frozen dataclass validated at construction, each field documented (its help text becomes
+the launcher flag ``--dcp-<field>``). The topology (world size, devices per node) is not an option: it
+comes with every plan (:class:`~dcp_backend.topology.Topology`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dcp_backend.backend import BackendOptions
+from dcp_backend.contract import KernelOptions, option, positive_int
 from dcp_backend.errors import CPError
 
 PARTITIONERS = ("mtkahypar", "greedy")
@@ -11,65 +13,41 @@ PLACEMENTS = ("hypergraph", "zigzag", "auto")
 
 
 @dataclass(frozen=True)
-class DCPOptions(BackendOptions):
-    """Options of the ``dcp`` backend.
+class DCPOptions(KernelOptions):
+    """Options of the ``dcp`` backend (see each field's help)."""
 
-    devices_per_node: ranks per node; the world is nodes x devices_per_node (None = one node).
-    block_size: tokens per block, or "auto" (chosen per batch from the lengths and the device count).
-    head_block_size: query heads per head block (None = query heads per KV head, so a block never
-        splits a GQA group; 1 = finest).
-    compute_imbalance: allowed max/mean - 1 of attention compute per device (default 0.10).
-    memory_imbalance: allowed max/mean - 1 of tokens held per device (default 0.20).
-    inter_node_imbalance_factor: compute tolerance multiplier for the node-level partition (default 1: a
-        looser node-level balance made the per-device repair move more blocks across nodes; measured in
-        the dry-run sweep, docs/BENCHMARKS.md).
-    num_stages: communication stages after the local stage (inputs of stage s+1 arrive while stage s
-        computes).
-    seed: partitioner seed (plans are deterministic for a given seed).
-    partitioner: "mtkahypar" (hypergraph partitioning, default) or "greedy" (no solver; fast fallback).
-    inter_node_cost: relative cost of a byte across nodes vs inside one (used by the scheduler's budget).
-    min_block_size / max_block_size: bounds for block_size="auto".
-    cost_model: None (balance unmasked pairs x heads, the default) or a cost table for the planner's
-        compute weights in seconds: "h100", "cpu" (shipped tables), a table path, or "analytic:<preset>"
-        (see dcp_backend.cost_model).
-    placement: "hypergraph" (default: Mt-KaHyPar placement), "zigzag" (static snake-dealt token blocks,
-        computation on the query owner) or "auto" (plan both, simulate both with the cost model on that
-        table's network preset, keep the faster; costs two plans and two simulations per batch). See
-        dcp_backend.dcp.candidates.
-    """
-
-    devices_per_node: int | None = None
-    block_size: int | str = "auto"
-    head_block_size: int | None = None
-    compute_imbalance: float = 0.10
-    memory_imbalance: float = 0.20
-    inter_node_imbalance_factor: float = 1.0
-    num_stages: int = 4
-    seed: int = 0
-    partitioner: str = "mtkahypar"
-    inter_node_cost: float = 8.0
-    min_block_size: int = 16
-    max_block_size: int = 8192
-    cost_model: str | None = None
-    placement: str = "hypergraph"
+    block_size: int | str = option("auto", "tokens per block, or auto (chosen per batch from the lengths and the "
+                                           "device count)")
+    head_block_size: int | None = option(None, "query heads per head block (default: the query heads of one KV "
+                                               "head, so a block never splits a GQA group; 1 = finest)")
+    compute_imbalance: float = option(0.10, "allowed max/mean - 1 of attention compute per device")
+    memory_imbalance: float = option(0.20, "allowed max/mean - 1 of tokens held per device")
+    inter_node_imbalance_factor: float = option(
+        1.0, "compute tolerance multiplier of the node-level partition (a looser node balance made the per-device "
+             "repair move more blocks across nodes; docs/BENCHMARKS.md, dry-run sweep)")
+    num_stages: int = option(4, "communication stages after the local stage (stage s+1's inputs arrive while "
+                                "stage s computes)")
+    seed: int = option(0, "partitioner seed (plans are deterministic for a given seed)")
+    partitioner: str = option("mtkahypar", "mtkahypar (hypergraph partitioning) or greedy (no solver; a fast "
+                                           "fallback)")
+    inter_node_cost: float = option(8.0, "relative cost of a byte across nodes against one inside a node "
+                                         "(the scheduler's stage budgets)")
+    min_block_size: int = option(16, "smallest block size block_size=auto may choose")
+    max_block_size: int = option(8192, "largest block size block_size=auto may choose")
+    cost_model: str | None = option(None, "planner compute weights: none (unmasked pairs x heads), a shipped cost "
+                                          "table (h100, cpu), a table path, or analytic:<preset> "
+                                          "(dcp_backend.cost_model)")
+    placement: str = option("hypergraph", "hypergraph (Mt-KaHyPar), zigzag (static snake-dealt blocks, "
+                                          "computation on the query owner) or auto (plan both and a 2D zigzag, "
+                                          "simulate them with the cost model, keep the fastest)")
 
     def validate(self) -> None:
         super().validate()
-
-        def pos_int(name, allow_none=False):
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise CPError(f"dcp option {name} must be a positive int, got {v!r}")
-
-        pos_int("devices_per_node", allow_none=True)
-        pos_int("head_block_size", allow_none=True)
-        pos_int("num_stages")
-        pos_int("min_block_size")
-        pos_int("max_block_size")
+        positive_int("dcp", "head_block_size", self.head_block_size, allow_none=True)
+        for name in ("num_stages", "min_block_size", "max_block_size"):
+            positive_int("dcp", name, getattr(self, name))
         if self.block_size != "auto":
-            pos_int("block_size")
+            positive_int("dcp", "block_size", self.block_size)
         if self.min_block_size > self.max_block_size:
             raise CPError("dcp option min_block_size must not exceed max_block_size")
         for name in ("compute_imbalance", "memory_imbalance"):

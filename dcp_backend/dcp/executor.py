@@ -14,70 +14,16 @@ threads while the kernel computes.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from dcp_backend.comm import CommCounters, Exchange
-from dcp_backend.host_tables import HostTables
-from dcp_backend.dcp.instructions import ACC, MODEL, Attention, Comm, DeviceProgram, Fill, Reduce, Wait
+from dcp_backend.contract import Executor
+from dcp_backend.dcp.instructions import ACC, MODEL
+from dcp_backend.dcp.plan import DCPPlan
+from dcp_backend.dcp.prepared import Message, PreparedProgram
 from dcp_backend.kernels import BlockKernel, acc_dtype, merge_into_
 
 TAGS = {MODEL: 31, ACC: 32}
-
-
-class _Message:
-    """One peer's parts, split by dtype class: [(store, rows, numel)] per class (rows: a table handle,
-    resolved to a device tensor by the runner)."""
-
-    def __init__(self, peer: int, by_class: dict):
-        self.peer = peer
-        self.by_class = by_class
-
-
-class PreparedProgram:
-    """The host side of one :class:`DeviceProgram`: its steps, with every index array packed into one
-    :class:`~dcp_backend.host_tables.HostTables` (built once per plan, in the planning worker)."""
-
-    def __init__(self, program: DeviceProgram, head_dim: int):
-        self.program = program
-        self.head_dim = head_dim
-        self.tables = HostTables(np.int64)
-        self.steps = [self._prepare(ins) for ins in program.instructions]
-        self.tables.host  # pack now
-
-    def prepare_kernel(self, kernel: BlockKernel) -> None:
-        for ins in self.program.instructions:
-            if isinstance(ins, Attention):
-                kernel.prepare(ins.work)
-
-    def _message(self, op) -> _Message:
-        """Group a peer's parts by dtype class and then by store (rows concatenated in part order), so a
-        message is packed with one gather per store straight into the send buffer (and unpacked with one
-        scatter per store). Both sides group identically, so the layouts match."""
-        by_store: dict = {}
-        for name, rows in op.parts:
-            spec = self.program.stores[name]
-            by_store.setdefault((spec.dtype, name), []).append(rows)
-        by_class: dict = {}
-        for (cls, name), rows_list in by_store.items():
-            spec = self.program.stores[name]
-            rows = np.concatenate(rows_list)
-            by_class.setdefault(cls, []).append((name, self.tables.add(rows), int(rows.size) * spec.row_elements(self.head_dim)))
-        return _Message(op.peer, by_class)
-
-    def _prepare(self, ins):
-        t = self.tables.add
-        if isinstance(ins, Comm):
-            return ("comm", ins.key, [self._message(o) for o in ins.sends], [self._message(o) for o in ins.recvs])
-        if isinstance(ins, Wait):
-            return ("wait", ins.key)
-        if isinstance(ins, Attention):
-            return ("attn", ins.backward, t(ins.q_rows), t(ins.kv_rows), ins.work)
-        if isinstance(ins, Fill):
-            return ("fill", ins.stores, t(ins.rows))
-        if isinstance(ins, Reduce):
-            return ("reduce", ins.op, ins.src, ins.dst, t(ins.src_rows), t(ins.dst_rows))
-        raise TypeError(f"unknown instruction {type(ins).__name__}")
 
 
 class ProgramRunner:
@@ -98,8 +44,8 @@ class ProgramRunner:
             self.stores[name] = torch.empty(shape, dtype=dt, device=device)
         views = prepared.tables.on(device)
 
-        def msg(m: _Message) -> _Message:
-            return _Message(m.peer, {c: [(n, views[h], k) for n, h, k in parts] for c, parts in m.by_class.items()})
+        def msg(m: Message)  -> Message:
+            return Message(m.peer, {c: [(n, views[h], k) for n, h, k in parts] for c, parts in m.by_class.items()})
 
         steps = []
         for step in prepared.steps:
@@ -236,3 +182,23 @@ class DCPAttentionFn(torch.autograd.Function):
         with torch.no_grad():
             dq, dk, dv = bwd_runner.backward(dout.contiguous(), q, k, v, out, lse, kernel, scale, group, counters)
         return dq, dk, dv, None, None, None, None, None, None
+
+
+class DCPExecutor(Executor):
+    """Runs a DCP plan's programs for this rank: runners prepared once per plan, device and dtype."""
+
+    name = "dcp"
+    PlanType = DCPPlan
+
+    def runners(self, plan: DCPPlan, rank: int, device: torch.device, dtype: torch.dtype):
+        """Forward/backward runners of ``rank`` (kept in ``plan.runners``: once per plan, all layers)."""
+        key = (rank, str(device), dtype)
+        if key not in plan.runners:
+            fwd, bwd = plan.prepared_programs(rank)
+            plan.runners[key] = (ProgramRunner(fwd, device, dtype), ProgramRunner(bwd, device, dtype))
+        return plan.runners[key]
+
+    def _attention(self, q, k, v, plan: DCPPlan):
+        fwd, bwd = self.runners(plan, self.rank, q.device, q.dtype)
+        return DCPAttentionFn.apply(q, k, v, fwd, bwd, self.kernel(q.device), plan.spec.scale, self.group,
+                                    self.counters)

@@ -1,186 +1,91 @@
 """The DCP planner: lengths -> blocks -> placement -> forward/backward schedules -> per-device programs.
 
-``make_plan`` runs every phase on the CPU (no process group), times each phase, and returns a
-:class:`DCPPlan` that satisfies the backend contract (``local_indices``) and carries everything the
-executor, the verifier, the statistics and the serialisation need.
+:func:`make_plan` is the one dispatcher over placement strategies: ``hypergraph`` (Mt-KaHyPar,
+:mod:`.partition`), ``zigzag`` / ``zigzag2d`` (structured, :mod:`.candidates`), and ``auto``, which plans
+the others, simulates them and keeps the fastest (:mod:`dcp_backend.placement_search`, above the
+simulator). Every phase runs on the CPU (no process group) and is timed; the result is a
+:class:`~dcp_backend.dcp.plan.DCPPlan`. :class:`DCPPlanner` is the backend contract's planner.
 """
 from __future__ import annotations
 
 import time
 
-import numpy as np
-
-from dcp_backend.backend import Plan, PlanStats
 from dcp_backend.batch import PackedBatch
-from dcp_backend.dcp.blocks import BlockSet, auto_block_size, build_blocks
-from dcp_backend.dcp.compile import DeviceLayout, compile_programs
+from dcp_backend.contract import Planner
+from dcp_backend.dcp.blocks import HeadBlocks, auto_block_size, build_blocks
+from dcp_backend.dcp.candidates import head_parallel_degree, zigzag_blocks, zigzag_placement
 from dcp_backend.dcp.config import DCPOptions
-from dcp_backend.dcp.instructions import DeviceProgram
-from dcp_backend.dcp.partition import Placement, place
-from dcp_backend.dcp.schedule import PassSchedule, schedule_pass
+from dcp_backend.dcp.partition import place
+from dcp_backend.dcp.plan import DCPPlan, pair_cost, plan_from_placement
 from dcp_backend.spec import AttentionSpec
-from dcp_backend.errors import CPError
+from dcp_backend.topology import Topology
+
+STRATEGIES = ("hypergraph", "zigzag", "zigzag2d")
 
 
-def pair_cost(bs: BlockSet, cost_model: str | None = None, element_size: int = 2) -> np.ndarray:
-    """Cost of every computation block: unmasked pairs x query heads of its head block; with a cost model
-    (``DCPOptions.cost_model``, see :mod:`dcp_backend.cost_model`) its forward + backward seconds instead."""
-    if cost_model is not None:
-        from dcp_backend.cost_model import load_cost_model
-
-        return load_cost_model(cost_model).block_seconds(bs, element_size)
-    return (bs.pair_count[bs.comp_pair(np.arange(bs.n_comp))] * bs.heads.hb).astype(np.float64)
-
-
-class DCPPlan(Plan):
-    """A compiled DCP plan (see :mod:`dcp_backend.dcp`)."""
-
-    backend = "dcp"
-
-    def __init__(self, batch: PackedBatch, spec: AttentionSpec, world_size: int, options: DCPOptions, *,
-                 blocks: BlockSet, placement: Placement, fwd: PassSchedule, bwd: PassSchedule,
-                 layouts: list[DeviceLayout], fwd_programs: list[DeviceProgram],
-                 bwd_programs: list[DeviceProgram], timings: dict[str, float], comp_cost: np.ndarray):
-        super().__init__(batch, spec, world_size, options)
-        self.blocks = blocks
-        self.placement = placement
-        self.fwd = fwd
-        self.bwd = bwd
-        self.layouts = layouts
-        self.fwd_programs = fwd_programs
-        self.bwd_programs = bwd_programs
-        self._timings = dict(timings)
-        self.comp_cost = comp_cost
-        self._executors: dict = {}
-        self._prepared: dict = {}
-
-    @property
-    def block_size(self) -> int:
-        return self.blocks.block_size
-
-    @property
-    def devices_per_node(self) -> int:
-        return self.placement.devices_per_node
-
-    @property
-    def num_stages(self) -> int:
-        return self.fwd.num_stages
-
-    def _local_indices(self, rank: int) -> np.ndarray:
-        return self.layouts[rank].global_indices()
-
-    def compile_for(self, rank: int) -> "DCPPlan":
-        """Compile ``rank``'s forward and backward programs now (planning workers call this so the
-        training process never compiles)."""
-        self._check_rank(rank)
-        self.fwd_programs[rank], self.bwd_programs[rank]
-        return self
-
-    def prepared_programs(self, rank: int):
-        """``rank``'s forward and backward programs with their index tables packed (host side, cached)."""
-        if rank not in self._prepared:
-            from dcp_backend.dcp.executor import PreparedProgram
-
-            self.compile_for(rank)
-            d = self.spec.head_dim
-            self._prepared[rank] = (PreparedProgram(self.fwd_programs[rank], d),
-                                    PreparedProgram(self.bwd_programs[rank], d))
-        return self._prepared[rank]
-
-    def prepare(self, rank: int, device: str = "cpu") -> "DCPPlan":
-        from dcp_backend.kernels import get_kernel
-
-        kernel = get_kernel(self.options.kernel, device)
-        for prepared in self.prepared_programs(rank):
-            prepared.prepare_kernel(kernel)
-        return self
-
-    def compile_all(self) -> "DCPPlan":
-        for r in range(self.world_size):
-            self.compile_for(r)
-        return self
-
-    @property
-    def planning_seconds(self) -> float:
-        """Seconds spent planning so far: blocks, partition, schedules, and compiling the programs
-        compiled up to now (all of them after ``compile_all``)."""
-        return float(sum(self.timings.values()))
-
-    @property
-    def timings(self) -> dict[str, float]:
-        t = dict(self._timings)
-        progs = (self.fwd_programs, self.bwd_programs)
-        if all(hasattr(p, "compile_seconds") for p in progs):
-            t["compile"] = t.get("compile", 0.0) + sum(p.compile_seconds for p in progs)
-        return t
-
-    def _fingerprint_extra(self) -> bytes:
-        """The placement (token-block owners, computation-block devices) and block size: a partitioner
-        that placed differently on two ranks makes them disagree here, at the first attention call,
-        rather than deadlock on mismatched transfers."""
-        pl = self.placement
-        return b"".join([np.int64(self.block_size).tobytes(), np.ascontiguousarray(pl.owner, np.int64).tobytes(),
-                         np.ascontiguousarray(pl.comp_device, np.int64).tobytes()])
-
-    def stats(self, element_size: int = 2) -> PlanStats:
-        from dcp_backend.dcp.stats import plan_stats
-
-        return plan_stats(self, element_size)
-
-
-def resolve_topology(world_size: int, devices_per_node: int | None) -> int:
-    dpn = devices_per_node or world_size
-    if world_size % dpn:
-        raise CPError(
-            f"dcp: world size {world_size} is not a multiple of devices_per_node={dpn}; the world must be "
-            "nodes x devices_per_node"
-        )
-    return dpn
-
-
-def make_plan(batch: PackedBatch, spec: AttentionSpec, world_size: int, options: DCPOptions,
-              element_size: int = 2, compile_all: bool = False) -> DCPPlan:
-    """Plan one batch. Programs are compiled on first use per rank unless ``compile_all``."""
-    if options.placement != "hypergraph":  # static zigzag or best-of by simulation: dcp/candidates.py
-        from dcp_backend.dcp import candidates
-
-        return candidates.make_plan(batch, spec, world_size, options, element_size, compile_all)
-    timings: dict[str, float] = {}
+def placement_of(strategy: str, batch: PackedBatch, spec: AttentionSpec, topology: Topology, options: DCPOptions,
+                 element_size: int, timings: dict):
+    """(blocks, computation-block costs, placement) of one strategy; fills ``timings`` (blocks, partition)."""
     t0 = time.perf_counter()
-    dpn = resolve_topology(world_size, options.devices_per_node)
-    if options.block_size == "auto":
-        block = auto_block_size(batch, world_size, options.memory_imbalance, options.min_block_size,
-                                options.max_block_size)
+    n, dpn = topology.world_size, topology.devices_per_node
+    if strategy == "hypergraph":
+        if options.block_size == "auto":
+            block = auto_block_size(batch, n, options.memory_imbalance, options.min_block_size, options.max_block_size)
+        else:
+            block = int(options.block_size)
+        bs = build_blocks(batch, spec, block, options.head_block_size)
     else:
-        block = int(options.block_size)
-    bs = build_blocks(batch, spec, block, options.head_block_size)
+        hp = head_parallel_degree(spec, options, topology) if strategy == "zigzag2d" else 1
+        bs = zigzag_blocks(batch, spec, topology, options, hp)
     cost = pair_cost(bs, options.cost_model, element_size)
     t1 = time.perf_counter()
     timings["blocks"] = t1 - t0
-    pl = place(bs, cost, world_size, dpn, compute_imbalance=options.compute_imbalance,
-               memory_imbalance=options.memory_imbalance, inter_node_factor=options.inter_node_imbalance_factor,
-               seed=options.seed, partitioner=options.partitioner, element_size=element_size)
-    t2 = time.perf_counter()
-    timings["partition"] = t2 - t1
-    return plan_from_placement(batch, spec, world_size, options, bs, cost, pl, timings, element_size, compile_all)
+    if strategy == "hypergraph":
+        pl = place(bs, cost, n, dpn, compute_imbalance=options.compute_imbalance,
+                   memory_imbalance=options.memory_imbalance, inter_node_factor=options.inter_node_imbalance_factor,
+                   seed=options.seed, partitioner=options.partitioner, element_size=element_size)
+    else:
+        pl = zigzag_placement(bs, n, dpn, hp)
+    timings["partition"] = time.perf_counter() - t1
+    return bs, cost, pl
 
 
-def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, world_size: int, options: DCPOptions, bs: BlockSet,
-                        cost: np.ndarray, pl: Placement, timings: dict, element_size: int = 2,
-                        compile_all: bool = False) -> DCPPlan:
-    """Schedule both passes of a placement and wrap it as a plan (programs compiled lazily unless
-    ``compile_all``); shared by the hypergraph planner and the static candidates."""
-    t0 = time.perf_counter()
-    tok = bs.tb_tokens.astype(np.float64)
-    h = bs.heads
-    e = element_size
-    q_fwd = np.repeat(bs.q_bytes_per_token(e) * tok, h.n_q_blocks)
-    kv_b = np.repeat(bs.kv_bytes_per_token(e) * tok, h.n_kv_blocks)
-    q_bwd = np.repeat((3 * bs.q_bytes_per_token(e) + bs.lse_bytes_per_token()) * tok, h.n_q_blocks)
-    fwd = schedule_pass(bs, pl, cost, q_fwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=False)
-    bwd = schedule_pass(bs, pl, cost, q_bwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=True)
-    timings["schedule"] = time.perf_counter() - t0
-    layouts, fp, bp = compile_programs(bs, pl, fwd, bwd, eager=compile_all)
-    return DCPPlan(batch, spec, world_size, options, blocks=bs, placement=pl, fwd=fwd, bwd=bwd, layouts=layouts,
-                   fwd_programs=fp, bwd_programs=bp, timings=timings,
-                   comp_cost=cost if options.cost_model is None else pair_cost(bs))  # stats: pair-heads
+def auto_candidates(spec: AttentionSpec, options: DCPOptions, topology: Topology) -> list[str]:
+    """The strategies ``placement="auto"`` compares: the hypergraph plan, and on several devices the
+    zigzag plan and (with several head blocks per node) the 2D zigzag plan."""
+    if topology.world_size == 1:
+        return ["hypergraph"]
+    out = ["hypergraph", "zigzag"]
+    if head_parallel_degree(spec, options, topology) > 1:
+        out.append("zigzag2d")
+    return out
+
+
+def make_plan(batch: PackedBatch, spec: AttentionSpec, topology: Topology, options: DCPOptions,
+              element_size: int = 2, compile_all: bool = False, strategy: str | None = None) -> DCPPlan:
+    """Plan one batch with ``strategy`` (default: ``options.placement``). Programs are compiled on first
+    use per rank unless ``compile_all``."""
+    strategy = strategy or options.placement
+    if strategy == "auto":
+        from dcp_backend.placement_search import pick_fastest
+
+        t0 = time.perf_counter()
+        plans = {name: make_plan(batch, spec, topology, options, element_size, compile_all=True, strategy=name)
+                 for name in auto_candidates(spec, options, topology)}
+        return pick_fastest(plans, options.cost_model, element_size, started=t0)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown DCP placement strategy {strategy!r}; choose from {STRATEGIES + ('auto',)}")
+    timings: dict[str, float] = {}
+    bs, cost, pl = placement_of(strategy, batch, spec, topology, options, element_size, timings)
+    return plan_from_placement(batch, spec, topology, options, bs, cost, pl, timings, element_size, compile_all)
+
+
+class DCPPlanner(Planner):
+    name = "dcp"
+    Options = DCPOptions
+
+    def check_spec(self, spec: AttentionSpec, topology: Topology) -> None:
+        HeadBlocks.make(spec, self.options.head_block_size)
+
+    def _make_plan(self, batch, spec, topology):
+        return make_plan(batch, spec, topology, self.options)

@@ -20,9 +20,10 @@ from dcp_backend.dcp.config import DCPOptions
 from dcp_backend.dcp.instructions import (Attention, Comm, CommOp, DeviceProgram, Fill, Reduce, StoreSpec,
                                           Wait)
 from dcp_backend.dcp.partition import Placement
-from dcp_backend.dcp.planner import DCPPlan
+from dcp_backend.dcp.plan import DCPPlan
 from dcp_backend.dcp.schedule import PassSchedule, Transfers
 from dcp_backend.kernels.work import AttnWork
+from dcp_backend.topology import Topology
 from dcp_backend.spec import AttentionSpec
 from dcp_backend.errors import CPError
 
@@ -85,7 +86,11 @@ def serialize(plan: DCPPlan, ranks=None, with_timings: bool = True) -> bytes:
         "seqlens": plan.batch.seqlens.tolist(),
         "spec": {"num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
                  "mask": spec.mask, "mask_args": dict(spec.mask_args), "softmax_scale": spec.softmax_scale},
-        "options": {k: v for k, v in vars(plan.options).items()},
+        # the options with the topology, in the order of format version 1 (world_size, kernel, devices_per_node,
+        # then the DCP options), so files stay readable both ways
+        "options": {"world_size": plan.world_size, "kernel": plan.options.kernel,
+                    "devices_per_node": plan.devices_per_node,
+                    **{k: v for k, v in plan.options.as_dict().items() if k != "kernel"}},
         "world_size": plan.world_size,
         "block_size": plan.block_size,
         "devices_per_node": plan.devices_per_node,
@@ -131,10 +136,14 @@ def deserialize(data: bytes) -> DCPPlan:
     s = header["spec"]
     spec = AttentionSpec(s["num_heads"], s["num_kv_heads"], s["head_dim"], mask=s["mask"], mask_args=s["mask_args"],
                          softmax_scale=s["softmax_scale"])
-    options = DCPOptions(**header["options"])
+    opts = dict(header["options"])
+    opts.pop("world_size", None)
+    opts.pop("devices_per_node", None)
+    options = DCPOptions(**opts)
     batch = PackedBatch.from_seqlens(header["seqlens"])
     bs = build_blocks(batch, spec, header["block_size"], options.head_block_size)
     world = header["world_size"]
+    topology = Topology(world, header["devices_per_node"])
     pl = Placement(A(header["owner"]), A(header["comp_device"]), world, header["devices_per_node"])
 
     def sched(d):
@@ -169,6 +178,6 @@ def deserialize(data: bytes) -> DCPPlan:
     for r, (fp, bp) in header["programs"].items():
         fwd_p[int(r)] = program(fp)
         bwd_p[int(r)] = program(bp)
-    return DCPPlan(batch, spec, world, options, blocks=bs, placement=pl, fwd=fwd_s, bwd=bwd_s, layouts=layouts,
+    return DCPPlan(batch, spec, topology, options, blocks=bs, placement=pl, fwd=fwd_s, bwd=bwd_s, layouts=layouts,
                    fwd_programs=fwd_p, bwd_programs=bwd_p, timings=header["timings"],
                    comp_cost=A(header["comp_cost"]))

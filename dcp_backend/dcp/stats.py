@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dcp_backend.backend import PlanStats
+from dcp_backend.contract import PlanStats
 from dcp_backend.dcp.instructions import Attention, Comm
 
 
@@ -57,7 +57,7 @@ def plan_stats(plan, element_size: int = 2) -> PlanStats:
         "bwd_inter_node_bytes_per_rank": bwd[:, 1].tolist(),
     }
     return PlanStats(
-        backend="dcp", world_size=n, nodes=n // dpn, devices_per_node=dpn,
+        backend_name="dcp", world_size=n, nodes=n // dpn, devices_per_node=dpn,
         fwd_inter_node_bytes=int(fwd[:, 1].sum()), fwd_intra_node_bytes=int(fwd[:, 0].sum()),
         bwd_inter_node_bytes=int(bwd[:, 1].sum()), bwd_intra_node_bytes=int(bwd[:, 0].sum()),
         compute_pair_heads=tuple(int(c) for c in compute), tokens=tuple(tokens), memory_bytes=tuple(memory),

@@ -21,16 +21,18 @@ import time
 
 import dcp_backend as cp
 from dcp_backend.baselines.layout import zigzag_layout
-from dcp_backend.baselines.ring_family import RingFamilyOptions, RingFamilyPlan
-from dcp_backend.baselines.te import TE_MASKS, TEBackend, TEPlan
+from dcp_backend.baselines.loongtrain import LoongTrainOptions
+from dcp_backend.baselines.ring_family import RingFamilyPlan
+from dcp_backend.baselines.te import TE_MASKS, TEPlan
 from dcp_backend.batch import PackedBatch
 from dcp_backend.cost_model import CostModel, load_cost_model
 from dcp_backend.dtypes import element_size
-from dcp_backend.dcp.candidates import head_parallel_degree, zigzag_plan
+from dcp_backend.dcp.candidates import head_parallel_degree
 from dcp_backend.dcp.config import DCPOptions
 from dcp_backend.dcp.planner import make_plan
-from dcp_backend.sim.network import Topology
+from dcp_backend.registry import get_planner
 from dcp_backend.sim.simulator import simulate_plan
+from dcp_backend.topology import Topology
 
 ALL_BACKENDS = ("ring", "zigzag", "loongtrain", "te", "te-a2a", "dcp")
 BASELINES = ("ring", "zigzag", "loongtrain", "te", "te-a2a")
@@ -59,25 +61,25 @@ class Entry:
 
 
 def _lt_plans(batch, spec, topo: Topology, windows):
-    n, dpn = topo.world_size, topo.devices_per_node
+    n = topo.world_size
     hp = math.gcd(n, spec.num_kv_heads)
     C = n // hp
     layout = zigzag_layout(batch, C)  # shared: kernel costs are computed once for every window
-    opts = RingFamilyOptions(devices_per_node=dpn)
     ws = windows or [2 ** i for i in range(int(math.log2(C)) + 1)]
     for w in ws:
         if C % w == 0:
-            yield w, RingFamilyPlan(batch, spec, n, opts, layout=layout, window=w, head_parallel=hp, backend="loongtrain")
+            yield w, RingFamilyPlan("loongtrain", batch, spec, topo, LoongTrainOptions(window=w), layout=layout,
+                                    window=w, head_parallel=hp)
 
 
-def _te_plan(seqlens, spec, n, dpn, comm_type):
-    be = TEBackend.for_planning(world_size=n, devices_per_node=dpn, cp_comm_type=comm_type)
+def _te_plan(seqlens, spec, topo: Topology, comm_type):
+    planner = get_planner("te", cp_comm_type=comm_type)
     if spec.mask in TE_MASKS[comm_type]:
-        return be.plan(list(seqlens), spec), ""
+        return planner.plan(list(seqlens), spec, topo), ""
     # the published forked TE: range masks in the same schedules (our TE backend refuses these masks)
     batch = PackedBatch.from_seqlens(seqlens)
-    return TEPlan(batch, spec, n, be.options, head_parallel=be.resolve_head_parallel(
-        dataclasses.replace(spec, mask="causal", mask_args={}), n)), " (range masks, as the published fork)"
+    hp = planner.resolve_head_parallel(dataclasses.replace(spec, mask="causal", mask_args={}), topo.world_size)
+    return TEPlan(batch, spec, topo, planner.options, head_parallel=hp), " (range masks, as the published fork)"
 
 
 def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=ALL_BACKENDS,
@@ -85,7 +87,7 @@ def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=AL
                     dcp_candidates=("hypergraph", "zigzag", "zigzag2d"), element_size: int = 2, log=None):
     """Every configuration of every requested backend, planned (DCP plans compiled for all devices)."""
     batch = PackedBatch.from_seqlens(seqlens)
-    n, dpn = topo.world_size, topo.devices_per_node
+    n = topo.world_size
     out: list[Candidate] = []
 
     def add(label, config, fn):
@@ -98,30 +100,28 @@ def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=AL
 
     for name in backends:
         if name in ("ring", "zigzag"):
-            add(name, "single ring", lambda: cp.get_backend(name, world_size=n, devices_per_node=dpn).plan(
-                list(seqlens), spec))
+            add(name, "single ring", lambda: get_planner(name).plan(seqlens, spec, topo))
         elif name == "loongtrain":
             for w, plan in _lt_plans(batch, spec, topo, lt_windows):
                 add(name, f"hp={plan.head_parallel} window={w}", lambda plan=plan: plan)
         elif name in ("te", "te-a2a"):
             ct = "p2p" if name == "te" else "a2a+p2p"
-            plan, note = _te_plan(seqlens, spec, n, dpn, ct)
+            plan, note = _te_plan(seqlens, spec, topo, ct)
             add(name, f"{ct} A={plan.head_parallel}{note}", lambda plan=plan: plan)
         elif name == "dcp":
-            base = dcp_options or DCPOptions()
-            base = dataclasses.replace(base, world_size=n, devices_per_node=dpn, placement="hypergraph")
+            base = dataclasses.replace(dcp_options or DCPOptions(), placement="hypergraph")
             if "hypergraph" in dcp_candidates:
                 for bsz in dcp_block_sizes:
                     o = dataclasses.replace(base, block_size=bsz)
                     add("dcp", f"hypergraph block={bsz}",
-                        lambda o=o: make_plan(batch, spec, n, o, element_size, compile_all=True))
+                        lambda o=o: make_plan(batch, spec, topo, o, element_size, compile_all=True))
             if n > 1 and "zigzag" in dcp_candidates:
                 add("dcp", lambda p: f"zigzag block={p.block_size}",
-                    lambda: zigzag_plan(batch, spec, n, base, element_size, compile_all=True))
-            hp = head_parallel_degree(spec, base, n)
+                    lambda: make_plan(batch, spec, topo, base, element_size, compile_all=True, strategy="zigzag"))
+            hp = head_parallel_degree(spec, base, topo)
             if n > 1 and hp > 1 and "zigzag2d" in dcp_candidates:
                 add("dcp", lambda p: f"zigzag2d hp={hp} block={p.block_size}",
-                    lambda: zigzag_plan(batch, spec, n, base, element_size, compile_all=True, head_parallel=hp))
+                    lambda: make_plan(batch, spec, topo, base, element_size, compile_all=True, strategy="zigzag2d"))
         else:
             raise ValueError(f"unknown backend {name!r}; choose from {ALL_BACKENDS}")
     return out

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dcp_backend.baselines.layout import PairWorkBuilder
+from dcp_backend.baselines.layout import PairWorkBuilder, zigzag_layout
+from dcp_backend.baselines.ring_family import RingFamilyOptions, RingFamilyPlan
 from dcp_backend.sim.op_costs import Costs
 from dcp_backend.sim.engine import Compute, Launch, Wait
 
@@ -221,16 +222,11 @@ def _a2a(plan, r: int, c: Costs, fused: bool, tag: str, tokens_per_rank=None) ->
 
 def te_programs(te_plan, backward: bool, c: Costs, rc_cache: dict | None = None) -> list[list]:
     """Transformer Engine's p2p / a2a+p2p schedule (see the module docstring)."""
-    from dcp_backend.baselines.layout import zigzag_layout
-    from dcp_backend.baselines.ring_family import RingFamilyPlan
-    from dcp_backend.baselines.ring_family import RingFamilyOptions
-
     n, A = te_plan.world_size, te_plan.head_parallel
     P = n // A
-    opts = RingFamilyOptions(devices_per_node=te_plan.devices_per_node)
-    ring = RingFamilyPlan(te_plan.batch, te_plan.spec, n, opts, layout=zigzag_layout(te_plan.batch, P), window=P,
-                          head_parallel=A, backend="te")
-    key = ("te", A)
+    ring = RingFamilyPlan("te", te_plan.batch, te_plan.spec, te_plan.topology, RingFamilyOptions(),
+                          layout=zigzag_layout(te_plan.batch, P), window=P, head_parallel=A)
+    key = ("te", te_plan.layout, A)
     rc = (rc_cache or {}).get(key)
     if rc is None:
         rc = RingCosts(ring, c)

@@ -3,27 +3,31 @@
 ``simulate_plan(plan, cost_model, network, dtype)`` turns the plan into per-rank programs (DCP: its
 compiled instructions, :mod:`dcp_backend.sim.dcp`; ring / zigzag / LoongTrain / TE: their step schedules,
 :mod:`dcp_backend.sim.ring`), runs the forward and the backward pass through the event engine
-(:mod:`dcp_backend.sim.engine`) with the plan's topology (``devices_per_node`` of the plan), and returns a
-:class:`SimReport` that also carries the plan's :class:`~dcp_backend.backend.PlanStats` (the statistics
+(:mod:`dcp_backend.sim.engine`) on the plan's topology, and returns a
+:class:`SimReport` that also carries the plan's :class:`~dcp_backend.contract.PlanStats` (the statistics
 dry runs print), so simulated times and counted bytes come from one object.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
+from dcp_backend.baselines.ring_family import RingFamilyPlan
+from dcp_backend.baselines.te import TEPlan
 from dcp_backend.cost_model import CostModel, load_cost_model
+from dcp_backend.dcp.plan import DCPPlan
 from dcp_backend.sim import dcp as sim_dcp
 from dcp_backend.sim import ring as sim_ring
 from dcp_backend.sim.op_costs import Costs
 from dcp_backend.sim.engine import Result, run
-from dcp_backend.sim.network import Links, NetworkModel, Topology, get_network
+from dcp_backend.sim.network import Links, NetworkModel, get_network
 
 
 @dataclass
 class SimReport:
-    backend: str
+    backend_name: str
     label: str
     fwd: Result
     bwd: Result
@@ -38,7 +42,7 @@ class SimReport:
         return self.bwd.time * 1e3
 
     def summary(self) -> dict:
-        out = {"backend": self.backend, "label": self.label, "fwd_ms": self.fwd_ms, "bwd_ms": self.bwd_ms}
+        out = {"backend": self.backend_name, "label": self.label, "fwd_ms": self.fwd_ms, "bwd_ms": self.bwd_ms}
         for name, res in (("fwd", self.fwd), ("bwd", self.bwd)):
             cp = res.critical_summary()
             out[f"{name}_critical_compute_ms"] = cp["compute"] * 1e3
@@ -48,26 +52,30 @@ class SimReport:
         return out
 
 
-def _topology(plan) -> Topology:
-    dpn = int(getattr(plan, "devices_per_node", None) or plan.world_size)
-    return Topology(plan.world_size, dpn)
-
-
+@functools.singledispatch
 def plan_programs(plan, backward: bool, costs: Costs, cache: dict | None = None) -> list[list]:
-    """Per-rank simulator programs of ``plan`` for one pass."""
-    kind = getattr(plan, "backend", None)
-    cache = {} if cache is None else cache
-    if kind == "dcp":
-        return sim_dcp.programs(plan, backward, costs)
-    if kind == "te":
-        return sim_ring.te_programs(plan, backward, costs, cache)
-    if hasattr(plan, "geometry"):  # ring-family plans (ring, zigzag, loongtrain)
-        key = ("ring", id(plan.layout), plan.head_parallel)
-        rc = cache.get(key)
-        if rc is None:
-            rc = cache[key] = sim_ring.RingCosts(plan, costs)
-        return sim_ring.ring_programs(plan, backward, costs, rc, tag=kind or "ring")
+    """Per-rank simulator programs of ``plan`` for one pass (one registered function per plan type)."""
     raise TypeError(f"cannot simulate a plan of type {type(plan).__name__}")
+
+
+@plan_programs.register
+def _(plan: DCPPlan, backward: bool, costs: Costs, cache: dict | None = None) -> list[list]:
+    return sim_dcp.programs(plan, backward, costs)
+
+
+@plan_programs.register
+def _(plan: TEPlan, backward: bool, costs: Costs, cache: dict | None = None) -> list[list]:
+    return sim_ring.te_programs(plan, backward, costs, {} if cache is None else cache)
+
+
+@plan_programs.register
+def _(plan: RingFamilyPlan, backward: bool, costs: Costs, cache: dict | None = None) -> list[list]:
+    cache = {} if cache is None else cache
+    key = ("ring", plan.layout, plan.head_parallel)  # the layout object itself: plans of LoongTrain windows share it
+    rc = cache.get(key)
+    if rc is None:
+        rc = cache[key] = sim_ring.RingCosts(plan, costs)
+    return sim_ring.ring_programs(plan, backward, costs, rc, tag=plan.backend_name)
 
 
 def simulate_plan(plan, cost_model: CostModel | str | None = "h100", network: NetworkModel | str = "h100-p5",
@@ -78,7 +86,7 @@ def simulate_plan(plan, cost_model: CostModel | str | None = "h100", network: Ne
     if bandwidth_scale != 1.0:
         net = net.scaled(bandwidth=bandwidth_scale)
     costs = Costs.make(cm, dtype, plan.spec.head_dim, fused_copies)
-    links = Links(_topology(plan), net)
+    links = Links(plan.topology, net)
     cache = {} if cache is None else cache
     res = {}
     for backward in (False, True):
@@ -90,8 +98,7 @@ def simulate_plan(plan, cost_model: CostModel | str | None = "h100", network: Ne
             stats = plan.stats(element_size=costs.element_size)
         except NotImplementedError:  # pragma: no cover
             stats = None
-    name = getattr(plan, "backend", type(plan).__name__)
-    return SimReport(name, label or name, res[False], res[True], stats)
+    return SimReport(plan.backend_name, label or plan.backend_name, res[False], res[True], stats)
 
 
 def compute_only_seconds(plan, cost_model, dtype, backward: bool) -> np.ndarray:

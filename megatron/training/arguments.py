@@ -8,9 +8,11 @@ Argument names follow Megatron-LM where it has one (``--num-layers``, ``--num-qu
   ``--micro-batch-size``. ``--global-batch-size`` counts micro-batches (packs) per iteration across
   data-parallel replicas.
 * Context parallelism is ours: ``--cp-backend`` picks a ``dcp_backend`` backend and
-  ``--context-parallel-size`` (default: the whole world) its group size. Backend options are flags
-  prefixed with the backend name (``--dcp-block-size``, ``--loongtrain-head-parallel``, ...) or
-  ``--cp-option KEY=VALUE``; mask arguments are ``--mask-<arg>`` flags or ``--mask-arg KEY=VALUE``.
+  ``--context-parallel-size`` (default: the whole world) its group size, ``--cp-devices-per-node`` its
+  topology (default: torchrun's ``LOCAL_WORLD_SIZE``). Every option of every backend is a flag prefixed
+  with the backend name (``--dcp-block-size``, ``--loongtrain-head-parallel``, ...), generated from the
+  option's field (its type and help text), or ``--cp-option KEY=VALUE``; mask arguments are
+  ``--mask-<arg>`` flags or ``--mask-arg KEY=VALUE``.
 
 Everything that can be checked without training is checked by :func:`validate_args` (and by
 ``training.setup``, which also checks the data and the backend) and raises :class:`ConfigError`.
@@ -19,14 +21,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import math
 import os
 
 import torch
 
+import dcp_backend as cp
 from dcp_backend import masks as cp_masks
-from dcp_backend.registry import available_backends
-
+from dcp_backend.registry import available_backends, make_options, options_class
 from dcp_backend.workloads import DATASETS as LENGTH_DATASETS
 
 
@@ -34,34 +37,36 @@ class ConfigError(ValueError):
     """A bad command line or input, found before training starts."""
 
 
-# Backend options exposed as --<backend>-<option> flags: (option, type, help). Any other option of a
-# backend is reachable through --cp-option KEY=VALUE; unknown ones are rejected by the backend.
 def _int_or_auto(text: str):
     return text if text == "auto" else int(text)
 
 
-BACKEND_FLAGS: dict[str, list[tuple[str, object, str]]] = {
-    "dcp": [
-        ("block_size", _int_or_auto, "tokens per DCP block (or 'auto')"),
-        ("head_block_size", int, "query heads per head block"),
-        ("devices_per_node", int, "ranks per node (the world must be nodes x devices_per_node; default: "
-                                  "torchrun's LOCAL_WORLD_SIZE)"),
-        ("num_stages", int, "communication/compute overlap stages after the local stage"),
-        ("compute_imbalance", float, "allowed compute imbalance (epsilon)"),
-        ("memory_imbalance", float, "allowed memory (tokens held) imbalance (epsilon)"),
-        ("inter_node_imbalance_factor", float, "extra imbalance allowed when partitioning across nodes"),
-        ("seed", int, "planner seed"),
-        ("partitioner", str, "placement solver (e.g. mtkahypar, greedy)"),
-    ],
-    "loongtrain": [
-        ("head_parallel", int, "head-parallel (all-to-all) degree"),
-        ("window", int, "inner ring size of the double ring (ring positions)"),
-        ("devices_per_node", int, "ranks per node"),
-    ],
-    "ring": [("devices_per_node", int, "ranks per node (statistics only)")],
-    "zigzag": [("devices_per_node", int, "ranks per node (statistics only)")],
-    "te": [("cp_comm_type", str, "Transformer Engine CP communication: p2p or a2a+p2p")],
-}
+def _str_or_none(text: str):
+    return None if text.lower() == "none" else text
+
+
+# Flag value types from the annotations of option fields (string annotations: the option modules use
+# ``from __future__ import annotations``).
+_FIELD_TYPES = {"int": int, "int | None": int, "float": float, "str": str, "str | None": _str_or_none,
+                "int | str": _int_or_auto}
+
+
+def _field_parser(annotation: str):
+    parser = _FIELD_TYPES.get(str(annotation).replace("Optional[", "").rstrip("]"))
+    if parser is None:
+        raise TypeError(f"no command-line type for an option annotated {annotation!r}")
+    return parser
+
+
+def backend_flags() -> dict[str, list[tuple[str, object, str]]]:
+    """Every option of every backend as a ``--<backend>-<option>`` flag: (option, type, help), generated
+    from the options dataclass fields (their type annotation and ``metadata["help"]``)."""
+    out = {}
+    for backend in available_backends():
+        cls = options_class(backend)
+        out[backend] = [(f.name, _field_parser(f.type), f"{f.metadata.get('help', '')} (default: {f.default})")
+                        for f in dataclasses.fields(cls)]
+    return out
 
 
 def _flag(prefix: str, name: str) -> str:
@@ -176,12 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--mask-{arg.replace('_', '-')}", dest=f"mask_{arg}", type=typ, default=None,
                        help=f"mask argument {arg}")
     g.add_argument("--mask-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE")
-    g.add_argument("--cp-kernel", default="auto", help="block kernel of the CP backend (auto, cpu_flash, flex, ...)")
-    for backend, flags in BACKEND_FLAGS.items():
+    g.add_argument("--cp-devices-per-node", type=int, default=None,
+                   help="ranks per node of the CP topology (CP groups are consecutive ranks; default: torchrun's "
+                        "LOCAL_WORLD_SIZE, so a group larger than a node spans whole nodes)")
+    for backend, flags in backend_flags().items():
         for name, typ, help_text in flags:
             g.add_argument(_flag(backend, name), dest=_dest(backend, name), type=typ, default=None, help=help_text)
     g.add_argument("--cp-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="any other option of the chosen backend")
+                   help="an option of the chosen backend by name (the same as its --<backend>-<option> flag)")
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-interval", type=int, default=10)
@@ -204,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 def backend_options(args) -> dict:
     """Options for ``dcp_backend.get_backend`` from the flags of the chosen backend (others are errors)."""
     opts: dict = {}
-    for backend, flags in BACKEND_FLAGS.items():
+    for backend, flags in backend_flags().items():
         for name, _, _ in flags:
             value = getattr(args, _dest(backend, name))
             if value is None:
@@ -215,8 +222,6 @@ def backend_options(args) -> dict:
             opts[name] = value
     for key, value in args.cp_option:
         opts[key] = value
-    if args.cp_kernel != "auto":
-        opts["kernel"] = args.cp_kernel
     return opts
 
 
@@ -243,88 +248,101 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
+def _need(cond, msg) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
 def validate_args(args, world_size: int) -> None:
     """Resolve defaults and check everything that needs neither data nor a process group."""
-    def need(cond, msg):
-        if not cond:
-            raise ConfigError(msg)
+    _check_model(args)
+    _check_parallel(args, world_size)
+    _check_schedule(args)
+    _check_data(args)
+    _check_context_parallel(args)
+    args.padded_vocab_size = None  # set once the tokenizer is known
 
+
+def _check_model(args) -> None:
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters"):
-        need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        _need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
-    need(args.num_query_groups > 0 and args.num_attention_heads % args.num_query_groups == 0,
-         f"--num-attention-heads ({args.num_attention_heads}) must be a multiple of --num-query-groups "
-         f"({args.num_query_groups})")
+    _need(args.num_query_groups > 0 and args.num_attention_heads % args.num_query_groups == 0,
+          f"--num-attention-heads ({args.num_attention_heads}) must be a multiple of --num-query-groups "
+          f"({args.num_query_groups})")
     if args.kv_channels is None:
-        need(args.hidden_size % args.num_attention_heads == 0,
-             f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads "
-             f"({args.num_attention_heads}), or give --kv-channels")
+        _need(args.hidden_size % args.num_attention_heads == 0,
+              f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads "
+              f"({args.num_attention_heads}), or give --kv-channels")
         args.kv_channels = args.hidden_size // args.num_attention_heads
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = (int(4 * args.hidden_size * 2 / 3 / 64) * 64 or 64) if args.swiglu \
             else 4 * args.hidden_size
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
-    need(not args.bf16 or torch.cuda.is_available(),
-         "--bf16 needs CUDA: it is bf16 autocast, and megatron-core's linear layers restore autocast in their "
-         "backward for CUDA only; train in fp32 on CPU")
-    need(args.cp_backend != "te" or args.bf16,
-         "--cp-backend te needs --bf16: Transformer Engine's context-parallel attention runs in bf16/fp16 only")
-    need(args.transformer_impl != "transformer_engine" or torch.cuda.is_available(),
-         "--transformer-impl transformer_engine needs CUDA (and Transformer Engine installed)")
-    need(args.attention_dropout == 0.0, "--attention-dropout must be 0: the CP attention backends have no dropout")
-    need(0.0 <= args.hidden_dropout < 1.0, f"--hidden-dropout must be in [0, 1), got {args.hidden_dropout}")
+    _need(not args.bf16 or torch.cuda.is_available(),
+          "--bf16 needs CUDA: it is bf16 autocast, and megatron-core's linear layers restore autocast in their "
+          "backward for CUDA only; train in fp32 on CPU")
+    _need(args.cp_backend != "te" or args.bf16,
+          "--cp-backend te needs --bf16: Transformer Engine's context-parallel attention runs in bf16/fp16 only")
+    _need(args.transformer_impl != "transformer_engine" or torch.cuda.is_available(),
+          "--transformer-impl transformer_engine needs CUDA (and Transformer Engine installed)")
+    _need(args.attention_dropout == 0.0, "--attention-dropout must be 0: the CP attention backends have no dropout")
+    _need(0.0 <= args.hidden_dropout < 1.0, f"--hidden-dropout must be in [0, 1), got {args.hidden_dropout}")
 
+
+def _check_parallel(args, world_size: int) -> None:
     cp_size = args.context_parallel_size or world_size
-    need(cp_size >= 1 and world_size % cp_size == 0,
-         f"--context-parallel-size {cp_size} must divide the world size {world_size}")
+    _need(cp_size >= 1 and world_size % cp_size == 0,
+          f"--context-parallel-size {cp_size} must divide the world size {world_size}")
     args.context_parallel_size = cp_size
     args.data_parallel_size = world_size // cp_size
     args.world_size = world_size
     if args.global_batch_size is None:
         args.global_batch_size = args.data_parallel_size
-    need(args.global_batch_size > 0 and args.global_batch_size % args.data_parallel_size == 0,
-         f"--global-batch-size {args.global_batch_size} must be a positive multiple of the data-parallel size "
-         f"{args.data_parallel_size}")
+    _need(args.global_batch_size > 0 and args.global_batch_size % args.data_parallel_size == 0,
+          f"--global-batch-size {args.global_batch_size} must be a positive multiple of the data-parallel size "
+          f"{args.data_parallel_size}")
     args.num_micro_batches = args.global_batch_size // args.data_parallel_size
+    _need(args.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be positive")
 
-    need(args.lr >= 0 and args.min_lr >= 0 and args.min_lr <= args.lr, "need 0 <= --min-lr <= --lr")
+
+def _check_schedule(args) -> None:
+    _need(args.lr >= 0 and args.min_lr >= 0 and args.min_lr <= args.lr, "need 0 <= --min-lr <= --lr")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
-    need(0 <= args.lr_warmup_iters < args.lr_decay_iters,
-         f"--lr-warmup-iters ({args.lr_warmup_iters}) must be below --lr-decay-iters ({args.lr_decay_iters})")
-    need(args.log_interval > 0, "--log-interval must be positive")
-    need(args.save_interval is None or args.save_interval > 0, "--save-interval must be positive")
-    need(args.num_workers >= 0 and args.plan_prefetch >= 1, "need --num-workers >= 0 and --plan-prefetch >= 1")
-    need(args.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be positive")
+    _need(0 <= args.lr_warmup_iters < args.lr_decay_iters,
+          f"--lr-warmup-iters ({args.lr_warmup_iters}) must be below --lr-decay-iters ({args.lr_decay_iters})")
+    _need(args.log_interval > 0, "--log-interval must be positive")
+    _need(args.save_interval is None or args.save_interval > 0, "--save-interval must be positive")
 
-    need((args.data_path is None) != (args.mock_data is None), "give exactly one of --data-path and --mock-data")
+
+def _check_data(args) -> None:
+    _need(args.num_workers >= 0 and args.plan_prefetch >= 1, "need --num-workers >= 0 and --plan-prefetch >= 1")
+    _need((args.data_path is None) != (args.mock_data is None), "give exactly one of --data-path and --mock-data")
     args.dataset_name = (os.path.basename(args.data_path.rstrip("/")) if args.data_path is not None
                          else f"mock-{args.mock_data}")
     if args.data_path is not None:
         for suffix in (".bin", ".idx"):
-            need(os.path.isfile(args.data_path + suffix),
-                 f"--data-path {args.data_path}: {args.data_path + suffix} does not exist (run tools/preprocess_data.py)")
+            _need(os.path.isfile(args.data_path + suffix),
+                  f"--data-path {args.data_path}: {args.data_path + suffix} does not exist (run tools/preprocess_data.py)")
     if args.tokenizer_model is not None:
-        need(os.path.isfile(args.tokenizer_model), f"--tokenizer-model {args.tokenizer_model} does not exist")
+        _need(os.path.isfile(args.tokenizer_model), f"--tokenizer-model {args.tokenizer_model} does not exist")
     else:
-        need(args.vocab_size is not None and args.vocab_size > 0, "give --tokenizer-model or --vocab-size")
-    need(args.load is None or os.path.isdir(args.load), f"--load {args.load} is not a directory")
+        _need(args.vocab_size is not None and args.vocab_size > 0, "give --tokenizer-model or --vocab-size")
+    _need(args.load is None or os.path.isdir(args.load), f"--load {args.load} is not a directory")
 
+
+def _check_context_parallel(args) -> None:
+    """The backend's options (they validate themselves), the mask's arguments and the CP topology."""
     args.backend_options = backend_options(args)
     args.mask_args = mask_args(args)
-    dpn = args.backend_options.get("devices_per_node")
-    if dpn is not None:
-        need(isinstance(dpn, int) and dpn > 0 and cp_size % dpn == 0,
-             f"the context-parallel world of {cp_size} ranks is not nodes x devices_per_node with "
-             f"devices_per_node={dpn}: {cp_size} is not a multiple of {dpn}")
-    hp = args.backend_options.get("head_parallel")
-    if hp is not None:
-        need(args.num_attention_heads % hp == 0,
-             f"--num-attention-heads ({args.num_attention_heads}) is not divisible by the head-parallel degree {hp}")
-        need(cp_size % hp == 0, f"the head-parallel degree {hp} must divide the context-parallel size {cp_size}")
-    args.padded_vocab_size = None  # set once the tokenizer is known
+    try:
+        make_options(args.cp_backend, **args.backend_options)
+        args.cp_topology = cp.Topology.of_ranks(args.context_parallel_size, args.cp_devices_per_node)
+    except cp.CPError as exc:
+        raise ConfigError(f"--cp-backend {args.cp_backend}: {exc}") from exc
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int) -> int:

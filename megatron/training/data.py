@@ -153,12 +153,15 @@ class MicroBatch:
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    backend: str
+    """What a planning worker needs: the backend's name and options, the attention spec, this rank's place
+    in the CP topology, and where attention runs (the block kernel whose host tables it builds)."""
+
+    backend_name: str
     options: dict
     spec: cp.AttentionSpec
     cp_rank: int
-    cp_size: int
-    device_type: str = "cpu"  # where attention runs: the block kernel whose host tables the worker builds
+    topology: cp.Topology
+    device_type: str = "cpu"
 
 
 def prepare_plan(plan, rank: int, device_type: str = "cpu") -> None:
@@ -170,28 +173,25 @@ def prepare_plan(plan, rank: int, device_type: str = "cpu") -> None:
 class PlannedBatches(torch.utils.data.Dataset):
     """Global micro-batch index -> :class:`MicroBatch` for one CP rank (see the module docstring)."""
 
-    def __init__(self, source, schedule: Schedule, planner: PlannerConfig, group=None, with_stats: bool = False):
+    def __init__(self, source, schedule: Schedule, planner: PlannerConfig, with_stats: bool = False):
         self.source = source
         self.schedule = schedule
         self.planner = planner
-        self.group = group  # the CP group when planning in the training process (num_workers=0)
         self.with_stats = with_stats
-        self._backend = None
+        self._planner = None
 
     def __len__(self) -> int:
         return len(self.schedule.batches)
 
-    def __getstate__(self):  # sent to spawned workers: no process group, no backend instance
+    def __getstate__(self):  # sent to spawned workers: the planner is rebuilt there
         state = dict(self.__dict__)
-        state["group"] = None
-        state["_backend"] = None
+        state["_planner"] = None
         return state
 
-    def backend(self) -> cp.CPBackend:
-        if self._backend is None:
-            p = self.planner
-            self._backend = cp.get_backend(p.backend, group=self.group, world_size=p.cp_size, **p.options)
-        return self._backend
+    def cp_planner(self) -> cp.Planner:
+        if self._planner is None:
+            self._planner = cp.get_planner(self.planner.backend_name, **self.planner.options)
+        return self._planner
 
     def __getitem__(self, g: int) -> MicroBatch:
         s = self.schedule
@@ -203,7 +203,7 @@ class PlannedBatches(torch.utils.data.Dataset):
         labels = np.concatenate([c[1:] for c in chunks])
         p = self.planner
         t0 = time.perf_counter()
-        plan = self.backend().plan(seqlens, p.spec)
+        plan = self.cp_planner().plan(seqlens, p.spec, p.topology)
         idx = plan.local_indices(p.cp_rank).numpy()
         prepare_plan(plan, p.cp_rank, p.device_type)
         plan_seconds = time.perf_counter() - t0

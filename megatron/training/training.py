@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 import dcp_backend as cp
-from dcp_backend.registry import backend_class, make_options
+from dcp_backend.registry import backend_class
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron.training import checkpointing, cpu_compat, initialize
@@ -93,19 +93,9 @@ def _param_groups(model, weight_decay: float):
             {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}]
 
 
-def _default_devices_per_node(args, backend_cls) -> None:
-    """Give a backend that takes ``devices_per_node`` the ranks per node torchrun reports, if not set.
-
-    CP groups are blocks of consecutive ranks, so a group spans ``cp / LOCAL_WORLD_SIZE`` nodes, or sits
-    inside one node when it is smaller than a node.
-    """
-    local = os.environ.get("LOCAL_WORLD_SIZE")
-    accepts = {f.name for f in dataclasses.fields(backend_cls.Options)}
-    if "devices_per_node" not in accepts or "devices_per_node" in args.backend_options or not local:
-        return
-    dpn = min(int(local), args.context_parallel_size)
-    if dpn > 0 and args.context_parallel_size % dpn == 0:
-        args.backend_options["devices_per_node"] = dpn
+def _json_value(x):
+    """args.json: dataclasses (the CP topology) as objects, anything else as its string."""
+    return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else str(x)
 
 
 def _peak_memory_mb(device: torch.device) -> tuple[float, float]:
@@ -139,19 +129,30 @@ class Trainer:
         args = self.args
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         validate_args(args, world)
+        self._check_backend()
+        self._load_data()
+        self._init_distributed()
+        self._build_model_and_optimizer()
+        self._resume_or_seed()
+        self._build_loader()
+        self._open_logs()
+
+    def _check_backend(self) -> None:
+        """The backend can run here and plan this model's attention on the CP topology."""
+        args = self.args
         try:
-            cls = backend_class(args.cp_backend)
-            cls.check_available()
-            _default_devices_per_node(args, cls)
-            make_options(args.cp_backend, world_size=args.context_parallel_size, **args.backend_options)
+            backend_class(args.cp_backend).check_available()
+            self.spec = attention_spec(args)
+            cp.get_planner(args.cp_backend, **args.backend_options).check_spec(self.spec, args.cp_topology)
         except ImportError as exc:
             raise ConfigError(f"--cp-backend {args.cp_backend} is not available in this installation "
                               f"({type(exc).__name__}: {exc})") from exc
-        except (cp.CPError, cp.BackendUnavailableError, TypeError) as exc:
+        except (cp.CPError, cp.BackendUnavailableError) as exc:
             raise ConfigError(f"--cp-backend {args.cp_backend}: {exc}") from exc
-        self.spec = attention_spec(args)
 
-        # Vocabulary and documents.
+    def _load_data(self) -> None:
+        """Vocabulary, documents and the micro-batch schedule."""
+        args = self.args
         if args.tokenizer_model is not None:
             from megatron.training.tokenizer import SentencePieceTokenizer
 
@@ -172,13 +173,14 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(f"--data-path {args.data_path}: {exc}") from exc
 
-        # Process groups and the attention backend.
+    def _init_distributed(self) -> None:
+        """Process groups and the attention backend over this rank's CP group."""
+        args = self.args
         owns = initialize.init_process_group(args.distributed_backend, args.distributed_timeout_minutes)
         self.env = env = initialize.build_groups(args.context_parallel_size, args.distributed_timeout_minutes, owns)
         try:
-            self.backend = cp.get_backend(args.cp_backend, group=env.cp_group, world_size=env.cp_size,
+            self.backend = cp.get_backend(args.cp_backend, group=env.cp_group, topology=args.cp_topology,
                                           **args.backend_options)
-            self.backend.check_spec(self.spec)
         except cp.CPError as exc:
             raise ConfigError(f"--cp-backend {args.cp_backend}: {exc}") from exc
         s = self.schedule
@@ -187,7 +189,9 @@ class Trainer:
             f"({s.split_docs} long documents split, {s.skipped_short_docs} shorter than 2 tokens ignored); "
             f"{len(s.batches)} micro-batches of <= {args.seq_length} tokens scheduled")
 
-        # Model, optimizer, schedule (identical initial weights on every rank: same seed).
+    def _build_model_and_optimizer(self) -> None:
+        """Model, optimizer, schedule (identical initial weights on every rank: same seed)."""
+        args, env = self.args, self.env
         if args.deterministic_mode:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(args.seed)
@@ -213,10 +217,14 @@ class Trainer:
             lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
             wd_incr_steps=args.train_iters, wd_incr_style="constant")
         self.shape = ModelShape.from_args(args)
+        topo = args.cp_topology
         self.print_rank0(f"> model: {sum(p.numel() for p in self.params):,} parameters, "
                          f"{'Transformer Engine' if use_transformer_engine(args) else 'local'} layers, "
-                         f"CP backend {args.cp_backend} {args.backend_options} over {env.cp_size} ranks x DP "
-                         f"{env.dp_size}")
+                         f"CP backend {args.cp_backend} {args.backend_options} over {env.cp_size} ranks "
+                         f"({topo.nodes} node(s) x {topo.devices_per_node}) x DP {env.dp_size}")
+
+    def _resume_or_seed(self) -> None:
+        args, env = self.args, self.env
         self.iteration, self.consumed = 0, 0
         if args.load is not None:  # restores every rank's RNG too
             self.iteration, self.consumed = checkpointing.load_checkpoint(
@@ -225,17 +233,22 @@ class Trainer:
         else:
             torch.manual_seed(args.seed + 1 + env.rank)  # dropout masks differ per rank (different tokens)
 
-        planner = PlannerConfig(args.cp_backend, dict(args.backend_options), self.spec, env.cp_rank, env.cp_size,
+    def _build_loader(self) -> None:
+        """Planned micro-batches of this rank, planned ahead in the loader's workers."""
+        args, env = self.args, self.env
+        planner = PlannerConfig(args.cp_backend, dict(args.backend_options), self.spec, env.cp_rank, args.cp_topology,
                                 env.device.type)
-        dataset = PlannedBatches(self.source, self.schedule, planner, group=env.cp_group,
-                                 with_stats=args.log_plan_stats)
+        dataset = PlannedBatches(self.source, self.schedule, planner, with_stats=args.log_plan_stats)
         indices = micro_batch_indices(self.iteration, args.train_iters, args.global_batch_size, env.dp_rank,
                                       args.num_micro_batches)
         self.loader = build_loader(dataset, indices, args.num_workers, args.plan_prefetch, args.dataloader_timeout)
+
+    def _open_logs(self) -> None:
+        args, env = self.args, self.env
         if env.is_last_rank and args.log_dir:
             os.makedirs(args.log_dir, exist_ok=True)
             with open(os.path.join(args.log_dir, "args.json"), "w") as f:
-                json.dump(vars(args), f, indent=1, sort_keys=True, default=str)
+                json.dump(vars(args), f, indent=1, sort_keys=True, default=_json_value)
         self.logger = TrainingLogger(args.train_iters, args.log_interval, enabled=env.is_last_rank,
                                      log_dir=args.log_dir,
                                      tensorboard_dir=args.tensorboard_dir or (os.path.join(args.log_dir, "tensorboard")
@@ -313,12 +326,10 @@ class Trainer:
         """(intra-node, inter-node) bytes sent by this rank's backend since the last call.
 
         Read from the backend's ``counters`` (part of the CP contract; the te backend's transfers happen
-        inside Transformer Engine and are not counted, so it reports 0). Nodes are blocks of ``devices_per_node``
-        consecutive CP ranks (the whole group when the option is not set).
+        inside Transformer Engine and are not counted, so it reports 0). Nodes are those of the CP topology.
         """
         counters = self.backend.counters
-        dpn = self.args.backend_options.get("devices_per_node") or self.env.cp_size
-        intra, inter = counters.split(self.env.cp_rank, dpn)
+        intra, inter = counters.split(self.env.cp_rank, self.args.cp_topology.devices_per_node)
         counters.reset()
         return float(intra), float(inter)
 

@@ -3,6 +3,7 @@ ranks that disagree (on the inputs, or on a DCP placement) fail instead of hangi
 surfaces as a CommunicationError within the process-group timeout, and plans are deterministic (in one
 process and across spawned processes) and partition the tokens for any lengths and world sizes (planned
 without a process group)."""
+import importlib.util
 import os
 import time
 
@@ -11,7 +12,6 @@ import pytest
 import torch
 
 import dcp_backend as cp
-from dcp_backend.baselines.te import TEBackend
 from tests.cp_check import random_seqlens
 from tests.distributed import run_ranks
 
@@ -173,8 +173,8 @@ def _dcp_plan_digest() -> str:
     from dcp_backend.dcp.planner import make_plan
     from dcp_backend.dcp.serialize import serialize
 
-    plan = make_plan(PackedBatch.from_seqlens(DCP_DET_LENS), cp.AttentionSpec(8, 2, 8, mask="lambda"), 8,
-                     DCPOptions(devices_per_node=4, block_size=32), compile_all=True)
+    plan = make_plan(PackedBatch.from_seqlens(DCP_DET_LENS), cp.AttentionSpec(8, 2, 8, mask="lambda"),
+                     cp.Topology(8, 4), DCPOptions(block_size=32), compile_all=True)
     return hashlib.sha256(serialize(plan, with_timings=False)).hexdigest()
 
 
@@ -183,10 +183,7 @@ DCP_DET_LENS = [300, 33, 1, 150, 260, 64, 90]
 
 def _plan_for(world_size):
     """A ring plan for another world size (plan() itself refuses one under a 2-rank group)."""
-    from dcp_backend.batch import PackedBatch
-
-    be = cp.get_backend("ring", world_size=world_size)
-    return be._make_plan(PackedBatch.from_seqlens([5, 3, 1]), SPEC, world_size)
+    return cp.get_planner("ring").plan([5, 3, 1], SPEC, cp.Topology(world_size))
 
 
 def test_input_errors_on_two_ranks():
@@ -247,10 +244,15 @@ PLANNERS = [
 TIMINGS = ("planning_seconds", "planning_seconds_by_phase")
 
 
-def _planner(name, world_size, options):
-    if name == "te":
-        return TEBackend.for_planning(world_size=world_size, **options)
-    return cp.get_backend(name, world_size=world_size, **options)
+class _planner:
+    """Every backend, te included, plans through the planner layer: no process group, no TE."""
+
+    def __init__(self, name, world_size, options):
+        self.planner = cp.get_planner(name, **options)
+        self.topology = cp.Topology(world_size)
+
+    def plan(self, seqlens, spec):
+        return self.planner.plan(seqlens, spec, self.topology)
 
 
 def test_plans_are_deterministic_and_partition_tokens():
@@ -293,3 +295,39 @@ def test_plans_are_deterministic_and_partition_tokens():
     d2.placement = Placement(1 - pl.owner, pl.comp_device, 2, pl.devices_per_node)
     d2.__dict__.pop("fingerprint", None)
     assert d2.fingerprint != d.fingerprint
+
+
+def test_every_backend_plans_without_a_group_or_its_runtime():
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    topo = cp.Topology(4, devices_per_node=2)
+    for name in cp.available_backends():
+        plan = cp.get_planner(name).plan([40, 3, 17], SPEC, topo)
+        assert plan.backend_name == name and plan.topology == topo
+        assert np.array_equal(np.sort(np.concatenate([plan.local_indices(r).numpy() for r in range(4)])),
+                              np.arange(60))
+        assert plan.stats().devices_per_node == 2
+    if importlib.util.find_spec("transformer_engine") is None:  # running te needs TE; planning did not
+        with pytest.raises(cp.BackendUnavailableError, match="Transformer Engine is not installed.*get_planner"):
+            cp.get_backend("te", world_size=4)
+
+
+def test_options_validate_themselves_and_cannot_be_changed_in_place():
+    import dataclasses
+
+    for name in cp.available_backends():
+        opts = cp.make_options(name)
+        assert all(f.metadata.get("help") for f in dataclasses.fields(opts)), f"{name}: an option without help"
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(opts, dataclasses.fields(opts)[0].name, None)
+    from dcp_backend.dcp.config import DCPOptions
+
+    with pytest.raises(cp.CPError, match="num_stages must be a positive int"):
+        DCPOptions(num_stages=0)  # direct construction validates
+    with pytest.raises(cp.CPError, match="num_stages must be a positive int"):
+        dataclasses.replace(DCPOptions(), num_stages=-1)  # and so does replace
+    with pytest.raises(cp.CPError, match="window must be a positive int"):
+        dataclasses.replace(cp.make_options("loongtrain"), window=0)
+    with pytest.raises(cp.CPError, match="unknown option.*topology"):
+        cp.make_options("dcp", devices_per_node=8)  # the topology is not an option

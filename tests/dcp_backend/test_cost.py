@@ -9,7 +9,7 @@ import dcp_backend as cp
 from dcp_backend import CPError
 from dcp_backend.cost_model import (CostModel, calibration_work, load_cost_model, segment_features, work_features)
 from dcp_backend.dcp.config import DCPOptions
-from dcp_backend.dcp.planner import pair_cost
+from dcp_backend.dcp.plan import pair_cost
 from dcp_backend.dcp.verify import verify_plan
 from dcp_backend.kernels.work import AttnWork
 
@@ -65,9 +65,9 @@ def test_bad_cost_model_names_raise():
     with pytest.raises(CPError, match="analytic"):
         load_cost_model("analytic:abacus")
     with pytest.raises(CPError):
-        DCPOptions(cost_model="nope").validate()
+        DCPOptions(cost_model="nope")
     with pytest.raises(CPError, match="placement"):
-        DCPOptions(placement="random").validate()
+        DCPOptions(placement="random")
 
 
 def test_table_file_round_trip(tmp_path):

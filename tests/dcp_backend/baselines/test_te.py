@@ -10,12 +10,23 @@ import pytest
 import torch
 
 import dcp_backend as cp
-from dcp_backend.baselines.te import TEBackend
+from dcp_backend.baselines.te import TEBackend, TEExecutor, TEOptions
 from dcp_backend.baselines.te_layout import TELayout, padded_lengths
 from dcp_backend.batch import PackedBatch
 from dcp_backend.dense_reference import dense_attention
 
 SPEC = cp.AttentionSpec(4, 2, 8, mask="causal")
+
+
+class te_planner:
+    """TE plans without Transformer Engine or a process group: the planner layer on a topology."""
+
+    def __init__(self, world_size: int, devices_per_node: int | None = None, **options):
+        self.planner = cp.get_planner("te", **options)
+        self.topology = cp.Topology(world_size, devices_per_node)
+
+    def plan(self, seqlens, spec):
+        return self.planner.plan(seqlens, spec, self.topology)
 
 
 def brute_layout(seqlens, cp_size, rank):
@@ -100,18 +111,18 @@ def test_plan_partition_and_determinism():
         opts = {"world_size": n}
         if rng.random() < 0.5 and n % 2 == 0:
             opts.update(cp_comm_type="a2a+p2p", head_parallel=2)
-        be = TEBackend.for_planning(**opts)
+        be = te_planner(**opts)
         plan = be.plan(lens, SPEC)
         idx = torch.cat([plan.local_indices(r) for r in range(n)])
         assert torch.equal(idx.sort().values, torch.arange(sum(lens))), (lens, n)
-        again = TEBackend.for_planning(**opts).plan(lens, SPEC)
+        again = te_planner(**opts).plan(lens, SPEC)
         assert again.fingerprint == plan.fingerprint
         assert all(torch.equal(plan.local_indices(r), again.local_indices(r)) for r in range(n))
 
 
 def test_plan_stats():
     lens = [5, 1, 13, 8, 2, 40]
-    plan = TEBackend.for_planning(world_size=4, devices_per_node=2).plan(lens, SPEC)
+    plan = te_planner(world_size=4, devices_per_node=2).plan(lens, SPEC)
     st = plan.stats(element_size=2)
     local = plan.layout.local_tokens
     kv = 2 * local * SPEC.num_kv_heads * SPEC.head_dim * 2
@@ -124,7 +135,7 @@ def test_plan_stats():
     # DualChunkSwap balances causal work better than a contiguous split of the same (padded) batch
     ring = cp.get_backend("ring", world_size=4).plan(lens, SPEC).stats()
     assert st.compute_imbalance < ring.compute_imbalance
-    hier = TEBackend.for_planning(world_size=4, cp_comm_type="a2a+p2p", head_parallel=2).plan(lens, SPEC).stats()
+    hier = te_planner(world_size=4, cp_comm_type="a2a+p2p", head_parallel=2).plan(lens, SPEC).stats()
     assert hier.extra["head_parallel"] == 2
     assert sum(hier.compute_pair_heads) == sum(st.compute_pair_heads)
     per_peer = local * (2 * 4 + 2 * 2) * 8 * 2 // 2
@@ -133,25 +144,25 @@ def test_plan_stats():
 
 def test_option_and_mask_errors():
     with pytest.raises(cp.CPError, match="cp_comm_type must be one of"):
-        TEBackend.for_planning(world_size=2, cp_comm_type="a2a")
+        te_planner(world_size=2, cp_comm_type="a2a")
     with pytest.raises(cp.CPError, match="head_parallel applies only"):
-        TEBackend.for_planning(world_size=2, head_parallel=2)
-    with pytest.raises(cp.CPError, match="kernel option does not apply"):
-        TEBackend.for_planning(world_size=2, kernel="reference")
+        te_planner(world_size=2, head_parallel=2)
+    with pytest.raises(cp.CPError, match=r"unknown option\(s\) \['kernel'\]"):  # TE runs its own kernels
+        te_planner(world_size=2, kernel="reference")
     with pytest.raises(cp.CPError, match="unknown option"):
-        TEBackend.for_planning(world_size=2, window=3)
-    be = TEBackend.for_planning(world_size=2)
+        te_planner(world_size=2, window=3)
+    be = te_planner(world_size=2)
     be.plan([3, 4], cp.AttentionSpec(4, 2, 8, mask="full"))
     for mask in ("sliding_window", "lambda", "shared_question", "causal_blockwise"):
         with pytest.raises(cp.CPError, match=rf"mask '{mask}' is not supported.*causal, full.*zigzag"):
             be.plan([3, 4], cp.AttentionSpec(4, 2, 8, mask=mask))
-    hier = TEBackend.for_planning(world_size=4, cp_comm_type="a2a+p2p")
+    hier = te_planner(world_size=4, cp_comm_type="a2a+p2p")
     with pytest.raises(cp.CPError, match="'full' is not supported"):
         hier.plan([3, 4], cp.AttentionSpec(4, 2, 8, mask="full"))
     with pytest.raises(cp.CPError, match="must both be divisible"):
-        TEBackend.for_planning(world_size=4, cp_comm_type="a2a+p2p", head_parallel=4).plan([3], SPEC)
+        te_planner(world_size=4, cp_comm_type="a2a+p2p", head_parallel=4).plan([3], SPEC)
     with pytest.raises(cp.CPError, match="must divide the world size"):
-        TEBackend.for_planning(world_size=4, cp_comm_type="a2a+p2p", head_parallel=3).plan(
+        te_planner(world_size=4, cp_comm_type="a2a+p2p", head_parallel=3).plan(
             [3], cp.AttentionSpec(6, 3, 8))
     # default a2a degree: gcd(world, kv heads)
     assert hier.plan([9], SPEC).head_parallel == 2
@@ -240,12 +251,12 @@ class _FakeDPA:
 
 
 def _plumbing_worker(rank, world_size, cases):
-    TEBackend._check_device = lambda self, q: None
-    TEBackend._module = lambda self, plan, device: _FakeDPA(plan.spec.num_heads, plan.spec.num_kv_heads,
+    TEExecutor._check_device = lambda self, q: None
+    TEExecutor._module = lambda self, plan, device: _FakeDPA(plan.spec.num_heads, plan.spec.num_kv_heads,
                                                              plan.spec.head_dim, plan.spec.scale)
     results = []
     for comm_type, mask, lens in cases:
-        be = TEBackend(options=TEBackend.Options(cp_comm_type=comm_type))
+        be = TEBackend(options=TEOptions(cp_comm_type=comm_type))
         spec = cp.AttentionSpec(4, 2, 8, mask=mask)
         plan = be.plan(lens, spec)
         g = torch.Generator().manual_seed(len(lens))
@@ -303,13 +314,13 @@ def test_bucketed_lengths_cap_the_passes_with_the_fewest_extra_pairs():
 
 def test_a2a_p2p_plans_at_most_max_length_groups_passes():
     lens = [5, 1, 13, 8, 2, 7, 30, 64, 17, 3]
-    plan = TEBackend.for_planning(world_size=4, cp_comm_type="a2a+p2p", head_parallel=2,
+    plan = te_planner(world_size=4, cp_comm_type="a2a+p2p", head_parallel=2,
                                   max_length_groups=3).plan(lens, SPEC)
     groups = plan.layout.length_groups
     assert len(groups) == 3 and plan.stats().extra["passes_per_layer"] == 3
-    assert len(TEBackend.for_planning(world_size=4, cp_comm_type="a2a+p2p").plan(lens, SPEC).layout.length_groups) == 4
+    assert len(te_planner(world_size=4, cp_comm_type="a2a+p2p").plan(lens, SPEC).layout.length_groups) == 4
     idx = np.concatenate([plan.local_indices(r) for r in range(4)])
     assert np.array_equal(np.sort(idx), np.arange(sum(lens)))  # still a partition of the real tokens
-    p2p = TEBackend.for_planning(world_size=4).plan(lens, SPEC)  # THD: one pass, no extra padding
+    p2p = te_planner(world_size=4).plan(lens, SPEC)  # THD: one pass, no extra padding
     assert p2p.stats().extra["passes_per_layer"] == 1
     assert np.array_equal(p2p.layout.padded_seqlens, padded_lengths(np.array(lens), 4))

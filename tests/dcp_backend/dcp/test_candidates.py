@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import dcp_backend as cp
-from dcp_backend.dcp.candidates import simulated_seconds, snake_devices, zigzag_block_size
+from dcp_backend.dcp.candidates import snake_devices, zigzag_block_size
+from dcp_backend.placement_search import simulated_seconds
 from dcp_backend.batch import PackedBatch
 from dcp_backend.dcp.verify import verify_plan
 from tests.cp_check import Case, check_results, random_seqlens, worker
@@ -28,12 +29,13 @@ def test_zigzag_plans_verify(world, dpn):
         plan = cp.get_backend("dcp", world_size=world, devices_per_node=dpn, placement="zigzag",
                               num_stages=int(rng.choice([1, 3]))).plan(seqlens, spec)
         verify_plan(plan)
-        if world % 2 == 0 and dpn % 2 == 0:
-            from dcp_backend.dcp.candidates import zigzag_plan
+        if world % 2 == 0 and dpn % 2 == 0:  # the 2D zigzag (head slots) with a head block per query head
             from dcp_backend.dcp.config import DCPOptions
+            from dcp_backend.dcp.planner import make_plan
 
-            verify_plan(zigzag_plan(PackedBatch.from_seqlens(seqlens), spec, world,
-                                    DCPOptions(devices_per_node=dpn, head_block_size=1), head_parallel=2))
+            two_d = make_plan(PackedBatch.from_seqlens(seqlens), spec, cp.Topology(world, dpn),
+                              DCPOptions(head_block_size=1), strategy="zigzag2d")
+            verify_plan(two_d)
         if world > 1:  # queries never move: every computation runs on its query block's owner
             bs, pl = plan.blocks, plan.placement
             np.testing.assert_array_equal(pl.comp_device, pl.owner[bs.pair_q[bs.comp_pair(np.arange(bs.n_comp))]])

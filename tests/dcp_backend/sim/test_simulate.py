@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 
 import dcp_backend as cp
-from dcp_backend.baselines.te import TEBackend
 from dcp_backend.sim.benchmark_batches import paper_batches
 from dcp_backend.sim.compare import compare_batch
-from dcp_backend.sim.network import Topology
+from dcp_backend.topology import Topology
 from dcp_backend.sim.simulator import compute_only_seconds, simulate_plan
 
 SPEC = cp.AttentionSpec(8, 2, 128, mask="causal")
@@ -15,9 +14,9 @@ SPEC = cp.AttentionSpec(8, 2, 128, mask="causal")
 
 def _plan(name, seqlens, world, dpn, spec=SPEC, **opts):
     if name.startswith("te"):
-        ct = "p2p" if name == "te" else "a2a+p2p"
-        return TEBackend.for_planning(world_size=world, devices_per_node=dpn, cp_comm_type=ct).plan(seqlens, spec)
-    return cp.get_backend(name, world_size=world, devices_per_node=dpn, **opts).plan(seqlens, spec)
+        opts = {"cp_comm_type": "p2p" if name == "te" else "a2a+p2p"}
+        name = "te"
+    return cp.get_planner(name, **opts).plan(seqlens, spec, cp.Topology(world, dpn))
 
 
 def test_one_device_plan_time_is_its_compute():

@@ -35,14 +35,13 @@ def test_unknown_backend_is_a_usage_error(data, capsys):
 
 def test_heads_not_divisible_by_head_parallel(data, monkeypatch):
     msg = _setup_error(_argv(data, "--cp-backend", "loongtrain", "--loongtrain-head-parallel", "3"), 3, monkeypatch)
-    assert "not divisible by the head-parallel degree 3" in msg
+    assert "num_heads (4) must be divisible by the head-parallel degree (3)" in msg
 
 
 def test_world_not_nodes_times_devices(data, monkeypatch):
-    msg = _setup_error(_argv(data, "--cp-backend", "dcp", "--dcp-devices-per-node", "3"), 4, monkeypatch)
-    assert "not nodes x devices_per_node" in msg
-    msg = _setup_error(_argv(data, "--cp-backend", "ring", "--ring-devices-per-node", "3"), 4, monkeypatch)
-    assert "4 is not a multiple of 3" in msg
+    for backend in ("dcp", "ring"):
+        msg = _setup_error(_argv(data, "--cp-backend", backend, "--cp-devices-per-node", "3"), 4, monkeypatch)
+        assert "world size 4 is not a multiple of devices_per_node=3" in msg and "nodes x devices_per_node" in msg
 
 
 def test_missing_data_path(tmp_path, monkeypatch):
@@ -92,3 +91,24 @@ def test_bf16_without_cuda(data, monkeypatch):
 def test_te_without_bf16_is_refused_at_setup(data, monkeypatch):
     msg = _setup_error(_argv(data, "--cp-backend", "te"), 2, monkeypatch)
     assert "--cp-backend te needs --bf16" in msg
+
+
+def test_every_option_of_every_backend_is_a_flag():
+    import dataclasses
+
+    import dcp_backend as cp
+    from megatron.training.arguments import build_parser
+
+    flags = {a.dest: a for a in build_parser()._actions}
+    for name in cp.available_backends():
+        for f in dataclasses.fields(cp.make_options(name)):
+            action = flags.get(f"{name}_{f.name}")
+            assert action is not None, f"--{name}-{f.name.replace('_', '-')} is missing"
+            assert f.metadata["help"] in action.help
+    args = parse_args(["--num-layers", "1", "--hidden-size", "8", "--num-attention-heads", "2", "--seq-length", "8",
+                       "--train-iters", "1", "--vocab-size", "8", "--mock-data", "ldc", "--cp-backend", "dcp",
+                       "--dcp-placement", "zigzag", "--dcp-block-size", "auto", "--dcp-cost-model", "cpu",
+                       "--dcp-head-block-size", "1", "--dcp-compute-imbalance", "0.05"])
+    validate_args(args, 1)
+    assert args.backend_options == {"placement": "zigzag", "block_size": "auto", "cost_model": "cpu",
+                                    "head_block_size": 1, "compute_imbalance": 0.05}

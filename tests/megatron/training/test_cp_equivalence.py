@@ -26,7 +26,7 @@ BACKENDS = {
     # 4 ranks = 2 head-parallel slots x 2 ring positions; window 1 makes those 2 positions 2 windows, so
     # the double ring's outer ring (its hand-offs between windows) runs, not only the inner ring.
     "loongtrain": ["--loongtrain-head-parallel", "2", "--loongtrain-window", "1"],
-    "dcp": ["--dcp-devices-per-node", "2"],
+    "dcp": ["--cp-devices-per-node", "2"],
 }
 
 

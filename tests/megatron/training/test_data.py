@@ -66,7 +66,7 @@ def test_each_rank_gets_exactly_its_planned_tokens(tmp_path, backend, options, w
         positions = PackedBatch.from_seqlens(seqlens).positions
         seen = []
         for rank in range(world):
-            mb = PlannedBatches(source, sched, PlannerConfig(backend, options, spec, rank, world))[g]
+            mb = PlannedBatches(source, sched, PlannerConfig(backend, options, spec, rank, cp.Topology(world)))[g]
             idx = mb.plan.local_indices(rank).numpy()
             seen.append(idx)
             assert torch.equal(mb.tokens, torch.from_numpy(full_in[idx]))
@@ -81,7 +81,7 @@ def test_worker_processes_deliver_the_same_batches(tmp_path):
     source = MockDocuments("ldc", 200, seed=3, max_len=200, vocab_size=50, scale=0.01)
     sched = build_schedule(source.lengths, seq_length=200, seed=2, split_long=False, num_micro_batches=6)
     spec = cp.AttentionSpec(4, 2, 8)
-    ds = PlannedBatches(source, sched, PlannerConfig("zigzag", {}, spec, 1, 2), with_stats=True)
+    ds = PlannedBatches(source, sched, PlannerConfig("zigzag", {}, spec, 1, cp.Topology(2)), with_stats=True)
     inline = [ds[g] for g in range(6)]
     loaded = list(build_loader(ds, list(range(6)), num_workers=2, prefetch=2, timeout=120))
     assert [mb.index for mb in loaded] == list(range(6))

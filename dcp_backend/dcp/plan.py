@@ -1,0 +1,146 @@
+"""The DCP plan type and how a placement becomes one: blocks + placement -> schedules -> programs.
+
+:func:`plan_from_placement` is the one path from a placement (any strategy's) to a :class:`DCPPlan`;
+:func:`pair_cost` is the planner's balance weight of every computation block.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from dcp_backend.batch import PackedBatch
+from dcp_backend.contract import Plan, PlanStats
+from dcp_backend.dcp.blocks import BlockSet
+from dcp_backend.dcp.compile import DeviceLayout, compile_programs
+from dcp_backend.dcp.config import DCPOptions
+from dcp_backend.dcp.instructions import DeviceProgram
+from dcp_backend.dcp.partition import Placement
+from dcp_backend.dcp.prepared import PreparedProgram
+from dcp_backend.dcp.schedule import PassSchedule, schedule_pass
+from dcp_backend.kernels import get_kernel
+from dcp_backend.spec import AttentionSpec
+from dcp_backend.topology import Topology
+
+
+def pair_cost(bs: BlockSet, cost_model: str | None = None, element_size: int = 2) -> np.ndarray:
+    """Cost of every computation block: unmasked pairs x query heads of its head block; with a cost model
+    (``DCPOptions.cost_model``, see :mod:`dcp_backend.cost_model`) its forward + backward seconds instead."""
+    if cost_model is not None:
+        from dcp_backend.cost_model import load_cost_model
+
+        return load_cost_model(cost_model).block_seconds(bs, element_size)
+    return (bs.pair_count[bs.comp_pair(np.arange(bs.n_comp))] * bs.heads.hb).astype(np.float64)
+
+
+class DCPPlan(Plan):
+    """A compiled DCP plan (see :mod:`dcp_backend.dcp`).
+
+    Declared state besides the plan itself: ``runners`` (the executor's per-(rank, device, dtype) program
+    runners, filled by :class:`~dcp_backend.dcp.executor.DCPExecutor`), ``candidates`` (the simulated
+    times of every candidate when ``placement="auto"`` chose this plan) and the planning times by phase.
+    """
+
+    def __init__(self, batch: PackedBatch, spec: AttentionSpec, topology: Topology, options: DCPOptions, *,
+                 blocks: BlockSet, placement: Placement, fwd: PassSchedule, bwd: PassSchedule,
+                 layouts: list[DeviceLayout], fwd_programs: list[DeviceProgram],
+                 bwd_programs: list[DeviceProgram], timings: dict[str, float], comp_cost: np.ndarray):
+        super().__init__("dcp", batch, spec, topology, options)
+        self.blocks = blocks
+        self.placement = placement
+        self.fwd = fwd
+        self.bwd = bwd
+        self.layouts = layouts
+        self.fwd_programs = fwd_programs
+        self.bwd_programs = bwd_programs
+        self.phase_seconds: dict[str, float] = dict(timings)
+        self.comp_cost = comp_cost
+        self.candidates: dict | None = None
+        self.runners: dict = {}
+        self._prepared: dict = {}
+
+    @property
+    def block_size(self) -> int:
+        return self.blocks.block_size
+
+    @property
+    def num_stages(self) -> int:
+        return self.fwd.num_stages
+
+    def _local_indices(self, rank: int) -> np.ndarray:
+        return self.layouts[rank].global_indices()
+
+    def compile_for(self, rank: int) -> "DCPPlan":
+        """Compile ``rank``'s forward and backward programs now (planning workers call this so the
+        training process never compiles)."""
+        self._check_rank(rank)
+        self.fwd_programs[rank], self.bwd_programs[rank]
+        return self
+
+    def prepared_programs(self, rank: int):
+        """``rank``'s forward and backward programs with their index tables packed (host side, cached)."""
+        if rank not in self._prepared:
+            self.compile_for(rank)
+            d = self.spec.head_dim
+            self._prepared[rank] = (PreparedProgram(self.fwd_programs[rank], d),
+                                    PreparedProgram(self.bwd_programs[rank], d))
+        return self._prepared[rank]
+
+    def prepare(self, rank: int, device: str = "cpu") -> "DCPPlan":
+        kernel = get_kernel(self.options.kernel, device)
+        for prepared in self.prepared_programs(rank):
+            prepared.prepare_kernel(kernel)
+        return self
+
+    def compile_all(self) -> "DCPPlan":
+        for r in range(self.world_size):
+            self.compile_for(r)
+        return self
+
+    @property
+    def planning_seconds(self) -> float:
+        """Seconds spent planning so far: blocks, partition, schedules, and compiling the programs
+        compiled up to now (all of them after ``compile_all``)."""
+        return float(sum(self.timings.values()))
+
+    @property
+    def timings(self) -> dict[str, float]:
+        t = dict(self.phase_seconds)
+        progs = (self.fwd_programs, self.bwd_programs)
+        if all(hasattr(p, "compile_seconds") for p in progs):
+            t["compile"] = t.get("compile", 0.0) + sum(p.compile_seconds for p in progs)
+        return t
+
+    def _fingerprint_extra(self) -> bytes:
+        """The placement (token-block owners, computation-block devices) and block size: a partitioner
+        that placed differently on two ranks makes them disagree here, at the first attention call,
+        rather than deadlock on mismatched transfers."""
+        pl = self.placement
+        return b"".join([np.int64(self.block_size).tobytes(), np.ascontiguousarray(pl.owner, np.int64).tobytes(),
+                         np.ascontiguousarray(pl.comp_device, np.int64).tobytes()])
+
+    def stats(self, element_size: int = 2) -> PlanStats:
+        from dcp_backend.dcp.stats import plan_stats
+
+        return plan_stats(self, element_size)
+
+
+def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, topology: Topology, options: DCPOptions,
+                        bs: BlockSet, cost: np.ndarray, pl: Placement, timings: dict, element_size: int = 2,
+                        compile_all: bool = False) -> DCPPlan:
+    """Schedule both passes of a placement and wrap it as a plan (programs compiled lazily unless
+    ``compile_all``); every placement strategy ends here."""
+    t0 = time.perf_counter()
+    tok = bs.tb_tokens.astype(np.float64)
+    heads = bs.heads
+    e = element_size
+    q_fwd = np.repeat(bs.q_bytes_per_token(e) * tok, heads.n_q_blocks)
+    kv_b = np.repeat(bs.kv_bytes_per_token(e) * tok, heads.n_kv_blocks)
+    q_bwd = np.repeat((3 * bs.q_bytes_per_token(e) + bs.lse_bytes_per_token()) * tok, heads.n_q_blocks)
+    fwd = schedule_pass(bs, pl, cost, q_fwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=False)
+    bwd = schedule_pass(bs, pl, cost, q_bwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=True)
+    timings["schedule"] = time.perf_counter() - t0
+    layouts, fp, bp = compile_programs(bs, pl, fwd, bwd, eager=compile_all)
+    return DCPPlan(batch, spec, topology, options, blocks=bs, placement=pl, fwd=fwd, bwd=bwd, layouts=layouts,
+                   fwd_programs=fp, bwd_programs=bp, timings=timings,
+                   comp_cost=cost if options.cost_model is None else pair_cost(bs))  # stats: pair-heads
