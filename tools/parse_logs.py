@@ -124,8 +124,16 @@ def load_run(path: str) -> Run:
         return load_run(os.path.join(path, logs[0]))
     run = Run(path)
     if path.endswith(".jsonl"):
+        run.records = []
         with open(path) as f:
-            run.records = [json.loads(line) for line in f if line.strip()]
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    run.records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: not a JSON record ({exc.msg}); a run killed while writing "
+                                     "leaves a partial last line: delete that line") from None
         if run.records:
             last = run.records[-1]
             run.backend = last.get("backend", run.backend)
@@ -144,6 +152,15 @@ def load_run(path: str) -> Run:
     return run
 
 
+def _three_digits(v: float) -> str:
+    """Three significant digits, never in exponent form (1111.1 -> '1110', 0.012345 -> '0.0123')."""
+    return f"{float(f'{v:.3g}'):g}" if abs(v) < 1e6 else f"{v:.3g}"
+
+
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "x")
+
+
 def _order(backends) -> list[str]:
     return sorted(backends, key=lambda b: (BACKEND_ORDER.index(b) if b in BACKEND_ORDER else len(BACKEND_ORDER), b))
 
@@ -157,11 +174,34 @@ def _save(fig, out: str, name: str) -> list[str]:
     return paths
 
 
-def plot_iteration_time(runs: list[Run], out: str, warmup: int) -> list[str]:
+def warmup_note(runs: list[Run], warmup: int) -> str | None:
+    """The runs whose every iteration the warmup would drop (they are averaged over all iterations)."""
+    short = [r for r in runs if max(r["iteration"] for r in r.records) <= warmup]
+    if not short:
+        return None
+    names = ", ".join(f"{os.path.basename(os.path.dirname(r.source)) or r.source} ({len(r.records)} iterations)"
+                      for r in short)
+    return f"--warmup {warmup} would drop every iteration of {names}: those runs are averaged over all iterations"
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_iteration_time(runs: list[Run], out: str, warmup: int) -> list[str]:
+    fig = iteration_time_figure(runs, warmup)
+    paths = _save(fig, out, "iteration_time")
+    _pyplot().close(fig)
+    return paths
+
+
+def iteration_time_figure(runs: list[Run], warmup: int):
+    plt = _pyplot()
 
     datasets = sorted({r.dataset for r in runs})
     fig, axes = plt.subplots(1, len(datasets), figsize=(max(5.0, 4.5 * len(datasets)), 3.6), squeeze=False)
@@ -176,31 +216,37 @@ def plot_iteration_time(runs: list[Run], out: str, warmup: int) -> list[str]:
             for mk in masks:
                 t = np.concatenate([r.steady("elapsed_ms", warmup, common[mk]) for r in sub
                                     if r.mask == mk and r.label == b]
-                                   or [np.zeros(0)]) / 1000.0
+                                   or [np.zeros(0)])
                 means.append(t.mean() if t.size else np.nan)
                 stds.append(t.std() if t.size else 0.0)
             x = np.arange(len(masks)) + (j - (len(backends) - 1) / 2) * width
             bars = ax.bar(x, means, width, yerr=stds, capsize=2, label=b)
             for rect, v in zip(bars, means):
                 if np.isfinite(v):
-                    ax.annotate(f"{v:.2f}", (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom",
+                    ax.annotate(_three_digits(v), (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom",
                                 fontsize=6, xytext=(0, 2), textcoords="offset points")
         ax.set_xticks(np.arange(len(masks)))
         ax.set_xticklabels(masks, rotation=15)
-        ax.set_ylabel("iteration time (s)")
+        ax.set_ylabel("iteration time (ms)")
         ax.set_title(ds)
         ax.legend(fontsize=7)
-    fig.suptitle(f"End-to-end iteration time (mean +- std, first {warmup} iterations dropped)", fontsize=9)
-    paths = _save(fig, out, "iteration_time")
-    plt.close(fig)
-    return paths
+    if warmup_note(runs, warmup):
+        what = f"some runs have no iteration after the first {warmup}: all their iterations averaged"
+    else:
+        what = f"first {warmup} iterations dropped"
+    fig.suptitle(f"End-to-end iteration time (mean +- std, {what})", fontsize=9)
+    return fig
 
 
 def plot_loss_curves(runs: list[Run], out: str) -> list[str]:
-    import matplotlib
+    fig = loss_curves_figure(runs)
+    paths = _save(fig, out, "loss_curves")
+    _pyplot().close(fig)
+    return paths
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def loss_curves_figure(runs: list[Run]):
+    plt = _pyplot()
 
     groups = sorted({(r.dataset, r.mask) for r in runs})
     cols = min(3, len(groups))
@@ -208,20 +254,19 @@ def plot_loss_curves(runs: list[Run], out: str) -> list[str]:
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
     for ax, (ds, mk) in zip(axes.flat, groups):
         sub = [r for r in runs if (r.dataset, r.mask) == (ds, mk)]
-        for b in _order({r.label for r in sub}):
+        for j, b in enumerate(_order({r.label for r in sub})):
             for r in sub:
-                if r.label == b:
+                if r.label == b:  # identical curves (every backend is exact) stay distinguishable
                     it, loss = r.series("lm_loss")
-                    ax.plot(it, loss, label=b, linewidth=1.2, alpha=0.85)
+                    ax.plot(it, loss, label=b, linewidth=1.2, alpha=0.85, linestyle=LINE_STYLES[j % len(LINE_STYLES)],
+                            marker=MARKERS[j % len(MARKERS)], markevery=max(1, len(it) // 8), markersize=3)
         ax.set_xlabel("iteration")
         ax.set_ylabel("lm loss")
         ax.set_title(f"{ds} / {mk}", fontsize=9)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
-    paths = _save(fig, out, "loss_curves")
-    plt.close(fig)
-    return paths
+    return fig
 
 
 def summary_table(runs: list[Run], warmup: int) -> str:
@@ -262,6 +307,9 @@ def main(argv=None) -> int:
         print(f"parse_logs.py: error: {exc}", file=sys.stderr)
         return 2
     os.makedirs(a.out, exist_ok=True)
+    note = warmup_note(runs, a.warmup)
+    if note:
+        print(f"parse_logs.py: warning: {note}", file=sys.stderr)
     written = plot_iteration_time(runs, a.out, a.warmup) + plot_loss_curves(runs, a.out)
     table = summary_table(runs, a.warmup)
     md = os.path.join(a.out, "summary.md")

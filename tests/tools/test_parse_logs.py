@@ -1,6 +1,8 @@
 """tools/parse_logs.py: Megatron text lines and JSONL sidecars -> figures and a summary table."""
 import json
 
+import numpy as np
+
 
 from megatron.training.training_log import format_line
 from tools import parse_logs
@@ -65,3 +67,34 @@ def test_figures_and_summary(tmp_path, capsys):
 def test_missing_run_is_a_clear_error(tmp_path, capsys):
     assert parse_logs.main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_figures_tell_the_truth(tmp_path, capsys):
+    # identical loss curves (every backend is exact) and runs shorter than the warm-up
+    runs = [parse_logs.load_run(_write_run(tmp_path / b, b, "causal", [1234.5, 987.65])) for b in ("ring", "dcp")]
+    assert parse_logs.warmup_note(runs, 1) is None
+    note = parse_logs.warmup_note(runs, 2)
+    assert "--warmup 2 would drop every iteration" in note and "(2 iterations)" in note
+    fig = parse_logs.iteration_time_figure(runs, warmup=2)
+    assert "all their iterations averaged" in fig._suptitle.get_text()
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "iteration time (ms)"
+    labels = sorted(t.get_text() for t in ax.texts)
+    assert labels == ["1110", "1110"]  # (1234.5 + 987.65) / 2 ms, three significant digits
+    assert parse_logs._three_digits(0.012345) == "0.0123" and parse_logs._three_digits(12.345) == "12.3"
+    fig = parse_logs.loss_curves_figure(runs)
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 2 and np.array_equal(lines[0].get_ydata(), lines[1].get_ydata())
+    assert (lines[0].get_linestyle(), lines[0].get_marker()) != (lines[1].get_linestyle(), lines[1].get_marker())
+    out = tmp_path / "figs"
+    assert parse_logs.main([str(tmp_path / "ring"), "--out", str(out), "--warmup", "5"]) == 0
+    assert "warning: --warmup 5 would drop every iteration" in capsys.readouterr().err
+
+
+def test_a_broken_jsonl_line_is_named(tmp_path, capsys):
+    run = _write_run(tmp_path / "r", "ring", "causal", [10.0, 11.0, 12.0])
+    with open(tmp_path / "r" / "train_log.jsonl", "a") as f:
+        f.write('{"iteration": 4, "elapsed_ms": 1')  # a run killed mid-write
+    assert parse_logs.main([run, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "train_log.jsonl:4: not a JSON record" in err and "partial last line" in err
