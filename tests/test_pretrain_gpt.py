@@ -59,3 +59,15 @@ def test_config_error_exits_with_a_message(tmp_path, data):
               "--seq-length", "256", "--train-iters", "5", "--vocab-size", str(VOCAB), "--data-path", data], nproc=1)
     assert p.returncode != 0
     assert "error (rank 0):" in p.stderr and "--split-long-documents" in p.stderr
+
+
+def test_bad_mask_arguments_are_a_configuration_error(data):
+    # a bad mask argument is bad input (exit 2 with the reason on every rank), not a rank failure (exit 1)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--cp-backend", "ring",
+                        "--num-layers", "1", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+                        "--train-iters", "1", "--vocab-size", str(VOCAB), "--data-path", data,
+                        "--attention-mask", "sliding_window", "--mask-window", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "error (rank 0): --cp-backend ring: mask argument window must be a positive int, got 0" in p.stderr
+    assert "failed" not in p.stderr
