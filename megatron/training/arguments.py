@@ -129,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ffn-hidden-size", type=int, default=None)
     g.add_argument("--max-position-embeddings", type=int, default=None,
                    help="positions covered (RoPE table or learned embeddings); default --seq-length")
-    g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute", "none"], default="rope",
-                   help="rope: rotary embedding in the CP attention from each token's position in its document; "
-                        "learned_absolute: megatron's learned position embedding of that position")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "none"],
+                   default="learned_absolute",
+                   help="learned_absolute (Megatron-LM's default): megatron's learned position embedding of each "
+                        "token's position in its document; rope: rotary embedding of that position, applied in "
+                        "the CP attention")
     g.add_argument("--use-rotary-position-embeddings", dest="position_embedding_type", action="store_const",
                    const="rope", help="Megatron-LM's older spelling of --position-embedding-type rope")
     g.add_argument("--rotary-base", type=int, default=10000)
@@ -262,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", default=None, help="default: <log-dir>/tensorboard")
     g.add_argument("--save", default=None, help="checkpoint directory (megatron-core torch_dist format)")
     g.add_argument("--save-interval", type=int, default=None, help="default: only at the end")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after saving, with --save) when the iteration is a multiple of this")
     g.add_argument("--load", default=None,
                    help="resume from the newest checkpoint here; an empty or missing directory starts fresh")
     g.add_argument("--no-load-optim", action="store_true", help="load the model only (fresh optimizer)")
@@ -529,6 +533,7 @@ def _check_schedule(args) -> None:
     _need(args.init_method_std > 0, "--init-method-std must be positive")
     _need(args.log_interval > 0, "--log-interval must be positive")
     _need(args.save_interval is None or args.save_interval > 0, "--save-interval must be positive")
+    _need(args.exit_interval is None or args.exit_interval > 0, "--exit-interval must be positive")
     _need(args.eval_interval > 0 and args.eval_iters >= 0, "need --eval-interval > 0 and --eval-iters >= 0")
     if args.finetune:
         args.no_load_optim = args.no_load_rng = True
@@ -565,7 +570,8 @@ def _check_data(args) -> None:
     _need(1 <= len(shares) <= 3 and all(x >= 0 for x in shares) and shares[0] > 0,
           f"--split {args.split}: give up to three non-negative train,valid,test shares with a positive train share")
     if args.tokenizer_type is None:
-        args.tokenizer_type = "SentencePieceTokenizer" if args.tokenizer_model else "NullTokenizer"
+        args.tokenizer_type = ("SentencePieceTokenizer" if args.tokenizer_model else
+                               "GPT2BPETokenizer" if args.vocab_file and args.merge_file else "NullTokenizer")
     t = args.tokenizer_type
     if t in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "HuggingFaceTokenizer"):
         _need(args.tokenizer_model is not None, f"--tokenizer-type {t} needs --tokenizer-model")

@@ -166,6 +166,21 @@ class Packs:
                 "seqlens": s.piece_inputs[pieces]}
 
 
+class SplitPacks:
+    """Packs of several splits under one index: key ``(split, g)`` -> pack ``g`` of that split (one loader
+    plans training, validation and test packs in the order they are consumed)."""
+
+    def __init__(self, splits: dict):
+        self.splits = splits
+
+    def __len__(self) -> int:
+        return sum(len(ds) for ds in self.splits.values())
+
+    def __getitem__(self, key) -> dict:
+        split, g = key
+        return self.splits[split][int(g)]
+
+
 # ------------------------------------------------------------------------------------------ batches
 @dataclass
 class MicroBatch:
@@ -232,7 +247,7 @@ class PlannedBatches(torch.utils.data.Dataset):
             self._planner = cp.get_planner(self.planner.backend_name, **self.planner.options)
         return self._planner
 
-    def __getitem__(self, g: int) -> MicroBatch:
+    def __getitem__(self, g) -> MicroBatch:
         pack = self.packs[g]
         seqlens = np.asarray(pack["seqlens"], dtype=np.int64)
         inputs, labels = pack["inputs"], pack["labels"]
@@ -256,7 +271,7 @@ class PlannedBatches(torch.utils.data.Dataset):
                 pass
         pad = (-idx.size) % p.pad_to_multiple
         return MicroBatch(
-            index=int(g),
+            index=g[1] if isinstance(g, tuple) else int(g),
             tokens=_padded(inputs[idx], pad),
             labels=_padded(labels[idx], pad),
             loss_mask=torch.cat([torch.ones(idx.size, dtype=torch.float32), torch.zeros(pad, dtype=torch.float32)]),

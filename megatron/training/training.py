@@ -31,7 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron.training import checkpointing, cpu_compat, initialize, memory
 from megatron.training.arguments import ConfigError, pad_vocab_size, parse_args, validate_args
-from megatron.training.data import (DocumentTooLongError, PlannedBatches, PlannerConfig, build_loader,
+from megatron.training.data import (DocumentTooLongError, PlannedBatches, PlannerConfig, SplitPacks, build_loader,
                                     micro_batch_indices)
 from megatron.training.datasets import build_datasets, describe
 from megatron.training.flops import ModelShape
@@ -88,9 +88,6 @@ class Trainer:
         self.env = None
         self._print = printer
         self.loader = None
-        self.valid_iter = None
-        self.test_iter = None
-        self._loaders = []
 
     # ------------------------------------------------------------------------------------ printing
     def print_rank0(self, msg: str) -> None:
@@ -208,34 +205,50 @@ class Trainer:
         else:
             if args.load is not None:
                 self.print_rank0(f"> --load {args.load}: no checkpoint there yet, starting from iteration 0")
-            torch.manual_seed(args.seed + 1 + env.rank)  # dropout masks differ per rank (different tokens)
+            # Dropout masks differ between ranks that hold different tokens (data and context parallel)
+            # and agree between tensor-parallel ranks (their hidden states are replicas).
+            from megatron.core import parallel_state
+
+            torch.manual_seed(args.seed + 1 + parallel_state.get_data_parallel_rank(with_context_parallel=True))
 
     def _planner_config(self) -> PlannerConfig:
         args, env = self.args, self.env
         return PlannerConfig(args.cp_backend, dict(args.backend_options), self.spec, env.cp_rank, args.cp_topology,
                              env.device.type, env.tp_size if args.sequence_parallel else 1)
 
-    def _loader(self, split: str, indices: list[int]):
-        args = self.args
-        dataset = PlannedBatches(self.datasets[split], self._planner_config(), with_stats=args.log_plan_stats)
-        loader = build_loader(dataset, indices, args.num_workers, args.plan_prefetch, args.dataloader_timeout)
-        self._loaders.append(loader)
-        return loader
+    def _consumption_order(self) -> list[tuple[str, int]]:
+        """Every (split, pack) this rank will consume, in order: each iteration's micro-batches, a validation
+        after every ``--eval-interval`` iterations and at the end, then the test. One loader plans them
+        all ahead in the same workers (validations and tests included)."""
+        args, env = self.args, self.env
+        M, gbs = args.num_micro_batches, args.global_batch_size
+        self.has_valid = bool(args.eval_iters) and self.datasets["valid"] is not None
+        self.has_test = bool(args.eval_iters) and self.datasets["test"] is not None
+
+        def packs(split, first_iter, last_iter):
+            return [(split, g) for g in micro_batch_indices(first_iter, last_iter, gbs, env.dp_rank, M)]
+
+        order = []
+        for it in range(self.iteration, args.train_iters):
+            order += packs("train", it, it + 1)
+            if self.has_valid and (it + 1) % args.eval_interval == 0:
+                k = (it + 1) // args.eval_interval - 1  # validations count as in Megatron-LM
+                order += packs("valid", k * args.eval_iters, (k + 1) * args.eval_iters)
+        if self.has_valid:
+            k = args.train_iters // args.eval_interval
+            order += packs("valid", k * args.eval_iters, (k + 1) * args.eval_iters)
+        if self.has_test:
+            order += packs("test", 0, args.eval_iters)
+        return order
 
     def _build_loaders(self) -> None:
-        """Planned micro-batches of this rank (train, and validation / test when --eval-iters > 0)."""
-        args, env = self.args, self.env
-        M = args.num_micro_batches
-        self.loader = self._loader("train", micro_batch_indices(self.iteration, args.train_iters,
-                                                                args.global_batch_size, env.dp_rank, M))
-        if args.eval_iters and self.datasets["valid"] is not None:
-            done = self.iteration // args.eval_interval  # validations before a resume (as Megatron-LM counts)
-            total = args.train_iters // args.eval_interval + 1
-            self.valid_iter = iter(self._loader("valid", micro_batch_indices(
-                done * args.eval_iters, total * args.eval_iters, args.global_batch_size, env.dp_rank, M)))
-        if args.eval_iters and self.datasets["test"] is not None:
-            self.test_iter = iter(self._loader("test", micro_batch_indices(
-                0, args.eval_iters, args.global_batch_size, env.dp_rank, M)))
+        """Planned micro-batches of this rank (training, validation and test), planned ahead in the loader's
+        workers in the order they are consumed."""
+        args = self.args
+        splits = {name: ds for name, ds in self.datasets.items() if ds is not None}
+        dataset = PlannedBatches(SplitPacks(splits), self._planner_config(), with_stats=args.log_plan_stats)
+        self.loader = build_loader(dataset, self._consumption_order(), args.num_workers, args.plan_prefetch,
+                                   args.dataloader_timeout)
 
     def _open_logs(self) -> None:
         args, env = self.args, self.env
@@ -385,7 +398,7 @@ class Trainer:
     def train(self) -> list[dict]:
         args, env = self.args, self.env
         history = []
-        batches = iter(self.loader)
+        batches = self.batches = iter(self.loader)
         first = True
         while self.iteration < args.train_iters:
             t0 = time.perf_counter()
@@ -422,18 +435,25 @@ class Trainer:
             if first:
                 self._report_memory()
                 first = False
-            if self.valid_iter is not None and self.iteration % args.eval_interval == 0:
-                self._validate(self.valid_iter, f"iteration {self.iteration}", "validation")
+            if self.has_valid and self.iteration % args.eval_interval == 0:
+                self._validate(batches, f"iteration {self.iteration}", "validation")
+            saved = False
             if args.save and args.save_interval and self.iteration % args.save_interval == 0 \
                     and self.iteration < args.train_iters:
                 self.save()
+                saved = True
+            if args.exit_interval and self.iteration % args.exit_interval == 0 and self.iteration < args.train_iters:
+                if args.save and not saved:
+                    self.save()
+                self.print_rank0(f"> exiting program at iteration {self.iteration} (--exit-interval {args.exit_interval})")
+                return history
         if args.save and not (args.save_interval and self.iteration % args.save_interval == 0
                               and self.iteration < args.train_iters):
             self.save()
-        if self.valid_iter is not None:
-            self._validate(self.valid_iter, "the end of training for val data", "validation")
-        if self.test_iter is not None:
-            self._validate(self.test_iter, "the end of training for test data", "test")
+        if self.has_valid:
+            self._validate(batches, "the end of training for val data", "validation")
+        if self.has_test:
+            self._validate(batches, "the end of training for test data", "test")
         return history
 
     def _report_memory(self) -> None:
@@ -454,8 +474,7 @@ class Trainer:
         self.print_rank0(f"> saved checkpoint {path}")
 
     def close(self) -> None:
-        self.loader = self.valid_iter = self.test_iter = None
-        self._loaders = []
+        self.loader = self.batches = None
         if getattr(self, "logger", None) is not None:
             self.logger.close()
         initialize.teardown(self.env)
