@@ -1,18 +1,29 @@
-"""Megatron-LM style command line of ``pretrain_gpt.py`` and the checks that run before any training.
+"""Megatron-LM's command line for ``pretrain_gpt.py``, and the checks that run before any training.
 
-Argument names follow Megatron-LM where it has one (``--num-layers``, ``--num-query-groups``,
-``--seq-length``, ``--lr-decay-style``, ``--save``/``--load``, ...). Differences, all deliberate:
+A Megatron-LM launch script runs here with ``--cp-backend`` added: the flags have Megatron-LM's names and
+meaning, and the parallel ones its defaults (``--tensor-model-parallel-size``,
+``--pipeline-model-parallel-size``, ``--context-parallel-size`` all 1; world = tp x pp x cp x dp, TP
+innermost). What differs, and why:
 
-* ``--seq-length`` is the *token budget of one micro-batch*: whole documents are packed into it (see
-  :mod:`megatron.training.data`); a micro-batch is one packed sequence, so there is no
-  ``--micro-batch-size``. ``--global-batch-size`` counts micro-batches (packs) per iteration across
-  data-parallel replicas.
-* Context parallelism is ours: ``--cp-backend`` picks a ``dcp_backend`` backend and
-  ``--context-parallel-size`` (default: the whole world) its group size, ``--cp-devices-per-node`` its
-  topology (default: torchrun's ``LOCAL_WORLD_SIZE``). Every option of every backend is a flag prefixed
-  with the backend name (``--dcp-block-size``, ``--loongtrain-head-parallel``, ...), generated from the
-  option's field (its type and help text), or ``--cp-option KEY=VALUE``; mask arguments are
-  ``--mask-<arg>`` flags or ``--mask-arg KEY=VALUE``.
+* A **micro-batch is one packed sequence** of whole documents of at most ``--seq-length`` tokens (batch
+  dimension 1: one CP plan per micro-batch). ``--micro-batch-size`` must be 1 (raise ``--seq-length`` for
+  more tokens per micro-batch); ``--global-batch-size`` counts packs over the data-parallel replicas, and
+  a "sample" in ``consumed samples`` is a pack. Documents are never cut (``--split-long-documents`` to
+  cut those longer than the budget).
+* ``--pipeline-model-parallel-size`` > 1 is refused (docs/DECISIONS.md); so are ``--bf16``/``--fp16``,
+  ``--use-distributed-optimizer``, ``--overlap-grad-reduce`` and ``--sequence-parallel`` without CUDA.
+* Defaults that are ours, not Megatron-LM's: ``--attention-dropout 0`` (the CP backends have no
+  attention dropout; a non-zero value is an error), ``--hidden-dropout 0``, ``--lr-decay-style cosine``,
+  ``--adam-beta2 0.95``, ``--log-interval 10``, ``--num-workers 1`` (planning workers per rank).
+* Context parallelism is ours: ``--cp-backend`` picks a ``dcp_backend`` backend, run by each TP rank over
+  megatron's CP group of that rank on its local heads; ``--cp-devices-per-node`` overrides its topology
+  (default: from the group's global ranks and torchrun's ``LOCAL_WORLD_SIZE``). Every option of every
+  backend is a flag prefixed with the backend name (``--dcp-block-size``, ``--loongtrain-head-parallel``,
+  ...), generated from the option's field (its type and help text), or ``--cp-option KEY=VALUE``; mask
+  arguments are ``--mask-<arg>`` flags or ``--mask-arg KEY=VALUE``.
+* Megatron-LM flags that are not implemented are listed below: an IGNORED one prints one line with the
+  reason and training goes on, an UNSUPPORTED one stops the run with one line; any other unknown flag is
+  argparse's one-line error (no usage dump).
 
 Everything that can be checked without training is checked by :func:`validate_args` (and by
 ``training.setup``, which also checks the data and the backend) and raises :class:`ConfigError`.
@@ -431,8 +442,10 @@ def _need(cond, msg) -> None:
         raise ConfigError(msg)
 
 
-def validate_args(args, world_size: int) -> None:
-    """Resolve defaults and check everything that needs neither data nor a process group."""
+def validate_args(args, world_size: int, cuda: bool | None = None) -> None:
+    """Resolve defaults and check everything that needs neither data nor a process group. ``cuda``: whether
+    the job runs on GPUs (default: whether this machine has CUDA; tools that describe a GPU job pass True)."""
+    args.cuda = torch.cuda.is_available() if cuda is None else bool(cuda)
     _need(not getattr(args, "unsupported_flags", None),
           "; ".join(f"{line.split(':', 1)[0]} is not supported:{line.split(':', 1)[1]}"
                     for line in getattr(args, "unsupported_flags", [])))
@@ -463,7 +476,7 @@ def _check_model(args) -> None:
             else 4 * args.hidden_size
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
-    _need(args.transformer_impl != "transformer_engine" or torch.cuda.is_available(),
+    _need(args.transformer_impl != "transformer_engine" or args.cuda,
           "--transformer-impl transformer_engine needs CUDA (and Transformer Engine installed)")
     _need(args.attention_dropout == 0.0, "--attention-dropout must be 0: the CP attention backends have no dropout")
     _need(0.0 <= args.hidden_dropout < 1.0, f"--hidden-dropout must be in [0, 1), got {args.hidden_dropout}")
@@ -484,7 +497,7 @@ def _check_parallel(args, world_size: int) -> None:
           f"--num-query-groups ({args.num_query_groups}): each tensor-parallel rank holds whole heads and KV groups")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as in Megatron-LM: nothing to split
-    _need(not args.sequence_parallel or torch.cuda.is_available(),
+    _need(not args.sequence_parallel or args.cuda,
           "--sequence-parallel needs CUDA: megatron-core's sequence-parallel gathers allocate on "
           "torch.cuda.current_device()")
     args.data_parallel_size = world_size // (tp * pp * cp_size)
@@ -502,7 +515,7 @@ def _check_parallel(args, world_size: int) -> None:
     _need(args.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be positive")
     cuda_only = [flag for flag, on in (("--use-distributed-optimizer", args.use_distributed_optimizer),
                                        ("--overlap-grad-reduce", args.overlap_grad_reduce)) if on]
-    _need(not cuda_only or torch.cuda.is_available(),
+    _need(not cuda_only or args.cuda,
           f"{' and '.join(cuda_only)} need CUDA: megatron-core's DistributedDataParallel allocates its gradient "
           "buffers on torch.cuda.current_device() (on CPU gradients are reduced by our LocalGradSync, "
           "docs/DECISIONS.md)")
@@ -513,7 +526,7 @@ def _check_precision(args) -> None:
     _need(args.cp_backend != "te" or args.bf16 or args.fp16,
           "--cp-backend te needs --bf16 (or --fp16): Transformer Engine's context-parallel attention runs in "
           "bf16/fp16 only")
-    _need(not (args.bf16 or args.fp16) or torch.cuda.is_available(),
+    _need(not (args.bf16 or args.fp16) or args.cuda,
           f"--{'bf16' if args.bf16 else 'fp16'} needs CUDA: megatron-core's 16-bit optimizer (fp32 main parameters) "
           "accepts CUDA parameters only; train in fp32 on CPU")
     args.params_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32

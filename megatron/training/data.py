@@ -1,8 +1,8 @@
 """Documents -> packed micro-batches -> this rank's planned share, loaded ahead by data-loader workers.
 
-1. A document source gives token arrays: :class:`IndexedDocuments` (a megatron.core indexed dataset
-   written by ``tools/preprocess_data.py``, one document per entry) or :class:`MockDocuments` (random
-   tokens, lengths from :mod:`dcp_backend.workloads`).
+1. A document source gives token arrays: :class:`IndexedDocuments` (a megatron.core indexed dataset, as
+   written by ``tools/preprocess_data.py``, Megatron-LM's preprocessing or ``IndexedDatasetBuilder``) or
+   :class:`MockDocuments` (random tokens, lengths from :mod:`dcp_backend.workloads`).
 2. :func:`build_schedule` turns documents into *pieces* (a document of n tokens trains n-1 next-token
    predictions: inputs ``doc[:-1]``, labels ``doc[1:]``). A document with more than ``seq_length``
    inputs is an error unless ``split_long`` is set, in which case it becomes consecutive pieces of at
@@ -10,13 +10,16 @@
    piece is attended as its own document with positions from 0). Each epoch shuffles the pieces with a
    seeded permutation and packs them whole into micro-batches with
    :func:`~dcp_backend.workloads.pack_batches`. Nothing is dropped or repeated within an
-   epoch; epochs follow each other until the run has enough micro-batches.
-3. :class:`PlannedBatches` is a map-style dataset over global micro-batch indices. An item is built
-   in a data-loader worker: it reads the micro-batch's tokens, asks the CP backend for the plan
-   (deterministic, so every rank of the CP group computes the same plan without talking to the
-   others), and keeps only the tokens ``plan.local_indices(cp_rank)`` names, with their labels, loss
-   mask and within-document position ids. Workers are spawned processes (no inherited process
-   group), ``num_workers`` of them, each ``prefetch`` batches ahead: planning overlaps training.
+   epoch; epochs follow each other until the run has enough micro-batches. :class:`Packs` reads a
+   pack's tokens; megatron/training/datasets.py wraps this per split for megatron-core's dataset builder.
+3. :class:`PlannedBatches` is a map-style dataset over pack keys (a global micro-batch index, or
+   ``(split, index)`` through :class:`SplitPacks`). An item is built in a data-loader worker: it reads
+   the pack's tokens, asks the CP backend for the plan (deterministic, so every rank of the CP group
+   computes the same plan without talking to the others), and keeps only the tokens
+   ``plan.local_indices(cp_rank)`` names, with their labels, loss mask and within-document position ids
+   (tensor-parallel ranks of one CP rank get the same share; with sequence parallelism the share is
+   padded to a multiple of the TP size, loss mask 0). Workers are spawned processes (no inherited
+   process group), ``num_workers`` of them, each ``prefetch`` batches ahead: planning overlaps training.
 """
 from __future__ import annotations
 

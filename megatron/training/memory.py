@@ -13,15 +13,21 @@ the largest CP buffers of the plan is taken):
   what autograd keeps for the backward pass, per layer with ``a`` bytes per element (2 or 4), ``h``
   hidden, ``n`` query heads and ``g`` KV groups of dimension ``d``, FFN ``f``, TP ``t``:
 
-      a s [4 h                        inputs and outputs of the two norms
+      a s [2 N                        the two norms: input and output (N = 2h), plus the normalised
+                                      input before the weight (N = 3h) in torch's unfused RMSNorm
            + (2 n d + 2 g d) / t      q, k, v and the attention output (also the projection's input)
-           + (4 if SwiGLU else 2) f/t MLP: fc1 output, activation output(s)
+           + (5 if SwiGLU else 2) f/t MLP: fc1 output (2f), x_linear + offset, silu and product (SwiGLU);
+                                      fc1 (+ bias) output and GeLU output (GeLU)
            + 4 d (RoPE)]              the cos/sin tables of q and k
       + 4 s n / t                     log-sum-exp (fp32)
       + 2 s h                         dropout masks (bool), when --hidden-dropout > 0
 
-  plus the final norm (``2 a s h``) and the logits: ``s V/t`` in the model's dtype, their fp32 copy in
-  megatron's vocab-parallel cross entropy and its fp32 gradient (``(a + 8) s V/t``);
+  (with ``--sequence-parallel`` the norm terms and the masks are divided by ``t``),
+
+  (counted with saved-tensor hooks on the local spec: docs/BENCHMARKS.md), plus the final norm (``a s N``)
+  and the logits: the fp32 softmax megatron's vocab-parallel cross entropy keeps (``4 s V/t``) and, for a
+  16-bit model, the logits themselves until it has made that copy (``a s V/t``); and one more layer for
+  the backward pass, whose gradients of a layer's tensors coexist with that layer's saved ones;
 * **CP buffers**: the plan's ``PlanStats.memory_bytes`` (the backend's per-plan stores and transfer
   buffers), taken from a real plan of the batch on the CP topology.
 
@@ -30,6 +36,7 @@ measured peak memory on CPU in docs/BENCHMARKS.md; ``tools/memory_report.py`` pr
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +73,15 @@ class MemoryReport:
                 f"total: {self.total / MB:.1f} |")
 
 
+def current_rss_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc/self/statm``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def count_local_parameters(args) -> int:
     """Parameters of one tensor-parallel rank (the analytic count of megatron's GPT layers)."""
     t, h, L = args.tensor_model_parallel_size, args.hidden_size, args.num_layers
@@ -83,17 +99,26 @@ def count_local_parameters(args) -> int:
     return L * layer + vocab + positions + norm + output
 
 
-def activation_bytes(args, tokens: int) -> int:
-    """What autograd keeps for one micro-batch of ``tokens`` local tokens (module docstring)."""
+def activation_bytes(args, tokens: int, transformer_engine: bool | None = None) -> int:
+    """What autograd keeps for one micro-batch of ``tokens`` local tokens (module docstring).
+    ``transformer_engine``: fused TE norms (default: a CUDA job's)."""
     t, h, L, s = args.tensor_model_parallel_size, args.hidden_size, args.num_layers, int(tokens)
     n, g, d, f = args.num_attention_heads, args.num_query_groups, args.kv_channels, args.ffn_hidden_size
     a = 2 if (args.bf16 or args.fp16) else 4
-    per_token = 4 * h + (2 * n * d + 2 * g * d) // t + (4 if args.swiglu else 2) * f // t
+    if transformer_engine is None:
+        transformer_engine = bool(getattr(args, "cuda", False)) and args.transformer_impl != "local"
+    norm = 3 * h if (args.normalization == "RMSNorm" and not transformer_engine) else 2 * h
+    if args.sequence_parallel:  # norms (and the linear layers' saved inputs) hold 1/t of the tokens
+        norm //= t
+    per_token = 2 * norm + (2 * n * d + 2 * g * d) // t + (5 if args.swiglu else 2) * f // t
     if args.position_embedding_type == "rope":
         per_token += 4 * d
-    layer = a * s * per_token + 4 * s * n // t + (2 * s * h if args.hidden_dropout > 0 else 0)
-    logits = (a + 8) * s * (args.padded_vocab_size // t)
-    return L * layer + 2 * a * s * h + logits
+    masks = (2 * s * h // (t if args.sequence_parallel else 1)) if args.hidden_dropout > 0 else 0
+    layer = a * s * per_token + 4 * s * n // t + masks
+    logits = (4 + (a if a < 4 else 0)) * s * (args.padded_vocab_size // t)
+    # + one layer's worth: while a layer runs backward, its saved tensors and the gradients of the same
+    # shapes are alive together (the backward working set).
+    return (L + 1) * layer + a * s * norm + logits
 
 
 def optimizer_bytes(args, params: int) -> int:

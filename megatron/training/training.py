@@ -177,6 +177,7 @@ class Trainer:
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
         cpu_compat.seed_model_parallel_rng(args.seed)
+        self._baseline_mb = memory.current_rss_bytes() / 2**20  # what the model, optimizer and batches add to
         model, self.context = build_model(args, self.backend, env.device)
         self.model = wrap_model(args, model, env)
         self.gpt = unwrap(self.model)
@@ -432,9 +433,9 @@ class Trainer:
             if self.hooks.on_iteration is not None:
                 self.hooks.on_iteration(self.iteration, m)
             self.logger.record(self.iteration, m, force_print=first)
-            if first:
+            if self.iteration == min(args.train_iters, 2) or (first and self.iteration == args.train_iters):
                 self._report_memory()
-                first = False
+            first = False
             if self.has_valid and self.iteration % args.eval_interval == 0:
                 self._validate(batches, f"iteration {self.iteration}", "validation")
             saved = False
@@ -457,16 +458,26 @@ class Trainer:
         return history
 
     def _report_memory(self) -> None:
-        peak = torch.tensor(_peak_memory_mb(self.env.device), dtype=torch.float64, device=self.env.device)
-        _collective(lambda: dist.all_reduce(peak, op=dist.ReduceOp.MAX), "memory report",
+        """Measured peak memory once the optimizer state exists (after iteration 2, or the last): CUDA's
+        allocator peak, or on CPU the peak RSS and its growth since just before the model was built
+        (what megatron/training/memory.py estimates), per rank."""
+        dev = self.env.device
+        peak = _peak_memory_mb(dev)
+        growth = (peak[0] - self._baseline_mb) if dev.type == "cpu" else peak[0]
+        gathered = torch.zeros(self.env.world_size, dtype=torch.float64, device=dev)
+        mine = torch.tensor([peak[0], peak[1]], dtype=torch.float64, device=dev)
+        _collective(lambda: dist.all_reduce(mine, op=dist.ReduceOp.MAX), "memory report",
                     self.args.distributed_timeout_minutes)
-        if self.env.device.type == "cuda":
-            line = f"max allocated: {peak[0]:.1f} | max reserved: {peak[1]:.1f}"
+        gathered[self.env.rank] = growth
+        _collective(lambda: dist.all_reduce(gathered), "memory report", self.args.distributed_timeout_minutes)
+        if dev.type == "cuda":
+            line = f"max allocated: {mine[0]:.1f} | max reserved: {mine[1]:.1f}"
         else:
-            line = f"peak RSS: {peak[0]:.1f}"
+            line = (f"peak RSS: {mine[0]:.1f} | peak growth since the model was built, per rank: "
+                    f"{', '.join(f'{g:.1f}' for g in gathered.tolist())}")
         self.print_last(f"[Rank {self.env.rank}] (after {self.iteration} iterations) memory (MB, max over ranks) | "
                         f"{line} |")
-        self.logger.scalar("mem-peak-MB", float(peak[0]), self.iteration)
+        self.logger.scalar("mem-peak-MB", float(mine[0]), self.iteration)
 
     def save(self) -> None:
         path = checkpointing.save_checkpoint(self.args.save, self.iteration, self.consumed, self.gpt, self.optimizer,
