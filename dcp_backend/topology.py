@@ -58,6 +58,31 @@ class Topology:
                     devices_per_node = dpn
         return cls(world_size, devices_per_node)
 
+    @classmethod
+    def of_group(cls, global_ranks, ranks_per_node: int) -> "Topology":
+        """The topology of a process group whose members are ``global_ranks`` (in group order) of a job
+        with ``ranks_per_node`` ranks on every node (torchrun's ``LOCAL_WORLD_SIZE``). Group members on
+        one node must be consecutive in group order, and every node must hold the same number of them
+        (true of megatron's layouts, where a CP group is strided by the tensor-parallel size)."""
+        ranks = [int(r) for r in global_ranks]
+        _positive_int("ranks_per_node", ranks_per_node)
+        if not ranks:
+            raise CPError("topology: a group needs at least one rank")
+        nodes = [r // int(ranks_per_node) for r in ranks]
+        counts: list[int] = []
+        for i, n in enumerate(nodes):
+            if i and n == nodes[i - 1]:
+                counts[-1] += 1
+            elif n in nodes[:i]:
+                raise CPError(f"topology: the group's ranks {ranks} return to node {n} after leaving it; the "
+                              "ranks of a node must be consecutive in the group")
+            else:
+                counts.append(1)
+        if len(set(counts)) != 1:
+            raise CPError(f"topology: the group's ranks {ranks} are spread unevenly over nodes of {ranks_per_node} "
+                          f"ranks ({counts} per node); every node must hold the same number")
+        return cls(len(ranks), counts[0])
+
     @property
     def nodes(self) -> int:
         return self.world_size // self.devices_per_node

@@ -136,6 +136,7 @@ def train(backend: str, iters: int, a, data: str, tokenizer: str, run_dir: str) 
             os.remove(os.path.join(out, stale))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc),
            "pretrain_gpt.py", "--cp-backend", backend, *BACKEND_FLAGS.get(backend, []),
+           "--context-parallel-size", str(a.nproc), "--position-embedding-type", "rope",
            "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--num-query-groups", "2",
            "--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear",
            "--seq-length", str(a.seq_length), "--max-position-embeddings", str(a.seq_length),
@@ -143,7 +144,8 @@ def train(backend: str, iters: int, a, data: str, tokenizer: str, run_dir: str) 
            "--lr-warmup-iters", "4", "--lr-decay-style", "cosine", "--seed", "1234",
            "--data-path", data, "--tokenizer-model", tokenizer, "--split-long-documents",
            "--attention-mask", a.mask, "--num-workers", "1", "--plan-prefetch", "2",
-           "--log-interval", str(a.log_interval), "--log-dir", out]
+           "--log-interval", str(a.log_interval), "--log-dir", out,
+           "--split", "98,2,0", "--eval-interval", str(iters), "--eval-iters", "1"]
     say(f"training {backend}: {iters} iterations on {a.nproc} CPU ranks")
     t0 = time.perf_counter()
     run(cmd, os.path.join(out, "stdout.log"))

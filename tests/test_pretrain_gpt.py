@@ -30,14 +30,21 @@ def test_training_run_writes_logs_and_checkpoint(tmp_path, data):
               "--seq-length", "256", "--train-iters", "5", "--log-interval", "2", "--vocab-size", str(VOCAB),
               "--data-path", data, "--split-long-documents", "--num-workers", "1", "--plan-prefetch", "3",
               "--attention-mask", "sliding_window", "--mask-window", "32",
-              "--log-plan-stats", "--log-dir", str(run), "--save", str(tmp_path / "ckpt")])
+              "--log-plan-stats", "--log-dir", str(run), "--save", str(tmp_path / "ckpt"),
+              "--context-parallel-size", "2", "--eval-interval", "4", "--eval-iters", "1", "--split", "80,10,10"])
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [x for x in p.stdout.splitlines() if "elapsed time per iteration (ms)" in x]
     # Printed by the last rank only: after iteration 1, then every 2 iterations and at the end.
     assert [x.split("iteration")[1].split("/")[0].strip() for x in lines] == ["1", "2", "4", "5"]
     assert sum("memory (MB" in x for x in p.stdout.splitlines()) == 1
+    assert sum("> memory estimate per rank (MB) | parameters:" in x for x in p.stdout.splitlines()) == 1
+    assert [x.split("|")[0].strip() for x in p.stdout.splitlines() if "validation loss at" in x] == [
+        "validation loss at iteration 4", "validation loss at the end of training for val data",
+        "validation loss at the end of training for test data"]
     assert "tokens per second:" in lines[0] and "lm loss:" in lines[0]
-    records = [json.loads(x) for x in open(run / "train_log.jsonl")]
+    lines = [json.loads(x) for x in open(run / "train_log.jsonl")]
+    records = [r for r in lines if "split" not in r]
+    assert [r["split"] for r in lines if "split" in r] == ["validation", "validation", "test"]
     assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5]
     assert all(r["backend"] == "zigzag" and r["mask"] == "sliding_window" and r["plan_ms"] > 0 for r in records)
     assert records[0]["plan_wait_ms"] > 0 and records[-1]["consumed_samples"] == 5
@@ -50,14 +57,16 @@ def test_training_run_writes_logs_and_checkpoint(tmp_path, data):
     assert saved["cp_topology"] == {"world_size": 2, "devices_per_node": 2}  # from torchrun's LOCAL_WORLD_SIZE
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
-    assert sorted(os.listdir(tmp_path / "ckpt" / "iter_0000005")) == ["model_optim.pt", "rng_rank0000.pt",
-                                                                       "rng_rank0001.pt"]
+    saved = tmp_path / "ckpt" / "iter_0000005"  # megatron-core's torch_dist format
+    assert {".metadata", "common.pt", "metadata.json", "rng"} <= set(os.listdir(saved))
+    assert json.load(open(saved / "metadata.json"))["sharded_backend"] == "torch_dist"
+    assert sorted(os.listdir(saved / "rng")) == ["rank_00000.pt", "rank_00001.pt"]
 
 
 def test_config_error_exits_with_a_message(tmp_path, data):
     p = _run(["--cp-backend", "zigzag", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
               "--seq-length", "256", "--train-iters", "5", "--vocab-size", str(VOCAB), "--data-path", data], nproc=1)
-    assert p.returncode != 0
+    assert p.returncode != 0  # the rank exits 2; torchrun reports 1
     assert "error (rank 0):" in p.stderr and "--split-long-documents" in p.stderr
 
 

@@ -47,6 +47,7 @@ class CPContext:
         self.rope = rope
         self.plan = None
         self.position_ids: torch.Tensor | None = None
+        self.num_real: int | None = None  # local tokens the plan knows; rows beyond are padding
         self._freq_table: torch.Tensor | None = None
         self._emb: torch.Tensor | None = None
         if rope is not None:
@@ -57,8 +58,11 @@ class CPContext:
                                   rotary_base=rope.rotary_base, use_cpu_initialization=True)
             self._freq_table = rot.get_freqs_non_repeated(rope.max_positions)  # [max_pos, rot_dim / 2]
 
-    def set_batch(self, plan, position_ids: torch.Tensor) -> None:
-        """Install the plan and the local tokens' in-document positions (1-D, local storage order)."""
+    def set_batch(self, plan, position_ids: torch.Tensor, num_real: int | None = None) -> None:
+        """Install the plan and the local tokens' in-document positions (1-D, local storage order).
+        ``num_real``: the plan's local tokens come first and any rows after them are padding (sequence
+        parallelism needs the local length to be a multiple of the tensor-parallel size); attention
+        runs on the real rows and returns zeros for the padding."""
         if position_ids.dim() != 1:
             raise ValueError(f"position_ids must be 1-D (local tokens), got shape {tuple(position_ids.shape)}")
         if self.rope is not None and position_ids.numel() and int(position_ids.max()) >= self.rope.max_positions:
@@ -68,11 +72,13 @@ class CPContext:
             )
         self.plan = plan
         self.position_ids = position_ids
+        self.num_real = num_real
         self._emb = None
 
     def clear(self) -> None:
         self.plan = None
         self.position_ids = None
+        self.num_real = None
         self._emb = None
 
     def rope_emb(self, device: torch.device) -> torch.Tensor:
@@ -117,8 +123,11 @@ class CPCoreAttention(torch.nn.Module):
             group = ctx.backend.group if ctx.backend.group is not None else torch.distributed.group.WORLD
             query = apply_rotary_pos_emb(query, emb, config=self.config, cp_group=group)
             key = apply_rotary_pos_emb(key, emb, config=self.config, cp_group=group)
-        out = ctx.backend.attention(query[:, 0].contiguous(), key[:, 0].contiguous(), value[:, 0].contiguous(),
+        n = s if ctx.num_real is None else ctx.num_real
+        out = ctx.backend.attention(query[:n, 0].contiguous(), key[:n, 0].contiguous(), value[:n, 0].contiguous(),
                                     ctx.plan)
+        if n < s:  # padding rows (sequence parallelism): zeros, so they never reach a real token
+            out = torch.cat([out, out.new_zeros((s - n,) + tuple(out.shape[1:]))])
         return out.reshape(s, 1, heads * dim)
 
 

@@ -1,8 +1,8 @@
 """Documents -> packed micro-batches -> this rank's planned share, loaded ahead by data-loader workers.
 
-1. A document source gives token arrays: :class:`IndexedDocuments` (a megatron.core indexed dataset
-   written by ``tools/preprocess_data.py``, one document per entry) or :class:`MockDocuments` (random
-   tokens, lengths from :mod:`dcp_backend.workloads`).
+1. A document source gives token arrays: :class:`IndexedDocuments` (a megatron.core indexed dataset, as
+   written by ``tools/preprocess_data.py``, Megatron-LM's preprocessing or ``IndexedDatasetBuilder``) or
+   :class:`MockDocuments` (random tokens, lengths from :mod:`dcp_backend.workloads`).
 2. :func:`build_schedule` turns documents into *pieces* (a document of n tokens trains n-1 next-token
    predictions: inputs ``doc[:-1]``, labels ``doc[1:]``). A document with more than ``seq_length``
    inputs is an error unless ``split_long`` is set, in which case it becomes consecutive pieces of at
@@ -10,13 +10,16 @@
    piece is attended as its own document with positions from 0). Each epoch shuffles the pieces with a
    seeded permutation and packs them whole into micro-batches with
    :func:`~dcp_backend.workloads.pack_batches`. Nothing is dropped or repeated within an
-   epoch; epochs follow each other until the run has enough micro-batches.
-3. :class:`PlannedBatches` is a map-style dataset over global micro-batch indices. An item is built
-   in a data-loader worker: it reads the micro-batch's tokens, asks the CP backend for the plan
-   (deterministic, so every rank of the CP group computes the same plan without talking to the
-   others), and keeps only the tokens ``plan.local_indices(cp_rank)`` names, with their labels, loss
-   mask and within-document position ids. Workers are spawned processes (no inherited process
-   group), ``num_workers`` of them, each ``prefetch`` batches ahead: planning overlaps training.
+   epoch; epochs follow each other until the run has enough micro-batches. :class:`Packs` reads a
+   pack's tokens; megatron/training/datasets.py wraps this per split for megatron-core's dataset builder.
+3. :class:`PlannedBatches` is a map-style dataset over pack keys (a global micro-batch index, or
+   ``(split, index)`` through :class:`SplitPacks`). An item is built in a data-loader worker: it reads
+   the pack's tokens, asks the CP backend for the plan (deterministic, so every rank of the CP group
+   computes the same plan without talking to the others), and keeps only the tokens
+   ``plan.local_indices(cp_rank)`` names, with their labels, loss mask and within-document position ids
+   (tensor-parallel ranks of one CP rank get the same share; with sequence parallelism the share is
+   padded to a multiple of the TP size, loss mask 0). Workers are spawned processes (no inherited
+   process group), ``num_workers`` of them, each ``prefetch`` batches ahead: planning overlaps training.
 """
 from __future__ import annotations
 
@@ -35,12 +38,20 @@ from dcp_backend.workloads import pack_indices, sample_lengths
 
 # ------------------------------------------------------------------------------------------ sources
 class IndexedDocuments:
-    """Documents of a megatron.core ``IndexedDataset`` (one sequence per document); opened lazily."""
+    """Documents of a megatron.core ``IndexedDataset`` (``<prefix>.bin/.idx``, as written by Megatron-LM's
+    ``tools/preprocess_data.py``, ours, or ``IndexedDatasetBuilder``); opened lazily. A document is the
+    range of sequences between two ``document_indices`` (one sequence per document unless the data was
+    split into sentences), its tokens their concatenation."""
 
     def __init__(self, path_prefix: str):
         self.path_prefix = path_prefix
         self._ds = None
-        self.lengths = np.asarray(self._dataset().sequence_lengths, dtype=np.int64)
+        ds = self._dataset()
+        seq_lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
+        self.doc_bounds = np.asarray(ds.document_indices, dtype=np.int64)  # sequences of document d
+        self._seq_start = np.concatenate([[0], np.cumsum(seq_lengths)])
+        self.lengths = self._seq_start[self.doc_bounds[1:]] - self._seq_start[self.doc_bounds[:-1]]
+        self._one_sequence_per_document = bool(np.all(np.diff(self.doc_bounds) == 1))
 
     def _dataset(self):
         if self._ds is None:
@@ -50,7 +61,12 @@ class IndexedDocuments:
         return self._ds
 
     def tokens(self, doc: int, start: int, end: int) -> np.ndarray:
-        return np.asarray(self._dataset().get(int(doc), offset=int(start), length=int(end - start)), dtype=np.int64)
+        ds = self._dataset()
+        if self._one_sequence_per_document:
+            return np.asarray(ds.get(int(doc), offset=int(start), length=int(end - start)), dtype=np.int64)
+        first, last = int(self.doc_bounds[doc]), int(self.doc_bounds[doc + 1])
+        whole = np.concatenate([np.asarray(ds[i], dtype=np.int64) for i in range(first, last)])
+        return whole[start:end]
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -97,8 +113,9 @@ class DocumentTooLongError(ValueError):
 
 
 def build_schedule(doc_lengths: np.ndarray, seq_length: int, seed: int, split_long: bool,
-                   num_micro_batches: int) -> Schedule:
-    """Pieces and at least ``num_micro_batches`` packed micro-batches (see the module docstring)."""
+                   num_micro_batches: int | None, stream: int = 0) -> Schedule:
+    """Pieces and at least ``num_micro_batches`` packed micro-batches (exactly one epoch when None); see
+    the module docstring. ``stream`` separates the shuffles of schedules with the same seed (splits)."""
     lengths = np.asarray(doc_lengths, dtype=np.int64)
     usable = np.nonzero(lengths >= 2)[0]
     if usable.size == 0:
@@ -122,12 +139,49 @@ def build_schedule(doc_lengths: np.ndarray, seq_length: int, seed: int, split_lo
                      split_docs=int(too_long.sum()))
     piece_inputs = sched.piece_inputs
     epoch = 0
-    while len(sched.batches) < num_micro_batches:
-        perm = np.random.default_rng([seed, 0xE90C, epoch]).permutation(doc.size)
+    while (len(sched.batches) < num_micro_batches) if num_micro_batches is not None else epoch < 1:
+        perm = np.random.default_rng([seed, 0xE90C, stream, epoch]).permutation(doc.size)
         for b in pack_indices(piece_inputs[perm].tolist(), seq_length):
             sched.batches.append(perm[b])
         epoch += 1
     return sched
+
+
+class Packs:
+    """The packs of a schedule over a document source: pack ``g`` -> ``{"inputs", "labels", "seqlens"}``
+    (inputs and labels int64, concatenated in pack order). ``doc_ids`` maps the schedule's document
+    numbers to the source's (a split of the source); default: the identity."""
+
+    def __init__(self, source, schedule: Schedule, doc_ids: np.ndarray | None = None):
+        self.source = source
+        self.schedule = schedule
+        self.doc_ids = doc_ids
+
+    def __len__(self) -> int:
+        return len(self.schedule.batches)
+
+    def __getitem__(self, g: int) -> dict:
+        s = self.schedule
+        pieces = s.batches[g]
+        docs = s.piece_doc[pieces] if self.doc_ids is None else self.doc_ids[s.piece_doc[pieces]]
+        chunks = [self.source.tokens(d, a, b) for d, a, b in zip(docs, s.piece_start[pieces], s.piece_end[pieces])]
+        return {"inputs": np.concatenate([c[:-1] for c in chunks]), "labels": np.concatenate([c[1:] for c in chunks]),
+                "seqlens": s.piece_inputs[pieces]}
+
+
+class SplitPacks:
+    """Packs of several splits under one index: key ``(split, g)`` -> pack ``g`` of that split (one loader
+    plans training, validation and test packs in the order they are consumed)."""
+
+    def __init__(self, splits: dict):
+        self.splits = splits
+
+    def __len__(self) -> int:
+        return sum(len(ds) for ds in self.splits.values())
+
+    def __getitem__(self, key) -> dict:
+        split, g = key
+        return self.splits[split][int(g)]
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -145,6 +199,7 @@ class MicroBatch:
     plan_seconds: float  # time the worker spent planning this batch
     attention_pairs: int  # unmasked (query, key) pairs of the whole micro-batch, per head
     plan_stats: dict = field(default_factory=dict)  # with --log-plan-stats: planned bytes, compute imbalance
+    num_real: int | None = None  # rows of the plan's tokens; the rest (if any) is padding with loss mask 0
 
     @property
     def num_tokens(self) -> int:
@@ -162,6 +217,7 @@ class PlannerConfig:
     cp_rank: int
     topology: cp.Topology
     device_type: str = "cpu"
+    pad_to_multiple: int = 1  # sequence parallelism: local rows padded to a multiple of the TP size
 
 
 def prepare_plan(plan, rank: int, device_type: str = "cpu") -> None:
@@ -171,17 +227,18 @@ def prepare_plan(plan, rank: int, device_type: str = "cpu") -> None:
 
 
 class PlannedBatches(torch.utils.data.Dataset):
-    """Global micro-batch index -> :class:`MicroBatch` for one CP rank (see the module docstring)."""
+    """Global micro-batch index -> :class:`MicroBatch` for one CP rank (see the module docstring), over any
+    map-style dataset of packs (:class:`Packs`, or a megatron-core ``BlendedDataset`` /
+    :class:`~megatron.training.datasets.PackedDocumentDataset`, whose items carry the same keys)."""
 
-    def __init__(self, source, schedule: Schedule, planner: PlannerConfig, with_stats: bool = False):
-        self.source = source
-        self.schedule = schedule
+    def __init__(self, packs, planner: PlannerConfig, with_stats: bool = False):
+        self.packs = packs
         self.planner = planner
         self.with_stats = with_stats
         self._planner = None
 
     def __len__(self) -> int:
-        return len(self.schedule.batches)
+        return len(self.packs)
 
     def __getstate__(self):  # sent to spawned workers: the planner is rebuilt there
         state = dict(self.__dict__)
@@ -193,14 +250,10 @@ class PlannedBatches(torch.utils.data.Dataset):
             self._planner = cp.get_planner(self.planner.backend_name, **self.planner.options)
         return self._planner
 
-    def __getitem__(self, g: int) -> MicroBatch:
-        s = self.schedule
-        pieces = s.batches[g]
-        seqlens = s.piece_inputs[pieces]
-        chunks = [self.source.tokens(d, a, b) for d, a, b in zip(s.piece_doc[pieces], s.piece_start[pieces],
-                                                                  s.piece_end[pieces])]
-        inputs = np.concatenate([c[:-1] for c in chunks])
-        labels = np.concatenate([c[1:] for c in chunks])
+    def __getitem__(self, g) -> MicroBatch:
+        pack = self.packs[g]
+        seqlens = np.asarray(pack["seqlens"], dtype=np.int64)
+        inputs, labels = pack["inputs"], pack["labels"]
         p = self.planner
         t0 = time.perf_counter()
         plan = self.cp_planner().plan(seqlens, p.spec, p.topology)
@@ -215,21 +268,28 @@ class PlannedBatches(torch.utils.data.Dataset):
                 stats = {"comm_bytes_planned": int(st.fwd_inter_node_bytes + st.fwd_intra_node_bytes
                                                    + st.bwd_inter_node_bytes + st.bwd_intra_node_bytes),
                          "inter_node_bytes_planned": int(st.fwd_inter_node_bytes + st.bwd_inter_node_bytes),
-                         "compute_imbalance": float(st.compute_imbalance)}
+                         "compute_imbalance": float(st.compute_imbalance),
+                         "cp_buffer_bytes": int(max(st.memory_bytes))}
             except NotImplementedError:
                 pass
+        pad = (-idx.size) % p.pad_to_multiple
         return MicroBatch(
-            index=int(g),
-            tokens=torch.from_numpy(inputs[idx]),
-            labels=torch.from_numpy(labels[idx]),
-            loss_mask=torch.ones(idx.size, dtype=torch.float32),
-            position_ids=torch.from_numpy(positions[idx]),
+            index=g[1] if isinstance(g, tuple) else int(g),
+            tokens=_padded(inputs[idx], pad),
+            labels=_padded(labels[idx], pad),
+            loss_mask=torch.cat([torch.ones(idx.size, dtype=torch.float32), torch.zeros(pad, dtype=torch.float32)]),
+            position_ids=_padded(positions[idx], pad),
+            num_real=int(idx.size),
             seqlens=seqlens,
             plan=plan,
             plan_seconds=plan_seconds,
             attention_pairs=attention_pairs(seqlens, p.spec.mask, p.spec.mask_args),
             plan_stats=stats,
         )
+
+
+def _padded(values: np.ndarray, pad: int) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([np.asarray(values, dtype=np.int64), np.zeros(pad, dtype=np.int64)]))
 
 
 def _worker_init(_worker_id: int) -> None:

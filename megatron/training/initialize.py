@@ -1,10 +1,15 @@
-"""Process groups: torch.distributed (gloo on CPU, NCCL on GPU), megatron-core's parallel state, and our
-context-parallel (CP) and data-parallel (DP) groups. Every group gets the job's timeout, so a rank that
-dies or hangs ends the others with an error instead of a hang.
+"""Process groups: torch.distributed (gloo on CPU, NCCL on GPU) and megatron-core's parallel state, which
+is the one source of the layout (tensor x context x data x pipeline parallel, Megatron-LM's rank order
+``tp-cp-ep-dp-pp``: tensor-parallel ranks are innermost, so a context-parallel group is strided by the
+tensor-parallel size). Every group gets the job's timeout, so a rank that dies or hangs ends the others
+with an error instead of a hang.
 
-Layout: CP groups are blocks of ``cp`` consecutive ranks (a CP group stays inside a node when ``cp``
-divides the ranks per node); DP groups take one rank of each CP group. megatron-core itself runs with
-tensor, pipeline and context parallel size 1: CP is done by our core attention, not by megatron.
+The CP backend of a rank runs over megatron's context-parallel group of that rank
+(``parallel_state.get_context_parallel_group()``) on the rank's local heads; its :class:`Topology`
+(nodes of consecutive group members) comes from the group's global ranks and torchrun's
+``LOCAL_WORLD_SIZE`` (:func:`cp_group_ranks`, :func:`cp_topology`), and every CP group gets a companion
+communicator over the same ranks (``dcp_backend.comm.register_companion_group``), so transfers that must
+overlap (LoongTrain's outer ring beside its inner ring) run on separate NCCL streams.
 """
 from __future__ import annotations
 
@@ -16,6 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import dcp_backend as cp
+
+ORDER = "tp-cp-ep-dp-pp"  # megatron-core's default rank order (Megatron-LM's too)
+
 
 @dataclass
 class DistEnv:
@@ -23,17 +32,54 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
     cp_group: object
     cp_rank: int
     cp_size: int
-    dp_group: object
-    dp_rank: int
+    cp_ranks: list  # global ranks of this rank's CP group, in group order
+    dp_rank: int  # data-parallel replica (the data shard); CP ranks of a replica share it
     dp_size: int
+    dp_cp_group: object  # gradients are reduced over data x context parallel ranks
     owns_process_group: bool  # we initialised torch.distributed (and tear it down)
 
     @property
     def is_last_rank(self) -> bool:
         return self.rank == self.world_size - 1
+
+
+def _rank_generator(world: int, tp: int, pp: int, cp_size: int):
+    from megatron.core.parallel_state import RankGenerator
+
+    return RankGenerator(tp=tp, ep=1, dp=world // (tp * pp * cp_size), pp=pp, cp=cp_size, order=ORDER)
+
+
+def cp_group_ranks(world: int, tp: int, pp: int, cp_size: int, rank: int = 0) -> list[int]:
+    """Global ranks of the context-parallel group that holds ``rank`` (megatron's layout; no process
+    group needed)."""
+    for ranks in _rank_generator(world, tp, pp, cp_size).get_ranks("cp"):
+        if rank in ranks:
+            return list(ranks)
+    raise ValueError(f"rank {rank} is not in a world of {world} ranks")
+
+
+def ranks_per_node(world: int) -> int:
+    """torchrun's ``LOCAL_WORLD_SIZE`` (ranks per node); the whole world when unset or not a divisor."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if local.isdigit() and int(local) > 0 and world % int(local) == 0:
+        return int(local)
+    return world
+
+
+def cp_topology(world: int, tp: int, pp: int, cp_size: int, devices_per_node: int | None = None) -> cp.Topology:
+    """The CP topology: ``devices_per_node`` when given (--cp-devices-per-node), else the nodes of a CP
+    group's members in a job of ``ranks_per_node(world)`` ranks per node. Every CP group has the same
+    shape in megatron's layout, so the group of rank 0 stands for all."""
+    if devices_per_node is not None:
+        return cp.Topology(cp_size, devices_per_node)
+    return cp.Topology.of_group(cp_group_ranks(world, tp, pp, cp_size), ranks_per_node(world))
 
 
 def init_process_group(backend: str, timeout_minutes: float) -> bool:
@@ -54,44 +100,46 @@ def init_process_group(backend: str, timeout_minutes: float) -> bool:
     return True
 
 
-def build_groups(cp_size: int, timeout_minutes: float, owns: bool) -> DistEnv:
+def build_groups(tp: int, pp: int, cp_size: int, timeout_minutes: float, owns: bool) -> DistEnv:
+    """megatron-core's parallel state for this layout, plus a companion communicator per CP group."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    if world % cp_size:
-        raise ValueError(f"context-parallel size {cp_size} does not divide the world size {world}")
-    timeout = datetime.timedelta(minutes=timeout_minutes)
-    from megatron.core import parallel_state
+    if world % (tp * pp * cp_size):
+        raise ValueError(f"tensor ({tp}) x pipeline ({pp}) x context ({cp_size}) parallel sizes do not divide "
+                         f"the world size {world}")
+    from megatron.core import parallel_state as ps
 
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=1, pipeline_model_parallel_size=1, context_parallel_size=1,
-            distributed_timeout_minutes=max(1, math.ceil(timeout_minutes)))
-    dp_size = world // cp_size
-    cp_group = dp_group = None
-    if dp_size == world:
-        dp_group = dist.group.WORLD
-    # Every rank must create every group, in the same order. Each CP group gets a second communicator
-    # over the same ranks (registered with dcp_backend.comm), so transfers that must overlap each other
-    # (LoongTrain's outer ring beside its inner ring) run on separate NCCL streams.
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp_size,
+            distributed_timeout_minutes=max(1, math.ceil(timeout_minutes)), order=ORDER,
+            create_gloo_process_groups=False)
+    # Every rank creates every companion group, in the same order.
     from dcp_backend import comm
 
-    for d in range(dp_size):
-        ranks = list(range(d * cp_size, (d + 1) * cp_size))
-        g = dist.group.WORLD if cp_size == world else dist.new_group(ranks, timeout=timeout)
-        companion = dist.new_group(ranks, timeout=timeout)
-        if rank in ranks:
-            cp_group = g
-            comm.register_companion_group(g, companion)
-    if dp_group is None:
-        for c in range(cp_size):
-            ranks = list(range(c, world, cp_size))
-            g = dist.new_group(ranks, timeout=timeout)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    cp_group = ps.get_context_parallel_group()
+    if cp_size > 1:
+        for ranks in _rank_generator(world, tp, pp, cp_size).get_ranks("cp"):
+            companion = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
-                dp_group = g
+                comm.register_companion_group(cp_group, companion)
     use_cuda = dist.get_backend() == "nccl"
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    return DistEnv(rank, world, local_rank, device, cp_group, rank % cp_size, cp_size, dp_group,
-                   rank // cp_size, dp_size, owns)
+    return DistEnv(
+        rank=rank, world_size=world, local_rank=local_rank, device=device,
+        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp,
+        pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=pp,
+        cp_group=cp_group, cp_rank=ps.get_context_parallel_rank(), cp_size=cp_size,
+        cp_ranks=list(ps.get_context_parallel_global_ranks()),
+        dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True), owns_process_group=owns)
+
+
+def layout_line(env: DistEnv, topology: cp.Topology) -> str:
+    return (f"> parallel layout: world {env.world_size} = tensor {env.tp_size} x context {env.cp_size} x "
+            f"data {env.dp_size} x pipeline {env.pp_size} (megatron-core order {ORDER}); this rank's CP group "
+            f"{env.cp_ranks} = {topology.nodes} node(s) x {topology.devices_per_node}")
 
 
 def teardown(env: DistEnv | None) -> None:

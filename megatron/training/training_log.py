@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 
 
@@ -43,6 +44,15 @@ def format_line(iteration: int, train_iters: int, m: dict) -> str:
     parts.append(f"number of skipped iterations: {m['skipped']:3d}")
     parts.append(f"number of nan iterations: {m['nan']:3d}")
     return " | ".join(parts) + " |"
+
+
+def validation_lines(prefix: str, loss: float) -> list[str]:
+    """Megatron-LM's validation block: `` validation loss at <prefix> | lm loss value: ... | lm loss PPL:
+    ... |`` between two dashed lines (prefix: ``iteration N``, ``the end of training for val data``, ...)."""
+    ppl = math.exp(min(20.0, loss))
+    text = f" validation loss at {prefix} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+    rule = "-" * (len(text) + 1)
+    return [rule, text, rule]
 
 
 class TrainingLogger:
@@ -99,11 +109,21 @@ class TrainingLogger:
             "learning_rate": last["learning_rate"],
             "global_batch_size": last["global_batch_size"],
             "lm_loss": sum(m["lm_loss"] for m in ok) / len(ok) if ok else None,
-            "loss_scale": 1.0,
+            "loss_scale": last.get("loss_scale", 1.0),
             "grad_norm": last["grad_norm"],
             "skipped": sum(int(m["skipped"]) for m in ms),
             "nan": sum(int(m["nan"]) for m in ms),
         }
+
+    def validation(self, name: str, m: dict, iteration: int) -> None:
+        """A validation or test result: a JSONL record and TensorBoard scalars (loss and perplexity)."""
+        if not self.enabled:
+            return
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"iteration": iteration, "split": name, **m}) + "\n")
+        if self._tb is not None:
+            self._tb.add_scalar(f"lm loss {name}", m["lm_loss"], iteration)
+            self._tb.add_scalar(f"lm loss {name} ppl", math.exp(min(20.0, m["lm_loss"])), iteration)
 
     def scalar(self, tag: str, value: float, iteration: int) -> None:
         if self._tb is not None:

@@ -46,10 +46,10 @@ def _per_token_losses(rank, world_size, seqlens, tokens):
 
     args = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length",
                        "64", "--train-iters", "1", "--mock-data", "uniform", "--vocab-size", "50",
-                       "--cp-backend", "zigzag", "--attention-mask", "causal"])
+                       "--cp-backend", "zigzag", "--attention-mask", "causal", "--position-embedding-type", "rope"])
     validate_args(args, world_size)
     args.padded_vocab_size = 128
-    env = build_groups(1, 1.0, owns=False)
+    env = build_groups(1, 1, 1, 1.0, owns=False)
     backend = cp.get_backend("zigzag", group=env.cp_group)
     torch.manual_seed(0)
     model, ctx = build_model(args, backend, env.device)

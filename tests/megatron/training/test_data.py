@@ -5,7 +5,7 @@ import torch
 
 import dcp_backend as cp
 from dcp_backend.batch import PackedBatch
-from megatron.training.data import (DocumentTooLongError, IndexedDocuments, MockDocuments, PlannedBatches,
+from megatron.training.data import (DocumentTooLongError, IndexedDocuments, MockDocuments, Packs, PlannedBatches,
                                     PlannerConfig, build_loader, build_schedule, micro_batch_indices)
 from tests.megatron.training.synthetic import documents, write_indexed
 
@@ -66,7 +66,7 @@ def test_each_rank_gets_exactly_its_planned_tokens(tmp_path, backend, options, w
         positions = PackedBatch.from_seqlens(seqlens).positions
         seen = []
         for rank in range(world):
-            mb = PlannedBatches(source, sched, PlannerConfig(backend, options, spec, rank, cp.Topology(world)))[g]
+            mb = PlannedBatches(Packs(source, sched), PlannerConfig(backend, options, spec, rank, cp.Topology(world)))[g]
             idx = mb.plan.local_indices(rank).numpy()
             seen.append(idx)
             assert torch.equal(mb.tokens, torch.from_numpy(full_in[idx]))
@@ -81,7 +81,7 @@ def test_worker_processes_deliver_the_same_batches(tmp_path):
     source = MockDocuments("ldc", 200, seed=3, max_len=200, vocab_size=50, scale=0.01)
     sched = build_schedule(source.lengths, seq_length=200, seed=2, split_long=False, num_micro_batches=6)
     spec = cp.AttentionSpec(4, 2, 8)
-    ds = PlannedBatches(source, sched, PlannerConfig("zigzag", {}, spec, 1, cp.Topology(2)), with_stats=True)
+    ds = PlannedBatches(Packs(source, sched), PlannerConfig("zigzag", {}, spec, 1, cp.Topology(2)), with_stats=True)
     inline = [ds[g] for g in range(6)]
     loaded = list(build_loader(ds, list(range(6)), num_workers=2, prefetch=2, timeout=120))
     assert [mb.index for mb in loaded] == list(range(6))
@@ -90,3 +90,52 @@ def test_worker_processes_deliver_the_same_batches(tmp_path):
         assert a.plan.fingerprint == b.plan.fingerprint
         assert np.array_equal(a.plan.local_indices(1).numpy(), b.plan.local_indices(1).numpy())
         assert a.attention_pairs == b.attention_pairs and b.plan_stats["comm_bytes_planned"] > 0
+
+
+def test_padding_for_sequence_parallelism_is_masked(tmp_path):
+    """Local rows padded to a multiple of the TP size: the plan's tokens first, then zeros with loss mask 0."""
+    source = MockDocuments("uniform", 40, seed=1, max_len=60, vocab_size=50)
+    sched = build_schedule(source.lengths, seq_length=64, seed=0, split_long=False, num_micro_batches=2)
+    spec = cp.AttentionSpec(2, 1, 8)
+    plain = PlannedBatches(Packs(source, sched), PlannerConfig("ring", {}, spec, 0, cp.Topology(3)))[0]
+    padded = PlannedBatches(Packs(source, sched), PlannerConfig("ring", {}, spec, 0, cp.Topology(3),
+                                                                pad_to_multiple=4))[0]
+    n = plain.num_real
+    assert padded.num_real == n and padded.tokens.numel() % 4 == 0 and padded.tokens.numel() - n < 4
+    assert torch.equal(padded.tokens[:n], plain.tokens) and torch.equal(padded.labels[:n], plain.labels)
+    assert padded.loss_mask[:n].sum() == n and padded.loss_mask[n:].sum() == 0
+
+
+def test_megatron_dataset_builder_splits_and_blends(tmp_path):
+    """--split divides each prefix's documents; a weighted --data-path mixes packs by weight; packs hold
+    whole documents within the budget; multi-sequence documents are read whole."""
+    from types import SimpleNamespace
+
+    from megatron.training.datasets import build_datasets
+
+    a_docs = [np.full(n, 7) for n in np.random.default_rng(0).integers(2, 40, size=200)]
+    b_docs = [np.full(n, 9) for n in np.random.default_rng(1).integers(2, 40, size=100)]
+    a = write_indexed(str(tmp_path / "a"), a_docs)
+    b = write_indexed(str(tmp_path / "b"), b_docs)
+    args = SimpleNamespace(mock_data=None, data_path=["0.25", a, "0.75", b], seed=3, seq_length=64, split="80,10,10",
+                           split_long_documents=False, mock_num_documents=0, mock_length_scale=1.0, train_iters=100,
+                           global_batch_size=4, eval_interval=50, eval_iters=2)
+    ds = build_datasets(args, vocab_size=16)
+    assert len(ds["train"]) >= 400 and len(ds["valid"]) >= 12 and len(ds["test"]) >= 8
+    picks = [ds["train"][i] for i in range(400)]
+    from_b = sum(int(p["inputs"][0] == 9) for p in picks)
+    assert 0.65 < from_b / 400 < 0.85  # weight 0.75
+    assert all(p["seqlens"].sum() <= 64 and p["inputs"].size == p["seqlens"].sum() for p in picks)
+    assert all(len(set(p["inputs"].tolist())) == 1 for p in picks)  # a pack comes from one prefix
+    # The splits hold different documents: the first 80% of a's documents train, the last 10% test.
+    train_lengths = {int(n) for p in picks if p["inputs"][0] == 7 for n in p["seqlens"]}
+    assert train_lengths <= {int(n) - 1 for n in map(len, a_docs[:160])}
+    # A document of several sequences (sentence-split data) is one document.
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+
+    builder = IndexedDatasetBuilder(get_bin_path(str(tmp_path / "s")), dtype=np.uint16)
+    builder.add_document(torch.tensor([1, 2, 3, 4, 5]), [2, 3])
+    builder.add_document(torch.tensor([6, 7]), [2])
+    builder.finalize(get_idx_path(str(tmp_path / "s")))
+    src = IndexedDocuments(str(tmp_path / "s"))
+    assert src.lengths.tolist() == [5, 2] and src.tokens(0, 1, 5).tolist() == [2, 3, 4, 5]
