@@ -6,7 +6,8 @@
 
 Setup as published: LongAlign- and LDC-shaped batches of 131072 tokens at length scales 0.5, 1, 2, 4
 (``dcp_backend.sim.benchmark_batches``), 8 query / 2 KV heads, head dim 128, bf16, 4 nodes x 8 devices; causal
-forward and backward for ring, zigzag, LoongTrain (best window), TE (a2a+p2p as published, and p2p) and
+forward and backward for ring, zigzag, LoongTrain (best window), TE (a2a+p2p as published, and p2p),
+Megatron-Core's hybrid CP (not in the paper; megatron-core's scheduler, best of two max_seqlen_per_rank) and
 DCP (best of block sizes 1024/2048/4096 and its static candidates); the sparse masks (lambda, shared
 question, causal blockwise) for DCP against the best baseline. Every plan is simulated under four
 settings: the H100 cost table with the H100 p5 network or the A100 p4d network (the published cluster's
@@ -56,7 +57,7 @@ MASKS = {"causal": {}, "lambda": {"sink": 64, "window": 4096},
 SETTINGS = {"p5": ("h100-p5", False), "p5-fused": ("h100-p5", True), "p4d": ("a100-p4d", False),
             "p4d-fused": ("a100-p4d", True)}
 LABELS = {"ring": "Ring", "zigzag": "Zigzag", "loongtrain": "LoongTrain", "te-a2a": "TE (a2a+p2p)", "te": "TE (p2p)",
-          "dcp": "DCP"}
+          "hybrid": "MCore hybrid CP", "dcp": "DCP"}
 
 
 def simulate(args) -> dict:
@@ -72,8 +73,8 @@ def simulate(args) -> dict:
     t_all = time.time()
     for mask in args.masks.split(","):
         nb = args.batches if mask == "causal" else args.mask_batches
-        backends = ("ring", "zigzag", "loongtrain", "te", "te-a2a", "dcp") if mask == "causal" else \
-            ("zigzag", "loongtrain", "te-a2a", "dcp")
+        backends = ("ring", "zigzag", "loongtrain", "te", "te-a2a", "hybrid", "dcp") if mask == "causal" else \
+            ("zigzag", "loongtrain", "te-a2a", "hybrid", "dcp")
         spec = cp.AttentionSpec(8, 2, 128, mask=mask, mask_args=MASKS[mask])
         for ds in args.datasets.split(","):
             for scale in (float(s) for s in args.scales.split(",")):
@@ -131,14 +132,15 @@ def tables(res) -> str:
     for setting in SETTINGS:
         lines.append(f"\n#### Causal, setting `{setting}` ({SETTINGS[setting][0]}, "
                      f"{'fused copies' if SETTINGS[setting][1] else 'executor copies as built'})\n")
-        lines.append("| dataset | pass | scale | Ring | Zigzag | LoongTrain | TE a2a+p2p | TE p2p | DCP | DCP hypergraph "
-                     "only | DCP speed-up (ours) | published speed-up | published ms (Ring/ZZ/LT/TE/DCP) |")
-        lines.append("|---|---|---|" + "---:|" * 10 + "---|")
+        lines.append("| dataset | pass | scale | Ring | Zigzag | LoongTrain | TE a2a+p2p | TE p2p | MCore hybrid | DCP | "
+                     "DCP hypergraph only | DCP speed-up (ours) | published speed-up | published ms "
+                     "(Ring/ZZ/LT/TE/DCP) |")
+        lines.append("|---|---|---|" + "---:|" * 11 + "---|")
         for ds in ("ldc", "longalign"):
             for which in ("fwd", "bwd"):
                 for s in scales:
                     m = {k: mean_ms(pts, ds, s, "causal", setting, k, which) for k in
-                         ("ring", "zigzag", "loongtrain", "te-a2a", "te", "dcp", "dcp-hypergraph")}
+                         ("ring", "zigzag", "loongtrain", "te-a2a", "te", "hybrid", "dcp", "dcp-hypergraph")}
                     if np.isnan(m["dcp"]):
                         continue
                     pub = PUBLISHED[(ds, which)][s if s != 1.0 else 1]
@@ -169,7 +171,7 @@ def tables(res) -> str:
     if masks:
         for setting in SETTINGS:
             lines.append(f"\n#### Sparse masks, setting `{setting}`: DCP speed-up over the best baseline "
-                         "(zigzag, LoongTrain, TE a2a+p2p with range masks)\n")
+                         "(zigzag, LoongTrain, TE a2a+p2p with range masks, MCore hybrid)\n")
             lines.append("| dataset | pass | " + " | ".join(f"{m} x{s:g}" for m in masks for s in scales) + " | published |")
             lines.append("|---|---|" + "---:|" * (len(masks) * len(scales)) + "---|")
             for ds in ("ldc", "longalign"):
@@ -190,19 +192,20 @@ def plot(res, fig_dir: str, setting: str = "p5") -> list[str]:
     pts = res["points"]
     scales = sorted({p["scale"] for p in pts})
     files = []
-    order = ["ring", "zigzag", "loongtrain", "te-a2a", "dcp"]
-    colors = {"ring": "#9e9e9e", "zigzag": "#607d8b", "loongtrain": "#4caf50", "te-a2a": "#2196f3", "dcp": "#e53935"}
+    order = ["ring", "zigzag", "loongtrain", "te-a2a", "hybrid", "dcp"]
+    colors = {"ring": "#9e9e9e", "zigzag": "#607d8b", "loongtrain": "#4caf50", "te-a2a": "#2196f3",
+              "hybrid": "#ff9800", "dcp": "#e53935"}
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
     for j, ds in enumerate(("ldc", "longalign")):
         for i, which in enumerate(("fwd", "bwd")):
             ax = axes[i, j]
             x = np.arange(len(scales))
-            wdt = 0.16
+            wdt = 0.8 / len(order)
             for k, lab in enumerate(order):
                 vals = [mean_ms(pts, ds, s, "causal", setting, lab, which) for s in scales]
-                ax.bar(x + (k - 2) * wdt, vals, wdt, label=LABELS[lab], color=colors[lab])
+                ax.bar(x + (k - (len(order) - 1) / 2) * wdt, vals, wdt, label=LABELS[lab], color=colors[lab])
             fused = [mean_ms(pts, ds, s, "causal", setting + "-fused", "dcp", which) for s in scales]
-            ax.scatter(x + 2 * wdt, fused, marker="_", s=200, color="black", zorder=3,
+            ax.scatter(x + (len(order) - 1) / 2 * wdt, fused, marker="_", s=200, color="black", zorder=3,
                        label="DCP, fused copies (what-if)")
             for xi, s in zip(x, scales):
                 up = speedup(pts, ds, s, "causal", setting, which)

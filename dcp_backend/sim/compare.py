@@ -9,7 +9,9 @@ settings (network, copy accounting) and keeps each backend's best configuration;
 reported alongside so the static candidates' contribution is visible.
 
 Labels: ``ring``, ``zigzag``, ``loongtrain``, ``te`` (p2p), ``te-a2a`` (a2a+p2p, head degree
-gcd(world, KV heads) as in the published baseline), ``dcp``, ``dcp-hypergraph``. TE's context
+gcd(world, KV heads) as in the published baseline), ``hybrid`` (Megatron-Core's hybrid CP: megatron-core's
+scheduler, per-sample TE p2p rings, at ``max_seqlen_per_rank`` = 1x and 2x the per-rank share of the
+batch, :data:`HYBRID_SEQLEN_FACTORS`), ``dcp``, ``dcp-hypergraph``. TE's context
 parallelism takes only causal and full masks; for other masks the TE plans model the published forked TE
 (range masks inside the same p2p / a2a+p2p schedules).
 """
@@ -34,8 +36,12 @@ from dcp_backend.registry import get_planner
 from dcp_backend.sim.simulator import simulate_plan
 from dcp_backend.topology import Topology
 
-ALL_BACKENDS = ("ring", "zigzag", "loongtrain", "te", "te-a2a", "dcp")
-BASELINES = ("ring", "zigzag", "loongtrain", "te", "te-a2a")
+ALL_BACKENDS = ("ring", "zigzag", "loongtrain", "te", "te-a2a", "hybrid", "dcp")
+BASELINES = ("ring", "zigzag", "loongtrain", "te", "te-a2a", "hybrid")
+# Megatron-Core hybrid CP: max_seqlen_per_rank as multiples of the per-rank share ceil(tokens / CP size)
+# (1: megatron's suggested starting point, the memory every other backend uses; 2: twice the activation
+# memory per micro-batch for smaller CP groups)
+HYBRID_SEQLEN_FACTORS = (1, 2)
 
 
 @dataclasses.dataclass
@@ -104,6 +110,16 @@ def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=AL
         elif name == "loongtrain":
             for w, plan in _lt_plans(batch, spec, topo, lt_windows):
                 add(name, f"hp={plan.head_parallel} window={w}", lambda plan=plan: plan)
+        elif name == "hybrid":
+            if n & (n - 1):
+                if log:
+                    log(f"  skipped hybrid: megatron-core's hybrid CP needs a power-of-two CP size, not {n}")
+                continue
+            share = -(-int(sum(seqlens)) // n)
+            for f in HYBRID_SEQLEN_FACTORS:
+                m = max(share * f, -(-max(seqlens) // n))
+                add(name, f"max_seqlen_per_rank={m} ({f}x share)",
+                    lambda m=m: get_planner("hybrid", max_seqlen_per_rank=m).plan(seqlens, spec, topo))
         elif name in ("te", "te-a2a"):
             ct = "p2p" if name == "te" else "a2a+p2p"
             plan, note = _te_plan(seqlens, spec, topo, ct)

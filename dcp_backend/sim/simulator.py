@@ -2,7 +2,8 @@
 
 ``simulate_plan(plan, cost_model, network, dtype)`` turns the plan into per-rank programs (DCP: its
 compiled instructions, :mod:`dcp_backend.sim.dcp`; ring / zigzag / LoongTrain / TE: their step schedules,
-:mod:`dcp_backend.sim.ring`), runs the forward and the backward pass through the event engine
+:mod:`dcp_backend.sim.ring`; Megatron-Core hybrid CP: its rounds of per-sample TE rings,
+:mod:`dcp_backend.sim.hybrid`), runs the forward and the backward pass through the event engine
 (:mod:`dcp_backend.sim.engine`) on the plan's topology, and returns a
 :class:`SimReport` that also carries the plan's :class:`~dcp_backend.contract.PlanStats` (the statistics
 dry runs print), so simulated times and counted bytes come from one object.
@@ -14,11 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dcp_backend.baselines.hybrid import HybridPlan
 from dcp_backend.baselines.ring_family import RingFamilyPlan
 from dcp_backend.baselines.te import TEPlan
 from dcp_backend.cost_model import CostModel, load_cost_model
 from dcp_backend.dcp.plan import DCPPlan
 from dcp_backend.sim import dcp as sim_dcp
+from dcp_backend.sim import hybrid as sim_hybrid
 from dcp_backend.sim import ring as sim_ring
 from dcp_backend.sim.op_costs import Costs
 from dcp_backend.sim.engine import Result, run
@@ -66,6 +69,11 @@ def _(plan: DCPPlan, backward: bool, costs: Costs, cache: dict | None = None) ->
 @plan_programs.register
 def _(plan: TEPlan, backward: bool, costs: Costs, cache: dict | None = None) -> list[list]:
     return sim_ring.te_programs(plan, backward, costs, {} if cache is None else cache)
+
+
+@plan_programs.register
+def _(plan: HybridPlan, backward: bool, costs: Costs, cache: dict | None = None) -> list[list]:
+    return sim_hybrid.hybrid_programs(plan, backward, costs, {} if cache is None else cache)
 
 
 @plan_programs.register

@@ -20,7 +20,7 @@ def test_simulate_prints_every_backend_and_the_speedup(capsys, tmp_path):
                           "--all-backends", "--dcp-block-sizes", "512", "--lt-windows", "1,2", "--quiet",
                           "--json", str(out), "--network", "a100-p4d"]) == 0
     text = capsys.readouterr().out
-    for label in ("ring", "zigzag", "loongtrain", "te ", "te-a2a", "dcp ", "dcp-hypergraph"):
+    for label in ("ring", "zigzag", "loongtrain", "te ", "te-a2a", "hybrid", "dcp ", "dcp-hypergraph"):
         assert f"\n{label}" in text
     assert "dcp speed-up over the best baseline, fwd:" in text and "bwd:" in text
     data = json.loads(out.read_text())

@@ -41,7 +41,7 @@ def test_plan_that_moves_nothing_waits_for_nothing():
         np.testing.assert_allclose(res.finish, res.compute)
 
 
-@pytest.mark.parametrize("name", ["ring", "zigzag", "loongtrain", "te", "te-a2a", "dcp"])
+@pytest.mark.parametrize("name", ["ring", "zigzag", "loongtrain", "te", "te-a2a", "hybrid", "dcp"])
 def test_more_bandwidth_never_slows_anything(name):
     seqlens = paper_batches("ldc", 1, 16384, 0.25, seed=3)[0]
     plan = _plan(name, seqlens, 8, 4, **({"block_size": 512} if name == "dcp" else {}))
@@ -68,6 +68,6 @@ def test_compare_batch_keeps_best_configurations():
     seqlens = paper_batches("longalign", 1, 16384, 0.25, seed=1)[0]
     res = compare_batch(seqlens, SPEC, Topology.grid(2, 4), "h100", "a100-p4d", "bf16",
                         dcp_block_sizes=(512, 1024))
-    assert set(res) == {"ring", "zigzag", "loongtrain", "te", "te-a2a", "dcp", "dcp-hypergraph"}
+    assert set(res) == {"ring", "zigzag", "loongtrain", "te", "te-a2a", "hybrid", "dcp", "dcp-hypergraph"}
     assert res["dcp"].total_ms <= res["dcp-hypergraph"].total_ms
     assert all(e.fwd_ms > 0 and e.bwd_ms > 0 for e in res.values())
