@@ -64,7 +64,8 @@ def simulate(args) -> dict:
     cm = load_cost_model(args.cost_model)
     topo = Topology.grid(4, 8)
     out = {"date": datetime.date.today().isoformat(), "command": "python tools/reproduce_paper.py "
-           + " ".join(sys.argv[1:]), "cost_model": cm.describe(), "settings": SETTINGS, "points": []}
+           + " ".join(sys.argv[1:]), "cost_model": cm.describe(), "kernel": args.kernel, "settings": SETTINGS,
+           "points": []}
     path = os.path.join(args.out, "results.json")
     if os.path.exists(path) and not args.fresh:
         with open(path) as f:
@@ -90,7 +91,7 @@ def simulate(args) -> dict:
                              "plan_seconds": {c.label + " " + c.config: c.plan_seconds for c in cands}, "results": {}}
                     cache: dict = {}
                     for sname, (net, fused) in SETTINGS.items():
-                        res = simulate_candidates(cands, cm, net, "bf16", fused, cache=cache)
+                        res = simulate_candidates(cands, cm, net, "bf16", fused, cache=cache, kernel=args.kernel)
                         point["results"][sname] = {k: {"fwd_ms": e.fwd_ms, "bwd_ms": e.bwd_ms, "config": e.config}
                                                    for k, e in res.items()}
                     out["points"].append(point)
@@ -268,6 +269,9 @@ def main(argv=None) -> int:
     p.add_argument("--mask-batches", type=int, default=2, help="batches per sparse-mask point")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cost-model", default="h100")
+    p.add_argument("--kernel", default="auto", choices=["auto", "flash", "table"],
+                   help="block-kernel costs for every backend (auto: flash-attn for full/causal segments where the "
+                        "table has a flash companion; table: the table's kernel everywhere)")
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("--fresh", action="store_true", help="ignore an existing results.json (default: resume)")
     args = p.parse_args(argv)

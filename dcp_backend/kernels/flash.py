@@ -110,6 +110,15 @@ def split_work(work: AttnWork) -> FlashSplit:
     return FlashSplit(parts, general, gq, gk, keyless)
 
 
+def split_works(work: AttnWork) -> tuple[list, AttnWork | None]:
+    """``([(causal, AttnWork)] of the flash parts, the general sub-work)``: the calls this kernel makes for
+    ``work`` (the simulator's cost model prices each). Cached with the kernel's state."""
+    st = flash_state(work)
+    if st.part_works is None:
+        st.part_works = [(p.causal, AttnWork(p.cu_q, p.cu_k, work.ranges[p.q_rows])) for p in st.split.flash]
+    return st.part_works, st.split.general
+
+
 @dataclass(eq=False)
 class FlashState:
     """The kernel's entry of ``AttnWork.kernel_state``: the split and its row tables (one upload each)."""
@@ -117,6 +126,7 @@ class FlashState:
     split: FlashSplit
     rows: HostTables  # int64: per part q rows, k rows; general q rows, k rows; keyless rows
     cu: HostTables  # int32: per part cu_q, cu_k
+    part_works: list | None = None  # the flash parts as works (for the cost model), built on demand
 
 
 def flash_state(work: AttnWork) -> FlashState:

@@ -144,9 +144,11 @@ def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=AL
 
 
 def simulate_candidates(cands: list[Candidate], cost_model, network, dtype="bf16", fused_copies: bool = False,
-                        log=None, cache: dict | None = None) -> dict:
+                        log=None, cache: dict | None = None, kernel: str = "auto") -> dict:
     """Simulate every candidate; keep each label's best (forward + backward): {label: Entry}. ``cache``
-    (kernel costs of the ring-family plans) may be shared by calls with the same cost model and dtype."""
+    (kernel costs of the ring-family plans, keyed by the kernel costs too) may be shared by calls.
+    ``kernel``: the kernel routing of :func:`~dcp_backend.sim.simulator.simulate_plan` (the same for every
+    backend: each runs full and causal segments on flash-attn under ``"auto"``/``"flash"``)."""
     cm = load_cost_model(cost_model) if not isinstance(cost_model, CostModel) else cost_model
     cache = {} if cache is None else cache
     out: dict = {}
@@ -157,7 +159,8 @@ def simulate_candidates(cands: list[Candidate], cost_model, network, dtype="bf16
 
     for c in cands:
         t0 = time.perf_counter()
-        rep = simulate_plan(c.plan, cm, network, dtype, label=c.label, cache=cache, fused_copies=fused_copies)
+        rep = simulate_plan(c.plan, cm, network, dtype, label=c.label, cache=cache, fused_copies=fused_copies,
+                            kernel=kernel)
         e = Entry(c.label, rep.fwd_ms, rep.bwd_ms, c.config, rep, time.perf_counter() - t0)
         if log:
             log(f"  {c.label:10s} {c.config:34s} fwd {e.fwd_ms:8.3f} ms  bwd {e.bwd_ms:8.3f} ms  "
@@ -171,7 +174,7 @@ def simulate_candidates(cands: list[Candidate], cost_model, network, dtype="bf16
 def compare_batch(seqlens, spec: cp.AttentionSpec, topo: Topology, cost_model: CostModel | str, network,
                   dtype="bf16", backends=ALL_BACKENDS, dcp_block_sizes=(1024, 2048, 4096), dcp_options=None,
                   lt_windows=None, dcp_candidates=("hypergraph", "zigzag", "zigzag2d"), log=None,
-                  fused_copies: bool = False) -> dict:
+                  fused_copies: bool = False, kernel: str = "auto") -> dict:
     """Plan and simulate: each backend's best configuration, {label: Entry}."""
     cm = load_cost_model(cost_model) if not isinstance(cost_model, CostModel) else cost_model
     if dcp_options is None:
@@ -179,7 +182,7 @@ def compare_batch(seqlens, spec: cp.AttentionSpec, topo: Topology, cost_model: C
     esize = element_size(dtype)
     cands = candidate_plans(seqlens, spec, topo, backends, dcp_block_sizes, dcp_options, lt_windows, dcp_candidates,
                             esize, log)
-    return simulate_candidates(cands, cm, network, dtype, fused_copies, log)
+    return simulate_candidates(cands, cm, network, dtype, fused_copies, log, kernel=kernel)
 
 
 def best_baseline(entries: dict, which: str) -> tuple[str, float]:

@@ -79,7 +79,8 @@ def _(plan: HybridPlan, backward: bool, costs: Costs, cache: dict | None = None)
 @plan_programs.register
 def _(plan: RingFamilyPlan, backward: bool, costs: Costs, cache: dict | None = None) -> list[list]:
     cache = {} if cache is None else cache
-    key = ("ring", plan.layout, plan.head_parallel)  # the layout object itself: plans of LoongTrain windows share it
+    # the layout object itself: plans of LoongTrain windows share it
+    key = ("ring", plan.layout, plan.head_parallel, costs.kernel_key)
     rc = cache.get(key)
     if rc is None:
         rc = cache[key] = sim_ring.RingCosts(plan, costs)
@@ -88,12 +89,15 @@ def _(plan: RingFamilyPlan, backward: bool, costs: Costs, cache: dict | None = N
 
 def simulate_plan(plan, cost_model: CostModel | str | None = "h100", network: NetworkModel | str = "h100-p5",
                   dtype="bf16", label: str | None = None, with_stats: bool = True, cache: dict | None = None,
-                  bandwidth_scale: float = 1.0, fused_copies: bool = False) -> SimReport:
+                  bandwidth_scale: float = 1.0, fused_copies: bool = False, kernel: str = "auto") -> SimReport:
+    """``kernel``: which block kernel's costs (:mod:`dcp_backend.sim.op_costs`): ``"auto"`` = flash-attn for
+    full and causal segments where the cost table has a flash companion (every backend at its best GPU
+    kernel), ``"flash"``, or ``"table"`` (the table's own kernel for every segment)."""
     cm = load_cost_model(cost_model) if not isinstance(cost_model, CostModel) else cost_model
     net = get_network(network)
     if bandwidth_scale != 1.0:
         net = net.scaled(bandwidth=bandwidth_scale)
-    costs = Costs.make(cm, dtype, plan.spec.head_dim, fused_copies)
+    costs = Costs.make(cm, dtype, plan.spec.head_dim, fused_copies, kernel)
     links = Links(plan.topology, net)
     cache = {} if cache is None else cache
     res = {}
@@ -109,10 +113,10 @@ def simulate_plan(plan, cost_model: CostModel | str | None = "h100", network: Ne
     return SimReport(plan.backend_name, label or plan.backend_name, res[False], res[True], stats)
 
 
-def compute_only_seconds(plan, cost_model, dtype, backward: bool) -> np.ndarray:
+def compute_only_seconds(plan, cost_model, dtype, backward: bool, kernel: str = "auto") -> np.ndarray:
     """Per-rank compute seconds of a plan (no communication): the simulator's compute for each rank."""
     cm = load_cost_model(cost_model) if not isinstance(cost_model, CostModel) else cost_model
-    costs = Costs.make(cm, dtype, plan.spec.head_dim)
+    costs = Costs.make(cm, dtype, plan.spec.head_dim, kernel=kernel)
     progs = plan_programs(plan, backward, costs)
     from dcp_backend.sim.engine import Compute
 
