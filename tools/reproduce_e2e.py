@@ -23,19 +23,18 @@ tables used in docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared driver, also when run as a script
 
-from dcp_backend.sim.benchmark_batches import describe, paper_batches
+from dcp_backend.sim.benchmark_batches import paper_batches
 from dcp_backend.sim.compare import BASELINES
 from dcp_backend.sim.e2e import E2ESetup, best_iterations, e2e_candidates
+from reproduce_paper import add_driver_args, drive, open_results, save_figure, save_results
 
 MASKS = {"causal": {}, "lambda": {"sink": 64, "window": 4096}}
 # Published iteration seconds, MLM -> DCP (dcp_reference.md section 8, decoded from the reference figures)
@@ -63,14 +62,8 @@ def simulate(args) -> dict:
     networks = args.networks.split(",")
     setups = {net: E2ESetup(tp=args.tp, nodes=args.nodes, gpus_per_node=args.gpus_per_node, network=net)
               for net in networks}
-    path = os.path.join(args.out, "results.json")
-    out = {"date": datetime.date.today().isoformat(), "command": "python tools/reproduce_e2e.py "
-           + " ".join(sys.argv[1:]), "kernel": args.kernel, "cost_model": args.cost_model,
-           "cluster": {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "tp": args.tp}, "points": []}
-    if os.path.exists(path) and not args.fresh:
-        with open(path) as f:
-            out = json.load(f)
-    done = {(p["dataset"], p["msl"], p["mask"], p["batch"]) for p in out["points"]}
+    out, path, done = open_results(args, {"cost_model": args.cost_model, "cluster": {
+        "nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "tp": args.tp}}, ("dataset", "msl", "mask", "batch"))
     t_all = time.time()
     for mask in args.masks.split(","):
         for ds in args.datasets.split(","):
@@ -94,11 +87,8 @@ def simulate(args) -> dict:
                           f"{time.time() - t0:.0f}s; {networks[0]} dcp {r['dcp']['iteration_s']:.3f} s, "
                           f"te-a2a {r['te-a2a']['iteration_s']:.3f} s, hybrid {r['hybrid']['iteration_s']:.3f} s",
                           flush=True)
-                    with open(path, "w") as f:
-                        json.dump(out, f)
-    out["wall_seconds"] = out.get("wall_seconds", 0) + time.time() - t_all
-    with open(path, "w") as f:
-        json.dump(out, f)
+                    save_results(path, out)
+    save_results(path, out, t_all)
     return out
 
 
@@ -203,21 +193,14 @@ def plot(res, fig_dir: str) -> list[str]:
                      "labels: DCP over the best baseline / over MLM (TE a2a+p2p) (published A100 speed-up over MLM)",
                      fontsize=9)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
-        for ext in ("png", "pdf"):
-            f = os.path.join(fig_dir, f"fig14_15_e2e_{net}.{ext}")
-            fig.savefig(f, dpi=150)
-            files.append(f)
-        plt.close(fig)
+        files += save_figure(fig, fig_dir, f"fig14_15_e2e_{net}")
     return files
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/e2e")
-    p.add_argument("--figures", default=os.path.join(ROOT, "docs", "figures"))
-    p.add_argument("--datasets", default="ldc,longalign")
+    add_driver_args(p, "runs/e2e", "causal,lambda")
     p.add_argument("--msl", default="16384,32768,65536,131072", help="tokens per batch (= max sequence length)")
-    p.add_argument("--masks", default="causal,lambda")
     p.add_argument("--batches", type=int, default=2, help="batches per point")
     p.add_argument("--networks", default="a100-p4d,h100-p5")
     p.add_argument("--nodes", type=int, default=8)
@@ -225,28 +208,7 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, default=4)
     p.add_argument("--dcp-block-sizes", default=None, help="DCP block sizes (default: per tokens per batch, "
                    "around the published best configurations)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--cost-model", default="h100")
-    p.add_argument("--kernel", default="auto", choices=["auto", "flash", "table"])
-    p.add_argument("--plot-only", action="store_true")
-    p.add_argument("--fresh", action="store_true", help="ignore an existing results.json (default: resume)")
-    args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    os.makedirs(args.figures, exist_ok=True)
-    if args.plot_only:
-        with open(os.path.join(args.out, "results.json")) as f:
-            res = json.load(f)
-    else:
-        res = simulate(args)
-    files = plot(res, args.figures)
-    print(tables(res))
-    for ds in ("ldc", "longalign"):
-        for msl in sorted({p["msl"] for p in res["points"]}):
-            b = [p["seqlens"] for p in res["points"] if p["dataset"] == ds and p["msl"] == msl and p["mask"] == "causal"]
-            if b:
-                print(f"batches {ds} {msl}: {describe(b)}")
-    print("wrote", ", ".join(files))
-    return 0
+    return drive(p.parse_args(argv), simulate, plot, tables, "msl", lambda m: f"{m // 1024}K")
 
 
 if __name__ == "__main__":
