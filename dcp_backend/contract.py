@@ -73,8 +73,9 @@ def positive_int(owner: str, name: str, value, allow_none: bool = False) -> None
 class KernelOptions(BackendOptions):
     """Options of backends that run the library's block kernel."""
 
-    kernel: str = option("auto", "block kernel: auto (cpu_flash on CPU, flex on CUDA), cpu_flash, flex or "
-                                 "reference (see dcp_backend.kernels)")
+    kernel: str = option("auto", "block kernel: auto (cpu_flash on CPU; on CUDA flash where flash-attn is installed, "
+                                 "else flex), cpu_flash, flex, flash (flash-attn for full and causal segments, flex "
+                                 "for the rest) or reference (see dcp_backend.kernels)")
 
     def validate(self) -> None:
         super().validate()

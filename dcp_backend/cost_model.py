@@ -20,6 +20,11 @@ style: only tiles with a visible pair, tiles of ``tile`` = [q, kv] rows, tiled p
 ``"dense_unless_causal"`` (ATen's CPU flash kernel: a masked or full segment computes every pair; a
 square causal segment uses the causal path).
 
+A table may be *derived* from another kernel's measurements (``pair_scale``: the pair coefficients of
+each pass multiplied by a factor after fitting, :func:`derive_flash_table`): the flash-attn table
+``h100_flash.json`` is the FlexAttention table with its per-pair cost scaled so a dense causal document
+runs at the measured SDPA rate (no flash-attn kernel was measured).
+
 For each (dtype, head_dim, pass) the model fits non-negative coefficients of the features (except those
 the table pins in ``fixed``, e.g. a call overhead the points cannot separate from per-row cost) to the
 table's points (least squares on relative error; with the table's ``outlier_factor``, points that far
@@ -56,7 +61,13 @@ from dcp_backend.errors import CPError
 
 FEATURES = ("calls", "segs", "rows", "pairs_full", "pairs_partial", "pairs_causal")
 TABLE_DIR = Path(__file__).resolve().parent / "cost_tables"
-SHIPPED = {"h100": "h100.json", "cpu": "cpu.json"}
+SHIPPED = {"h100": "h100.json", "h100_flash": "h100_flash.json", "cpu": "cpu.json"}
+# The flash-attn table (full and causal segments) that goes with a table of another kernel, by table name
+FLASH_COMPANION = {"h100": "h100_flash"}
+PAIR_FEATURES = ("pairs_full", "pairs_partial", "pairs_causal")
+# One measured dense causal rate on an H100 (bf16, 32 query / 8 KV heads, head dim 128, one 32K-token
+# document): SDPA about 587-590 TFLOP/s forward (docs/research, shared DESIGN.md and data/README.md)
+SDPA_CAUSAL_TFLOPS = 587.0
 
 # Analytic fallback constants (documented assumptions, not measurements):
 # h100: FlexAttention's measured plateau (~440 TFLOP/s forward, DESIGN.md) rounded down; HBM copy
@@ -356,6 +367,10 @@ class CostModel:
                         for i in np.nonzero(~keep)[0]]
             self.excluded.extend(excluded)
             ratio = np.log(y[keep] / np.maximum(pred[keep], 1e-30))
+            scale = float(self.table.get("pair_scale", {}).get(key[2], 1.0))  # a derived kernel: per-pair cost x
+            if scale != 1.0:
+                coef = coef.copy()
+                coef[[FEATURES.index(f) for f in PAIR_FEATURES]] *= scale
             self._fits[key] = KernelFit(coef, coords[keep], ratio, excluded)
 
     def fit_for(self, dtype, head_dim: int, backward: bool) -> KernelFit | None:
@@ -475,6 +490,44 @@ def table_from_block_costs(path: str, command: str = "") -> dict:
         "copy": {"bytes_per_s": bw / 2, "overhead_s": 5e-6},
         "points": pts,
     }
+
+
+def derive_flash_table(flex_table: dict, tflops: float = SDPA_CAUSAL_TFLOPS, doc_tokens: int = 32768,
+                       heads: int = 32, head_dim: int = 128, dtype: str = "bf16", command: str = "") -> dict:
+    """A flash-attn cost table derived from a FlexAttention table and one measured dense causal rate.
+
+    No flash-attn kernel was measured; SDPA's dense causal forward (the same FlashAttention-class kernels)
+    was: ``tflops`` on one ``doc_tokens`` causal document. The derived table keeps the FlexAttention
+    points, fit and residual interpolation (shape effects), and multiplies the per-pair coefficients of
+    both passes by one factor chosen so that the model gives exactly ``tflops`` on that document forward.
+    Per-call, per-segment and per-row costs are kept (assumed kernel-independent), and the backward gets
+    the forward's factor (assumed: no flash-attn backward rate was measured).
+    """
+    base = CostModel(flex_table, analytic=flex_table.get("analytic", "h100"))
+    work = calibration_work(1, doc_tokens, doc_tokens, "causal_last")
+    flops = 4.0 * work.num_pairs() * heads * head_dim
+    t1 = base.work_seconds(work, heads, head_dim, dtype)
+    t0 = CostModel(dict(flex_table, pair_scale={"fwd": 0.0, "bwd": 0.0}),
+                   analytic=flex_table.get("analytic", "h100")).work_seconds(work, heads, head_dim, dtype)
+    target = flops / (tflops * 1e12)
+    if not t0 < target < t1:
+        raise CPError(f"derive_flash_table: the measured rate {tflops} TFLOP/s is not faster than the base table's "
+                      f"{flops / t1 / 1e12:.0f} on that document (or overheads alone exceed it)")
+    rho = (target - t0) / (t1 - t0)
+    out = dict(flex_table)
+    out.update(
+        name=f"{flex_table.get('name', 'table')}_flash", kernel="flash", pair_scale={"fwd": rho, "bwd": rho},
+        date=datetime.date.today().isoformat(), command=command,
+        source=(f"derived by tools/calibrate.py --derive-flash from the {flex_table.get('kernel', '?')} table "
+                f"{flex_table.get('name', '?')!r} (its points, fit and interpolation) with every per-pair cost x "
+                f"{rho:.4f}, so a dense causal {doc_tokens}-token document ({heads} heads, head dim {head_dim}, "
+                f"{dtype}) runs at the measured SDPA rate of {tflops:g} TFLOP/s forward (base table: "
+                f"{flops / t1 / 1e12:.0f}); backward scaled alike (no flash-attn backward was measured)"),
+        derived={"from": flex_table.get("name"), "from_kernel": flex_table.get("kernel"), "sdpa_tflops": tflops,
+                 "doc_tokens": doc_tokens, "heads": heads, "head_dim": head_dim, "dtype": dtype,
+                 "base_tflops": flops / t1 / 1e12, "pair_scale": rho},
+    )
+    return out
 
 
 def read_table(path: str) -> dict:

@@ -19,6 +19,7 @@ _BUILTIN = {
     "zigzag": "dcp_backend.baselines.zigzag:ZigzagBackend",
     "loongtrain": "dcp_backend.baselines.loongtrain:LoongTrainBackend",
     "te": "dcp_backend.baselines.te:TEBackend",
+    "hybrid": "dcp_backend.baselines.hybrid:HybridBackend",
     "dcp": "dcp_backend.dcp.backend:DCPBackend",
 }
 _REGISTRY: dict[str, type[CPBackend]] = {}

@@ -6,6 +6,8 @@
     python tools/calibrate.py --from-jsonl h100_block_costs.jsonl \
         --out dcp_backend/cost_tables/h100.json                                         # convert H100 rows
     python tools/calibrate.py --check dcp_backend/cost_tables/cpu.json                  # fit quality
+    python tools/calibrate.py --derive-flash dcp_backend/cost_tables/h100.json \
+        --out dcp_backend/cost_tables/h100_flash.json                                   # flash-attn, derived
 
 The grid is (q length, kv length, mask / unmasked fraction, heads, head dim, dtype); each point is a
 synthetic work of equal segments (``dcp_backend.cost_model.calibration_work``) sized to a fixed amount of
@@ -27,7 +29,8 @@ import numpy as np
 import torch
 
 
-from dcp_backend.cost_model import CostModel, calibration_work, read_table, table_from_block_costs, write_table
+from dcp_backend.cost_model import (SDPA_CAUSAL_TFLOPS, CostModel, calibration_work, derive_flash_table, read_table,
+                                    table_from_block_costs, write_table)
 from dcp_backend.kernels import get_kernel
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -56,6 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--check", help="print measured vs fitted time for every point of this table")
     p.add_argument("--copy-only", help="re-measure only the copy bandwidth of this table (in place)")
     p.add_argument("--append", help="measure the grid and add its points to this table (in place)")
+    p.add_argument("--derive-flash", metavar="TABLE",
+                   help="derive a flash-attn table from this (FlexAttention) table and --sdpa-tflops (no flash-attn "
+                        "measurement: see dcp_backend.cost_model.derive_flash_table)")
+    p.add_argument("--sdpa-tflops", type=float, default=SDPA_CAUSAL_TFLOPS,
+                   help=f"measured dense causal SDPA forward TFLOP/s on one 32K document (default {SDPA_CAUSAL_TFLOPS:g})")
     return p.parse_args(argv)
 
 
@@ -238,7 +246,12 @@ def main(argv=None) -> int:
     if not args.out:
         raise SystemExit("--out is required (or --check)")
     command = "python tools/calibrate.py " + " ".join(sys.argv[1:])
-    table = table_from_block_costs(args.from_jsonl, command) if args.from_jsonl else measure(args)
+    if args.derive_flash:
+        table = derive_flash_table(read_table(args.derive_flash), args.sdpa_tflops, command=command)
+    elif args.from_jsonl:
+        table = table_from_block_costs(args.from_jsonl, command)
+    else:
+        table = measure(args)
     write_table(table, args.out)  # must fit
     print(f"wrote {args.out} ({len(table['points'])} points)")
     return 0

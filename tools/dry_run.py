@@ -2,7 +2,8 @@
 """Plan context-parallel attention for batches without GPUs: DCP statistics beside the static baselines.
 
 For every batch the tool makes a DCP plan (blocks, hypergraph placement, schedules, and the compiled
-programs of *all* devices) and the ring, zigzag, LoongTrain and TE plans for the same lengths, mask and
+programs of *all* devices) and the ring, zigzag, LoongTrain, TE and Megatron-Core hybrid CP plans (the
+latter from megatron-core's own scheduler; power-of-two CP sizes only) for the same lengths, mask and
 topology, and reports what each would move and balance: forward/backward bytes inter- and intra-node
 (totals and per device), compute per device and its imbalance (max/mean), memory per device, and for
 DCP the stages, instructions and planning seconds per phase. Nothing runs on a device.
@@ -54,7 +55,7 @@ from dcp_backend.registry import plan_each
 from dcp_backend.masks import count_pairs, parse_mask_args, resolve_mask_args
 from dcp_backend.workloads import DATASETS, checked_batch, dataset_batches, read_seqlens_file
 
-BASELINES = ("ring", "zigzag", "loongtrain", "te")
+BASELINES = ("ring", "zigzag", "loongtrain", "te", "hybrid")
 BYTE_KEYS = ("fwd_inter_node_bytes", "bwd_inter_node_bytes", "fwd_intra_node_bytes", "bwd_intra_node_bytes")
 FIGURE_KEYS = BYTE_KEYS + ("compute_imbalance", "memory_imbalance", "max_device_memory_bytes")
 PHASES = ("blocks", "partition", "schedule", "compile")
@@ -138,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--verify", action="store_true", help="also check every DCP plan with the symbolic verifier")
     o = p.add_argument_group("output")
     o.add_argument("--baselines", default=",".join(BASELINES),
-                   help="baselines planned beside DCP, comma-separated, or 'none' (default: all four)")
+                   help="baselines planned beside DCP, comma-separated, or 'none' (default: all five)")
     o.add_argument("--json", action="store_true", help="one JSON object per batch on stdout")
     o.add_argument("--sweep", action="store_true", help="run the published dry-run grids into --out (CSV)")
     o.add_argument("--grid", default="paper", choices=sorted(GRIDS), help="sweep grid (default paper)")
@@ -281,7 +282,8 @@ def _baseline_figures(st, seconds: float) -> dict:
     d = st.as_dict()
     out = {k: d[k] for k in FIGURE_KEYS}
     out["planning_seconds"] = seconds
-    for k in ("head_parallel", "window", "cp_comm_type", "padding_fraction"):
+    for k in ("head_parallel", "window", "cp_comm_type", "padding_fraction", "max_seqlen_per_rank", "rounds",
+              "group_sizes"):
         if k in d:
             out[k] = d[k]
     out["fwd_bytes_per_rank"] = d.get("fwd_bytes_per_rank")

@@ -10,7 +10,11 @@ On a machine with 1 to 8 GPUs it runs, then prints one table and exits non-zero 
    (max |error| / max |oracle|): out and lse 5e-3 in fp32 (TF32 may be used), 3e-2 in bf16; gradients
    1e-2 in fp32, 6e-2 in bf16. It also fails on any eager-fallback or recompile-limit warning, counts the
    graphs compiled over 10 different plans (at most 3 expected with dynamic shapes), and reports flex
-   forward and forward+backward TFLOP/s against SDPA causal on one 32K-token document.
+   forward and forward+backward TFLOP/s against SDPA causal on one 32K-token document. Then the
+   ``flash`` kernel (flash-attn varlen for full and causal segments, flex for the rest) on the same
+   works plus DCP-like stage works (query blocks against several key blocks, causal on the last), same
+   oracle and tolerances, and its TFLOP/s on the 32K document; where flash-attn is not installed one
+   row says so (``auto`` then uses flex).
 2. **dist** (all visible GPUs, NCCL, 120 s process-group timeout): every backend (TE where installed) on a
    small ragged batch and on a 128K-token long-tailed batch, forward and backward, checked against the
    float64 oracle on each rank's tokens; steady-state ms and TFLOP/s per backend.
@@ -270,8 +274,64 @@ def kernel_section(rep: Report, device, quick: bool) -> None:
         _throughput(rep, kern, device)
 
 
-def _throughput(rep: Report, kern, device) -> None:
-    """Flex forward and forward+backward TFLOP/s against SDPA causal on one 32K causal document."""
+def stage_work(rng, block: int = 512, max_blocks: int = 6):
+    """DCP-like stage work: query blocks, each against 1-``max_blocks`` key blocks of its document, causal on
+    the last (bottom-right causal segments) or all earlier ones (full segments)."""
+    from dcp_backend.kernels import AttnWork
+
+    qlens, klens, ranges = [], [], []
+    for _ in range(int(rng.integers(3, 8))):
+        nk = int(rng.integers(1, max_blocks + 1))
+        kl = nk * block
+        i = np.arange(block)
+        end = kl - block + i + 1 if rng.random() < 0.6 else np.full(block, kl)
+        ranges.append(np.stack([np.zeros(block, np.int64), end], -1)[:, None])
+        qlens.append(block)
+        klens.append(kl)
+    cu = lambda x: np.concatenate([[0], np.cumsum(x)])  # noqa: E731
+    return AttnWork(cu(qlens), cu(klens), np.concatenate(ranges))
+
+
+def flash_section(rep: Report, device, quick: bool) -> None:
+    """The flash kernel against the oracle (CUDA with flash-attn only; otherwise one row saying why)."""
+    from dcp_backend.kernels.flash import flash_attn_installed
+
+    if device.type != "cuda" or not flash_attn_installed():
+        why = "no CUDA" if device.type != "cuda" else "flash-attn is not installed"
+        rep.add("kernel", "flash (flash-attn varlen + flex)", None,
+                f"{why}: not checked; kernel 'auto' uses flex here (install the gpu extra / Dockerfile image)")
+        return
+    from dcp_backend.kernels import get_kernel
+
+    kern = get_kernel("flash", device)
+    rng = np.random.default_rng(1)
+    for dtype, d in ((torch.bfloat16, 128), (torch.float16, 64)):
+        works = [("random ranges", random_work(rng, 1500)), ("dcp-like stage", stage_work(rng)),
+                 ("dcp-like stage #2", stage_work(rng, 1024, 4))]
+        works += [(f"causal {n / 1024:g}K", causal_work(n)) for n in ([1024] if quick else [1024, 8192])]
+        for label, work in works:
+            q, k, v, do = tensors(work, 8, 2, d, dtype, device, seed=work.total_q + 11)
+            name = f"flash {label} {str(dtype)[6:]} d{d} h8/2"
+            try:
+                with torch.no_grad():
+                    out, lse = kern.forward(q, k, v, work, 1 / math.sqrt(d))
+                dq, dk, dv = kern.backward(do, q, k, v, out, lse, work, 1 / math.sqrt(d))
+                ref = oracle(q, k, v, do, work, 1 / math.sqrt(d))
+                t_out, t_grad = TOL[torch.bfloat16]
+                errs = {"out": rel(out, ref[0]), "lse": rel(lse, ref[1]), "dq": rel(dq, ref[2]),
+                        "dk": rel(dk, ref[3]), "dv": rel(dv, ref[4])}
+                same_empty = torch.equal(torch.isneginf(lse), torch.isneginf(ref[1]))
+                ok = same_empty and all(e <= (t_out if key in ("out", "lse") else t_grad) for key, e in errs.items())
+                rep.add("kernel", name, ok, " ".join(f"{key}={e:.1e}" for key, e in errs.items())
+                        + ("" if same_empty else " empty rows differ"))
+            except Exception as exc:  # noqa: BLE001 - every failure is a table row
+                rep.add("kernel", name, False, f"{type(exc).__name__}: {str(exc)[:160]}")
+    if not quick:
+        _throughput(rep, kern, device, "flash")
+
+
+def _throughput(rep: Report, kern, device, label: str = "flex") -> None:
+    """Kernel forward and forward+backward TFLOP/s against SDPA causal on one 32K causal document."""
     n, h, hkv, d = 32768, 32, 8, 128
     work = causal_work(n)
     q, k, v, do = tensors(work, h, hkv, d, torch.bfloat16, device, seed=7)
@@ -289,10 +349,10 @@ def _throughput(rep: Report, kern, device) -> None:
 
     s_fb = _timed(sdpa_fb, device)
     tf = lambda f, ms: f / (ms * 1e-3) / 1e12  # noqa: E731
-    rep.add("kernel", "flex vs SDPA causal 32K bf16 32/8 heads d128", None,
-            f"flex fwd {tf(flops, fwd):.0f} TFLOP/s, fwd+bwd {tf(3 * flops, fwd + bwd):.0f} (executed, with the "
-            f"recompute: {tf(4 * flops, fwd + bwd):.0f}); SDPA fwd {tf(flops, s_fwd):.0f}, fwd+bwd "
-            f"{tf(3 * flops, s_fb):.0f}")
+    recompute = f" (executed, with the recompute: {tf(4 * flops, fwd + bwd):.0f})" if kern.backward_recompute else ""
+    rep.add("kernel", f"{label} vs SDPA causal 32K bf16 32/8 heads d128", None,
+            f"{label} fwd {tf(flops, fwd):.0f} TFLOP/s, fwd+bwd {tf(3 * flops, fwd + bwd):.0f}{recompute}; "
+            f"SDPA fwd {tf(flops, s_fwd):.0f}, fwd+bwd {tf(3 * flops, s_fb):.0f}")
 
 
 # ----------------------------------------------------------------------------------- distributed
@@ -586,6 +646,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     if "kernel" in sections:
         kernel_section(rep, device, args.quick)
+        flash_section(rep, device, args.quick)
     if "dist" in sections:
         dist_section(rep, cuda, args.quick, world, args.timeout)
     if "train" in sections:

@@ -6,7 +6,8 @@
 
 Setup as published: LongAlign- and LDC-shaped batches of 131072 tokens at length scales 0.5, 1, 2, 4
 (``dcp_backend.sim.benchmark_batches``), 8 query / 2 KV heads, head dim 128, bf16, 4 nodes x 8 devices; causal
-forward and backward for ring, zigzag, LoongTrain (best window), TE (a2a+p2p as published, and p2p) and
+forward and backward for ring, zigzag, LoongTrain (best window), TE (a2a+p2p as published, and p2p),
+Megatron-Core's hybrid CP (not in the paper; megatron-core's scheduler, best of two max_seqlen_per_rank) and
 DCP (best of block sizes 1024/2048/4096 and its static candidates); the sparse masks (lambda, shared
 question, causal blockwise) for DCP against the best baseline. Every plan is simulated under four
 settings: the H100 cost table with the H100 p5 network or the A100 p4d network (the published cluster's
@@ -56,24 +57,19 @@ MASKS = {"causal": {}, "lambda": {"sink": 64, "window": 4096},
 SETTINGS = {"p5": ("h100-p5", False), "p5-fused": ("h100-p5", True), "p4d": ("a100-p4d", False),
             "p4d-fused": ("a100-p4d", True)}
 LABELS = {"ring": "Ring", "zigzag": "Zigzag", "loongtrain": "LoongTrain", "te-a2a": "TE (a2a+p2p)", "te": "TE (p2p)",
-          "dcp": "DCP"}
+          "hybrid": "MCore hybrid CP", "dcp": "DCP"}
 
 
 def simulate(args) -> dict:
     cm = load_cost_model(args.cost_model)
     topo = Topology.grid(4, 8)
-    out = {"date": datetime.date.today().isoformat(), "command": "python tools/reproduce_paper.py "
-           + " ".join(sys.argv[1:]), "cost_model": cm.describe(), "settings": SETTINGS, "points": []}
-    path = os.path.join(args.out, "results.json")
-    if os.path.exists(path) and not args.fresh:
-        with open(path) as f:
-            out = json.load(f)
-    done = {(p["dataset"], p["scale"], p["mask"], p["batch"]) for p in out["points"]}
+    out, path, done = open_results(args, {"cost_model": cm.describe(), "settings": SETTINGS},
+                                   ("dataset", "scale", "mask", "batch"))
     t_all = time.time()
     for mask in args.masks.split(","):
         nb = args.batches if mask == "causal" else args.mask_batches
-        backends = ("ring", "zigzag", "loongtrain", "te", "te-a2a", "dcp") if mask == "causal" else \
-            ("zigzag", "loongtrain", "te-a2a", "dcp")
+        backends = ("ring", "zigzag", "loongtrain", "te", "te-a2a", "hybrid", "dcp") if mask == "causal" else \
+            ("zigzag", "loongtrain", "te-a2a", "hybrid", "dcp")
         spec = cp.AttentionSpec(8, 2, 128, mask=mask, mask_args=MASKS[mask])
         for ds in args.datasets.split(","):
             for scale in (float(s) for s in args.scales.split(",")):
@@ -89,7 +85,7 @@ def simulate(args) -> dict:
                              "plan_seconds": {c.label + " " + c.config: c.plan_seconds for c in cands}, "results": {}}
                     cache: dict = {}
                     for sname, (net, fused) in SETTINGS.items():
-                        res = simulate_candidates(cands, cm, net, "bf16", fused, cache=cache)
+                        res = simulate_candidates(cands, cm, net, "bf16", fused, cache=cache, kernel=args.kernel)
                         point["results"][sname] = {k: {"fwd_ms": e.fwd_ms, "bwd_ms": e.bwd_ms, "config": e.config}
                                                    for k, e in res.items()}
                     out["points"].append(point)
@@ -97,11 +93,8 @@ def simulate(args) -> dict:
                     print(f"{mask:16s} {ds:9s} x{scale:<4g} batch {bi}: {len(seqlens)} docs; plan {plan_s:.0f}s, "
                           f"all {time.time() - t0:.0f}s; p5 dcp {r['dcp']['fwd_ms']:.2f}/{r['dcp']['bwd_ms']:.2f} ms "
                           f"({r['dcp']['config']})", flush=True)
-                    with open(path, "w") as f:
-                        json.dump(out, f)
-    out["wall_seconds"] = out.get("wall_seconds", 0) + time.time() - t_all
-    with open(path, "w") as f:
-        json.dump(out, f)
+                    save_results(path, out)
+    save_results(path, out, t_all)
     return out
 
 
@@ -131,14 +124,15 @@ def tables(res) -> str:
     for setting in SETTINGS:
         lines.append(f"\n#### Causal, setting `{setting}` ({SETTINGS[setting][0]}, "
                      f"{'fused copies' if SETTINGS[setting][1] else 'executor copies as built'})\n")
-        lines.append("| dataset | pass | scale | Ring | Zigzag | LoongTrain | TE a2a+p2p | TE p2p | DCP | DCP hypergraph "
-                     "only | DCP speed-up (ours) | published speed-up | published ms (Ring/ZZ/LT/TE/DCP) |")
-        lines.append("|---|---|---|" + "---:|" * 10 + "---|")
+        lines.append("| dataset | pass | scale | Ring | Zigzag | LoongTrain | TE a2a+p2p | TE p2p | MCore hybrid | DCP | "
+                     "DCP hypergraph only | DCP speed-up (ours) | published speed-up | published ms "
+                     "(Ring/ZZ/LT/TE/DCP) |")
+        lines.append("|---|---|---|" + "---:|" * 11 + "---|")
         for ds in ("ldc", "longalign"):
             for which in ("fwd", "bwd"):
                 for s in scales:
                     m = {k: mean_ms(pts, ds, s, "causal", setting, k, which) for k in
-                         ("ring", "zigzag", "loongtrain", "te-a2a", "te", "dcp", "dcp-hypergraph")}
+                         ("ring", "zigzag", "loongtrain", "te-a2a", "te", "hybrid", "dcp", "dcp-hypergraph")}
                     if np.isnan(m["dcp"]):
                         continue
                     pub = PUBLISHED[(ds, which)][s if s != 1.0 else 1]
@@ -169,7 +163,7 @@ def tables(res) -> str:
     if masks:
         for setting in SETTINGS:
             lines.append(f"\n#### Sparse masks, setting `{setting}`: DCP speed-up over the best baseline "
-                         "(zigzag, LoongTrain, TE a2a+p2p with range masks)\n")
+                         "(zigzag, LoongTrain, TE a2a+p2p with range masks, MCore hybrid)\n")
             lines.append("| dataset | pass | " + " | ".join(f"{m} x{s:g}" for m in masks for s in scales) + " | published |")
             lines.append("|---|---|" + "---:|" * (len(masks) * len(scales)) + "---|")
             for ds in ("ldc", "longalign"):
@@ -190,19 +184,20 @@ def plot(res, fig_dir: str, setting: str = "p5") -> list[str]:
     pts = res["points"]
     scales = sorted({p["scale"] for p in pts})
     files = []
-    order = ["ring", "zigzag", "loongtrain", "te-a2a", "dcp"]
-    colors = {"ring": "#9e9e9e", "zigzag": "#607d8b", "loongtrain": "#4caf50", "te-a2a": "#2196f3", "dcp": "#e53935"}
+    order = ["ring", "zigzag", "loongtrain", "te-a2a", "hybrid", "dcp"]
+    colors = {"ring": "#9e9e9e", "zigzag": "#607d8b", "loongtrain": "#4caf50", "te-a2a": "#2196f3",
+              "hybrid": "#ff9800", "dcp": "#e53935"}
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
     for j, ds in enumerate(("ldc", "longalign")):
         for i, which in enumerate(("fwd", "bwd")):
             ax = axes[i, j]
             x = np.arange(len(scales))
-            wdt = 0.16
+            wdt = 0.8 / len(order)
             for k, lab in enumerate(order):
                 vals = [mean_ms(pts, ds, s, "causal", setting, lab, which) for s in scales]
-                ax.bar(x + (k - 2) * wdt, vals, wdt, label=LABELS[lab], color=colors[lab])
+                ax.bar(x + (k - (len(order) - 1) / 2) * wdt, vals, wdt, label=LABELS[lab], color=colors[lab])
             fused = [mean_ms(pts, ds, s, "causal", setting + "-fused", "dcp", which) for s in scales]
-            ax.scatter(x + 2 * wdt, fused, marker="_", s=200, color="black", zorder=3,
+            ax.scatter(x + (len(order) - 1) / 2 * wdt, fused, marker="_", s=200, color="black", zorder=3,
                        label="DCP, fused copies (what-if)")
             for xi, s in zip(x, scales):
                 up = speedup(pts, ds, s, "causal", setting, which)
@@ -219,11 +214,7 @@ def plot(res, fig_dir: str, setting: str = "p5") -> list[str]:
     fig.suptitle("Fig. 12 reproduction: simulated 4x8 H100 (p5 network), 131072 tokens/batch, 8/2 heads, d=128, "
                  "bf16\nlabels: DCP speed-up over the best baseline (published A100 speed-up)", fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    for ext in ("png", "pdf"):
-        f = os.path.join(fig_dir, f"fig12_causal.{ext}")
-        fig.savefig(f, dpi=150)
-        files.append(f)
-    plt.close(fig)
+    files += save_figure(fig, fig_dir, "fig12_causal")
 
     masks = [m for m in MASKS if any(p["mask"] == m for p in pts)]
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharey="row")
@@ -246,28 +237,60 @@ def plot(res, fig_dir: str, setting: str = "p5") -> list[str]:
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("Fig. 13 reproduction: DCP vs the best baseline per mask (simulated 4x8 H100, p5 network)", fontsize=9)
     fig.tight_layout()
+    files += save_figure(fig, fig_dir, "fig13_masks")
+    return files
+
+
+# ------------------------------------------------------------------------------------------ the driver
+# (shared with tools/reproduce_e2e.py)
+
+def save_figure(fig, fig_dir: str, stem: str) -> list[str]:
+    """``<fig_dir>/<stem>.png`` and ``.pdf``; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    files = []
     for ext in ("png", "pdf"):
-        f = os.path.join(fig_dir, f"fig13_masks.{ext}")
-        fig.savefig(f, dpi=150)
-        files.append(f)
+        files.append(os.path.join(fig_dir, f"{stem}.{ext}"))
+        fig.savefig(files[-1], dpi=150)
     plt.close(fig)
     return files
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/paper")
+def add_driver_args(p: argparse.ArgumentParser, out: str, masks: str) -> None:
+    p.add_argument("--out", default=out)
     p.add_argument("--figures", default=os.path.join(ROOT, "docs", "figures"))
     p.add_argument("--datasets", default="ldc,longalign")
-    p.add_argument("--scales", default="0.5,1,2,4")
-    p.add_argument("--masks", default="causal,lambda,shared_question,causal_blockwise")
-    p.add_argument("--batches", type=int, default=3, help="batches per causal point")
-    p.add_argument("--mask-batches", type=int, default=2, help="batches per sparse-mask point")
+    p.add_argument("--masks", default=masks)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cost-model", default="h100")
+    p.add_argument("--kernel", default="auto", choices=["auto", "flash", "table"],
+                   help="block-kernel costs for every backend (auto: flash-attn for full/causal segments where the "
+                        "table has a flash companion; table: the table's kernel everywhere)")
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("--fresh", action="store_true", help="ignore an existing results.json (default: resume)")
-    args = p.parse_args(argv)
+
+
+def open_results(args, header: dict, key: tuple) -> tuple[dict, str, set]:
+    """``<out>/results.json`` (resumed unless ``--fresh``) or a new one with ``header``; the point keys done."""
+    path = os.path.join(args.out, "results.json")
+    out = {"date": datetime.date.today().isoformat(), "command": f"python {sys.argv[0]} " + " ".join(sys.argv[1:]),
+           "kernel": args.kernel, **header, "points": []}
+    if os.path.exists(path) and not args.fresh:
+        with open(path) as f:
+            out = json.load(f)
+    return out, path, {tuple(p[k] for k in key) for p in out["points"]}
+
+
+def save_results(path: str, out: dict, started: float | None = None) -> None:
+    if started is not None:
+        out["wall_seconds"] = out.get("wall_seconds", 0) + time.time() - started
+    with open(path, "w") as f:
+        json.dump(out, f)
+
+
+def drive(args, simulate, plot, tables, group: str, fmt) -> int:
+    """Simulate (or, with ``--plot-only``, load) the results, draw the figures, print the tables and the
+    batches of each (dataset, ``group``) point."""
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.figures, exist_ok=True)
     if args.plot_only:
@@ -278,12 +301,21 @@ def main(argv=None) -> int:
     files = plot(res, args.figures)
     print(tables(res))
     for ds in ("ldc", "longalign"):
-        for s in sorted({p["scale"] for p in res["points"]}):
-            b = [p["seqlens"] for p in res["points"] if p["dataset"] == ds and p["scale"] == s and p["mask"] == "causal"]
+        for v in sorted({p[group] for p in res["points"]}):
+            b = [p["seqlens"] for p in res["points"] if p["dataset"] == ds and p[group] == v and p["mask"] == "causal"]
             if b:
-                print(f"batches {ds} x{s:g}: {describe(b)}")
+                print(f"batches {ds} {fmt(v)}: {describe(b)}")
     print("wrote", ", ".join(files))
     return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_driver_args(p, "runs/paper", "causal,lambda,shared_question,causal_blockwise")
+    p.add_argument("--scales", default="0.5,1,2,4")
+    p.add_argument("--batches", type=int, default=3, help="batches per causal point")
+    p.add_argument("--mask-batches", type=int, default=2, help="batches per sparse-mask point")
+    return drive(p.parse_args(argv), simulate, plot, tables, "scale", lambda s: f"x{s:g}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,11 @@ def parse_args(argv=None):
     c.add_argument("--network", default=None, help=f"one of {sorted(PRESETS)} (default: the cost table's)")
     c.add_argument("--cost-model", default="h100", help="h100, cpu, a table path, or analytic:<h100|a100|cpu>")
     c.add_argument("--bandwidth-scale", type=float, default=1.0, help="multiply every link's bandwidth")
+    c.add_argument("--kernel", default="auto", choices=["auto", "flash", "table"],
+                   help="block-kernel costs, the same rule for every backend: flash = flash-attn (derived "
+                        "h100_flash table) for full and causal segments, the table's kernel for the rest; table = "
+                        "the table's kernel everywhere (h100: FlexAttention, with its backward recompute); auto = "
+                        "flash where the table has a flash companion")
     a = p.add_argument_group("attention")
     a.add_argument("--num-heads", type=int, default=8)
     a.add_argument("--num-kv-heads", type=int, default=2)
@@ -108,8 +113,14 @@ def main(argv=None) -> int:
     from dcp_backend.dcp.config import DCPOptions
 
     dcp_opts = DCPOptions(cost_model=cm.spec if args.dcp_plan_cost_model == "table" else None)
+    from dcp_backend.sim.op_costs import flash_companion
+
+    fl = flash_companion(cm, args.kernel)
     print(f"# simulate  {time.strftime('%Y-%m-%d %H:%M')}  topology {args.nodes}x{args.devices_per_node}  "
           f"network {net.name}  cost model {cm.describe()}")
+    print(f"# kernels: {'flash-attn (' + fl.name + ') for full/causal segments, ' if fl else ''}"
+          f"{cm.table.get('kernel', 'analytic') if cm.table else 'analytic'} for "
+          f"{'the rest' if fl else 'every segment'}")
     print(f"# heads {args.num_heads}/{args.num_kv_heads} head_dim {args.head_dim} {args.dtype} mask {args.mask}"
           f"{args.mask_args or ''}  batches: {describe(batches)}")
     rows, dump = [], []
@@ -121,7 +132,8 @@ def main(argv=None) -> int:
         res = compare_batch(seqlens, spec, topo, cm, net, args.dtype, backends,
                             tuple(int(x) for x in args.dcp_block_sizes.split(",")), dcp_opts,
                             [int(x) for x in args.lt_windows.split(",")] if args.lt_windows else None,
-                            tuple(args.dcp_candidates.split(",")), log, fused_copies=args.fused_copies)
+                            tuple(args.dcp_candidates.split(",")), log, fused_copies=args.fused_copies,
+                            kernel=args.kernel)
         wall = time.perf_counter() - t0
         for label, e in res.items():
             rows.append({"batch": bi, "backend": label, "config": e.config, "fwd_ms": e.fwd_ms, "bwd_ms": e.bwd_ms})

@@ -1,7 +1,8 @@
 """Block attention kernels: one interface, chosen by device.
 
-``get_kernel("auto", device)`` gives the ATen CPU flash kernel on CPU and FlexAttention on CUDA;
-``"reference"`` is the pure-torch kernel for cross-checks. Users can register their own with
+``get_kernel("auto", device)`` gives the ATen CPU flash kernel on CPU and, on CUDA, ``flash`` (flash-attn's
+varlen kernels for full and causal segments, FlexAttention for the rest) where flash-attn is installed, else
+FlexAttention (``flex``); ``"reference"`` is the pure-torch kernel for cross-checks. Users can register their own with
 :func:`register_kernel`. See :mod:`dcp_backend.kernels.base` for the contract.
 """
 from __future__ import annotations
@@ -30,11 +31,23 @@ def available_kernels() -> list[str]:
     return sorted(_FACTORIES)
 
 
+def auto_kernel(device_type: str, flash_installed: bool | None = None) -> str:
+    """What ``"auto"`` means on a device type: ``cpu_flash`` on CPU; on GPUs ``flash`` where flash-attn is
+    installed (``flash_installed=None``: look), else ``flex``."""
+    if device_type == "cpu":
+        return "cpu_flash"
+    if flash_installed is None:
+        from dcp_backend.kernels.flash import flash_attn_installed
+
+        flash_installed = flash_attn_installed()
+    return "flash" if flash_installed else "flex"
+
+
 def get_kernel(name: str = "auto", device: torch.device | str = "cpu") -> BlockKernel:
-    """The kernel called ``name`` (``"auto"`` picks by device)."""
+    """The kernel called ``name`` (``"auto"`` picks by device: :func:`auto_kernel`)."""
     device = torch.device(device)
     if name == "auto":
-        name = "cpu_flash" if device.type == "cpu" else "flex"
+        name = auto_kernel(device.type)
     if name not in _FACTORIES:
         raise CPError(f"unknown kernel {name!r}; available: {', '.join(available_kernels())} or 'auto'")
     if name not in _INSTANCES:
@@ -60,11 +73,18 @@ def _flex():
     return FlexKernel()
 
 
+def _flash():
+    from dcp_backend.kernels.flash import FlashKernel
+
+    return FlashKernel(general=get_kernel("flex"))  # raises CPError naming flash-attn where it is not installed
+
+
 register_kernel("cpu_flash", _cpu)
 register_kernel("reference", _ref)
 register_kernel("flex", _flex)
+register_kernel("flash", _flash)
 
 __all__ = [
-    "AttnWork", "BlockKernel", "acc_dtype", "available_kernels", "get_kernel", "register_kernel",
+    "AttnWork", "BlockKernel", "acc_dtype", "auto_kernel", "available_kernels", "get_kernel", "register_kernel",
     "merge_into_", "merge_many", "merge_partial",
 ]

@@ -9,7 +9,9 @@ settings (network, copy accounting) and keeps each backend's best configuration;
 reported alongside so the static candidates' contribution is visible.
 
 Labels: ``ring``, ``zigzag``, ``loongtrain``, ``te`` (p2p), ``te-a2a`` (a2a+p2p, head degree
-gcd(world, KV heads) as in the published baseline), ``dcp``, ``dcp-hypergraph``. TE's context
+gcd(world, KV heads) as in the published baseline), ``hybrid`` (Megatron-Core's hybrid CP: megatron-core's
+scheduler, per-sample TE p2p rings, at ``max_seqlen_per_rank`` = 1x and 2x the per-rank share of the
+batch, :data:`HYBRID_SEQLEN_FACTORS`), ``dcp``, ``dcp-hypergraph``. TE's context
 parallelism takes only causal and full masks; for other masks the TE plans model the published forked TE
 (range masks inside the same p2p / a2a+p2p schedules).
 """
@@ -34,8 +36,12 @@ from dcp_backend.registry import get_planner
 from dcp_backend.sim.simulator import simulate_plan
 from dcp_backend.topology import Topology
 
-ALL_BACKENDS = ("ring", "zigzag", "loongtrain", "te", "te-a2a", "dcp")
-BASELINES = ("ring", "zigzag", "loongtrain", "te", "te-a2a")
+ALL_BACKENDS = ("ring", "zigzag", "loongtrain", "te", "te-a2a", "hybrid", "dcp")
+BASELINES = ("ring", "zigzag", "loongtrain", "te", "te-a2a", "hybrid")
+# Megatron-Core hybrid CP: max_seqlen_per_rank as multiples of the per-rank share ceil(tokens / CP size)
+# (1: megatron's suggested starting point, the memory every other backend uses; 2: twice the activation
+# memory per micro-batch for smaller CP groups)
+HYBRID_SEQLEN_FACTORS = (1, 2)
 
 
 @dataclasses.dataclass
@@ -104,6 +110,16 @@ def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=AL
         elif name == "loongtrain":
             for w, plan in _lt_plans(batch, spec, topo, lt_windows):
                 add(name, f"hp={plan.head_parallel} window={w}", lambda plan=plan: plan)
+        elif name == "hybrid":
+            if n & (n - 1):
+                if log:
+                    log(f"  skipped hybrid: megatron-core's hybrid CP needs a power-of-two CP size, not {n}")
+                continue
+            share = -(-int(sum(seqlens)) // n)
+            for f in HYBRID_SEQLEN_FACTORS:
+                m = max(share * f, -(-max(seqlens) // n))
+                add(name, f"max_seqlen_per_rank={m} ({f}x share)",
+                    lambda m=m: get_planner("hybrid", max_seqlen_per_rank=m).plan(seqlens, spec, topo))
         elif name in ("te", "te-a2a"):
             ct = "p2p" if name == "te" else "a2a+p2p"
             plan, note = _te_plan(seqlens, spec, topo, ct)
@@ -128,9 +144,11 @@ def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=AL
 
 
 def simulate_candidates(cands: list[Candidate], cost_model, network, dtype="bf16", fused_copies: bool = False,
-                        log=None, cache: dict | None = None) -> dict:
+                        log=None, cache: dict | None = None, kernel: str = "auto") -> dict:
     """Simulate every candidate; keep each label's best (forward + backward): {label: Entry}. ``cache``
-    (kernel costs of the ring-family plans) may be shared by calls with the same cost model and dtype."""
+    (kernel costs of the ring-family plans, keyed by the kernel costs too) may be shared by calls.
+    ``kernel``: the kernel routing of :func:`~dcp_backend.sim.simulator.simulate_plan` (the same for every
+    backend: each runs full and causal segments on flash-attn under ``"auto"``/``"flash"``)."""
     cm = load_cost_model(cost_model) if not isinstance(cost_model, CostModel) else cost_model
     cache = {} if cache is None else cache
     out: dict = {}
@@ -141,7 +159,8 @@ def simulate_candidates(cands: list[Candidate], cost_model, network, dtype="bf16
 
     for c in cands:
         t0 = time.perf_counter()
-        rep = simulate_plan(c.plan, cm, network, dtype, label=c.label, cache=cache, fused_copies=fused_copies)
+        rep = simulate_plan(c.plan, cm, network, dtype, label=c.label, cache=cache, fused_copies=fused_copies,
+                            kernel=kernel)
         e = Entry(c.label, rep.fwd_ms, rep.bwd_ms, c.config, rep, time.perf_counter() - t0)
         if log:
             log(f"  {c.label:10s} {c.config:34s} fwd {e.fwd_ms:8.3f} ms  bwd {e.bwd_ms:8.3f} ms  "
@@ -155,7 +174,7 @@ def simulate_candidates(cands: list[Candidate], cost_model, network, dtype="bf16
 def compare_batch(seqlens, spec: cp.AttentionSpec, topo: Topology, cost_model: CostModel | str, network,
                   dtype="bf16", backends=ALL_BACKENDS, dcp_block_sizes=(1024, 2048, 4096), dcp_options=None,
                   lt_windows=None, dcp_candidates=("hypergraph", "zigzag", "zigzag2d"), log=None,
-                  fused_copies: bool = False) -> dict:
+                  fused_copies: bool = False, kernel: str = "auto") -> dict:
     """Plan and simulate: each backend's best configuration, {label: Entry}."""
     cm = load_cost_model(cost_model) if not isinstance(cost_model, CostModel) else cost_model
     if dcp_options is None:
@@ -163,7 +182,7 @@ def compare_batch(seqlens, spec: cp.AttentionSpec, topo: Topology, cost_model: C
     esize = element_size(dtype)
     cands = candidate_plans(seqlens, spec, topo, backends, dcp_block_sizes, dcp_options, lt_windows, dcp_candidates,
                             esize, log)
-    return simulate_candidates(cands, cm, network, dtype, fused_copies, log)
+    return simulate_candidates(cands, cm, network, dtype, fused_copies, log, kernel=kernel)
 
 
 def best_baseline(entries: dict, which: str) -> tuple[str, float]:

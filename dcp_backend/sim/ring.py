@@ -226,7 +226,7 @@ def te_programs(te_plan, backward: bool, c: Costs, rc_cache: dict | None = None)
     P = n // A
     ring = RingFamilyPlan("te", te_plan.batch, te_plan.spec, te_plan.topology, RingFamilyOptions(),
                           layout=zigzag_layout(te_plan.batch, P), window=P, head_parallel=A)
-    key = ("te", te_plan.layout, A)
+    key = ("te", te_plan.layout, A, c.kernel_key)
     rc = (rc_cache or {}).get(key)
     if rc is None:
         rc = RingCosts(ring, c)

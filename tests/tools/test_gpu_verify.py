@@ -66,3 +66,14 @@ def test_distributed_checks_run_every_backend_on_gloo():
     for name in ("ring", "zigzag", "loongtrain", "dcp"):
         assert any(line.startswith("dist") and f" {name} small ragged" in line and " ok " in line
                    for line in proc.stdout.splitlines()), proc.stdout
+
+
+def test_flash_row_says_why_it_did_not_run_and_stage_works_are_all_flash_segments():
+    rep = gpu_verify.Report()
+    gpu_verify.flash_section(rep, torch.device("cpu"), quick=True)
+    assert len(rep.rows) == 1 and rep.rows[0][1].startswith("flash") and rep.rows[0][2] == "-"
+    assert "not checked" in rep.rows[0][3] and not rep.failed
+    from dcp_backend.kernels.flash import split_work
+
+    sp = split_work(gpu_verify.stage_work(np.random.default_rng(0)))
+    assert sp.general is None and sum(p.segments.size for p in sp.flash) >= 3

@@ -20,7 +20,7 @@ def test_simulate_prints_every_backend_and_the_speedup(capsys, tmp_path):
                           "--all-backends", "--dcp-block-sizes", "512", "--lt-windows", "1,2", "--quiet",
                           "--json", str(out), "--network", "a100-p4d"]) == 0
     text = capsys.readouterr().out
-    for label in ("ring", "zigzag", "loongtrain", "te ", "te-a2a", "dcp ", "dcp-hypergraph"):
+    for label in ("ring", "zigzag", "loongtrain", "te ", "te-a2a", "hybrid", "dcp ", "dcp-hypergraph"):
         assert f"\n{label}" in text
     assert "dcp speed-up over the best baseline, fwd:" in text and "bwd:" in text
     data = json.loads(out.read_text())
@@ -53,3 +53,14 @@ def test_calibrate_converts_and_measures(tmp_path):
     table = json.loads(meas.read_text())
     assert table["visit"] == "dense_unless_causal" and len(table["points"]) == 4
     assert load_cost_model(str(meas)).source("fp32", 8) == "table"
+
+
+def test_calibrate_derives_the_shipped_flash_table(tmp_path):
+    from dcp_backend.cost_model import table_path
+
+    out = tmp_path / "flash.json"
+    assert calibrate.main(["--derive-flash", str(table_path("h100")), "--out", str(out)]) == 0
+    got, shipped = json.loads(out.read_text()), json.loads(table_path("h100_flash").read_text())
+    assert got["kernel"] == "flash" and got["points"] == shipped["points"]
+    assert got["pair_scale"] == pytest.approx(shipped["pair_scale"])
+    assert "no flash-attn backward was measured" in got["source"]

@@ -41,7 +41,7 @@ def test_plan_that_moves_nothing_waits_for_nothing():
         np.testing.assert_allclose(res.finish, res.compute)
 
 
-@pytest.mark.parametrize("name", ["ring", "zigzag", "loongtrain", "te", "te-a2a", "dcp"])
+@pytest.mark.parametrize("name", ["ring", "zigzag", "loongtrain", "te", "te-a2a", "hybrid", "dcp"])
 def test_more_bandwidth_never_slows_anything(name):
     seqlens = paper_batches("ldc", 1, 16384, 0.25, seed=3)[0]
     plan = _plan(name, seqlens, 8, 4, **({"block_size": 512} if name == "dcp" else {}))
@@ -55,7 +55,9 @@ def test_more_bandwidth_never_slows_anything(name):
 
 def test_ring_causal_imbalance_shows_on_the_critical_path():
     plans = {n: _plan(n, [65536], 8, 8) for n in ("ring", "zigzag")}
-    reps = {n: simulate_plan(p, "h100", "h100-p5", "bf16") for n, p in plans.items()}
+    # the FlexAttention table's costs: compute-bound enough for the imbalance to dominate (flash's faster
+    # kernels leave the 8-step ring closer to its transfers)
+    reps = {n: simulate_plan(p, "h100", "h100-p5", "bf16", kernel="table") for n, p in plans.items()}
     ring, zz = reps["ring"].fwd, reps["zigzag"].fwd
     assert ring.time > 1.3 * zz.time
     # ring: the last rank computes every step; rank 0 only its own block
@@ -68,6 +70,6 @@ def test_compare_batch_keeps_best_configurations():
     seqlens = paper_batches("longalign", 1, 16384, 0.25, seed=1)[0]
     res = compare_batch(seqlens, SPEC, Topology.grid(2, 4), "h100", "a100-p4d", "bf16",
                         dcp_block_sizes=(512, 1024))
-    assert set(res) == {"ring", "zigzag", "loongtrain", "te", "te-a2a", "dcp", "dcp-hypergraph"}
+    assert set(res) == {"ring", "zigzag", "loongtrain", "te", "te-a2a", "hybrid", "dcp", "dcp-hypergraph"}
     assert res["dcp"].total_ms <= res["dcp-hypergraph"].total_ms
     assert all(e.fwd_ms > 0 and e.bwd_ms > 0 for e in res.values())
