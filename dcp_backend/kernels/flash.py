@@ -158,7 +158,7 @@ def flash_attn_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float
     if lse.dim() != 2 or lse.shape[1] != q.shape[0]:
         raise CPError(f"kernel 'flash': flash-attn returned a log-sum-exp of shape {tuple(lse.shape)}; this kernel "
                       "needs the varlen layout [heads, tokens] (flash-attn >= 2.4)")
-    return out, lse.transpose(0, 1)
+    return out, lse.transpose(0, 1).contiguous()
 
 
 def _varlen_backward_fn():
@@ -202,8 +202,14 @@ class FlashKernel(BlockKernel):
 
     def __init__(self, general: BlockKernel | None = None, flash_forward=None, flash_backward=None,
                  dtypes=FLASH_DTYPES, device_types=("cuda",)):
-        if flash_forward is None and not flash_attn_installed():
-            raise CPError(_MISSING)
+        if flash_forward is None:
+            if not flash_attn_installed():
+                raise CPError(_MISSING)
+            try:
+                import flash_attn  # noqa: F401 - a broken build fails here, not in the first attention call
+            except Exception as exc:  # noqa: BLE001 - any import failure (missing CUDA symbols, ...)
+                raise CPError(f"kernel 'flash': flash-attn is installed but does not import ({exc}); use "
+                              "kernel='flex'") from exc
         if general is None:
             from dcp_backend.kernels.flex import FlexKernel
 
