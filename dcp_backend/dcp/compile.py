@@ -156,8 +156,9 @@ class _PassCompiler:
     """Compiles one pass (forward or backward) of one device; the phases are its methods, in order."""
 
     def __init__(self, bs: BlockSet, pl: Placement, sched: PassSchedule, device: int, layout: DeviceLayout,
-                 backward: bool):
+                 backward: bool, partial_wire: str = ACC):
         self.bs, self.pl, self.sched, self.device, self.layout, self.backward = bs, pl, sched, device, layout, backward
+        self.partial_wire = partial_wire
         self.heads = bs.heads
         self.inputs, self.outputs = sched.inputs, sched.outputs
         self.qid, self.kvid = comp_inputs(bs)
@@ -177,16 +178,21 @@ class _PassCompiler:
             for block, stage in zip(ids[self.my_comps].tolist(), sched.comp_stage[self.my_comps].tolist()):
                 key = (kind, block)
                 last_use[key] = max(last_use.get(key, -1), stage)
-        forwarded_until = {}  # gateway: forwards of a block sent at time stage-1
+        forwarded_until = {}  # gateways and relays: forwards of a block sent at time stage-1
         for i in np.nonzero(inputs.src == self.device)[0]:
             key = (int(inputs.kind[i]), int(inputs.block[i]))
             forwarded_until[key] = max(forwarded_until.get(key, -1), int(inputs.stage[i]) - 1)
+        sent_at = {}  # result sends (a reducer's comes after its own last stage): waited one stage later
+        outputs = self.outputs
+        for i in np.nonzero(outputs.src == self.device)[0]:
+            key = (int(outputs.kind[i]), int(outputs.block[i]))
+            sent_at[key] = max(sent_at.get(key, -1), int(outputs.stage[i]) + 1)
         has_result = {KIND_Q: True, KIND_KV: self.backward}
         entries = []
         for i in np.nonzero(inputs.dst == self.device)[0]:
             key = (int(inputs.kind[i]), int(inputs.block[i]))
             end = last_use.get(key, 0) + (1 if has_result[key[0]] else 0)
-            end = max(end, forwarded_until.get(key, -1))
+            end = max(end, forwarded_until.get(key, -1), sent_at.get(key, -1))
             entries.append((key[0], key[1], int(inputs.stage[i]) - 1, end))
         slots, counts = _assign_slots(entries)
         self.rows = _Rows(self.bs, self.layout, slots)
@@ -210,22 +216,30 @@ class _PassCompiler:
             stores[name] = StoreSpec(name, q_rows_total, heads.hb, with_dim, dtype)
         for name, dtype, with_dim in names_kv:
             stores[name] = StoreSpec(name, kv_rows_total, heads.khb, with_dim, dtype)
-        # results received by this device (temp rows, in (kind, block, source) order)
+        # results received by this device: temp rows per key (reused by every key, reduced after its wait),
+        # in (kind, block, source) order inside a key
         outputs = self.outputs
         incoming = np.nonzero(outputs.dst == self.device)[0]
-        self.incoming = incoming[np.lexsort((outputs.src[incoming], outputs.block[incoming], outputs.kind[incoming]))]
+        self.incoming = incoming[np.lexsort((outputs.src[incoming], outputs.block[incoming], outputs.kind[incoming],
+                                             outputs.stage[incoming]))]
         temp_rows = {KIND_Q: 0, KIND_KV: 0}
+        used: dict = {}  # (key stage, kind) -> rows used so far
         self.recv_rows = {}  # transfer index -> temp rows
         for i in self.incoming:
-            kind = int(outputs.kind[i])
+            kind, st = int(outputs.kind[i]), int(outputs.stage[i])
             per = heads.n_q_blocks if kind == KIND_Q else heads.n_kv_blocks
             tokens = int(self.bs.tb_tokens[int(outputs.block[i]) // per])
-            self.recv_rows[int(i)] = temp_rows[kind] + np.arange(tokens, dtype=np.int64)
-            temp_rows[kind] += tokens
+            off = used.get((st, kind), 0)
+            self.recv_rows[int(i)] = off + np.arange(tokens, dtype=np.int64)
+            used[(st, kind)] = off + tokens
+            temp_rows[kind] = max(temp_rows[kind], off + tokens)
         for kind, (src_names, tmp_names) in self.results.items():
             for name, tmp in zip(src_names, tmp_names):
                 spec = stores[name]
-                stores[tmp] = StoreSpec(tmp, temp_rows[kind], spec.heads, spec.with_dim, ACC)
+                wire = ACC if name == "lse" else self.partial_wire  # lse always travels in fp32
+                stores[name] = StoreSpec(name, spec.rows, spec.heads, spec.with_dim, spec.dtype,
+                                         None if wire == spec.dtype else wire)
+                stores[tmp] = StoreSpec(tmp, temp_rows[kind], spec.heads, spec.with_dim, wire)
 
     # ------------------------------------------------------------------ instruction builders
     def comm(self, key: str, sends_idx, recvs_idx, tr: Transfers, send_parts, recv_parts) -> Comm:
@@ -289,17 +303,28 @@ class _PassCompiler:
                 ins.extend(self.fills(recv2))
             if stage > 0:
                 ins.append(Wait(f"out{stage - 1}"))
+                self.reductions(ins, stage - 1)
             osel = outputs.stage == stage
             ins.append(self.comm(f"out{stage}", np.nonzero(osel & (outputs.src == device))[0],
                                  np.nonzero(osel & (outputs.dst == device))[0], outputs, self.result_parts,
                                  self.result_recv))
+        # the last stage's partials, then what in-node reducers send on after them
         ins.append(Wait(f"out{num_stages}"))
+        self.reductions(ins, num_stages)
+        last = num_stages + 1
+        osel = outputs.stage == last
+        ins.append(self.comm(f"out{last}", np.nonzero(osel & (outputs.src == device))[0],
+                             np.nonzero(osel & (outputs.dst == device))[0], outputs, self.result_parts,
+                             self.result_recv))
+        ins.append(Wait(f"out{last}"))
+        self.reductions(ins, last)
 
-    def reductions(self, ins: list) -> None:
-        """Merge (forward, log-sum-exp) or sum (backward) received partial results into owned rows."""
+    def reductions(self, ins: list, stage: int) -> None:
+        """Merge (forward, log-sum-exp) or sum (backward) the partial results received under key
+        ``out{stage}`` into this device's rows of their blocks (owned rows, or a reducer's slot rows)."""
         outputs = self.outputs
         for kind, (dst_names, tmp_names) in self.results.items():
-            sel = [i for i in self.incoming if int(outputs.kind[i]) == kind]
+            sel = [i for i in self.incoming if int(outputs.kind[i]) == kind and int(outputs.stage[i]) == stage]
             if not sel:
                 continue
             dst_rows = [self.rows.rows(kind, int(outputs.block[i])) for i in sel]
@@ -322,21 +347,21 @@ class _PassCompiler:
         prog = DeviceProgram(self.device, self.layout.num_tokens)
         self.declare_stores(prog, self.assign_slots())
         self.stages(prog.instructions)
-        self.reductions(prog.instructions)
         return prog
 
 
 def _pass_program(bs: BlockSet, pl: Placement, sched: PassSchedule, device: int, layout: DeviceLayout,
-                  backward: bool) -> DeviceProgram:
-    return _PassCompiler(bs, pl, sched, device, layout, backward).compile()
+                  backward: bool, partial_wire: str = ACC) -> DeviceProgram:
+    return _PassCompiler(bs, pl, sched, device, layout, backward, partial_wire).compile()
 
 
 class Programs:
     """Per-device programs of one pass, compiled on first access (a rank needs only its own; statistics,
     the verifier and serialisation compile the rest). Indexable like a list; entries may be preset."""
 
-    def __init__(self, bs: BlockSet, pl: Placement, sched: PassSchedule, layouts, backward: bool):
-        self._args = (bs, pl, sched, layouts, backward)
+    def __init__(self, bs: BlockSet, pl: Placement, sched: PassSchedule, layouts, backward: bool,
+                 partial_wire: str = ACC):
+        self._args = (bs, pl, sched, layouts, backward, partial_wire)
         self._progs: list = [None] * pl.num_devices
         self.compile_seconds = 0.0
 
@@ -346,7 +371,8 @@ class Programs:
     def __getitem__(self, d: int) -> DeviceProgram:
         if self._progs[d] is None:
             t0 = time.perf_counter()
-            self._progs[d] = _pass_program(*self._args[:3], d, self._args[3][d], self._args[4])
+            bs, pl, sched, layouts, backward, wire = self._args
+            self._progs[d] = _pass_program(bs, pl, sched, d, layouts[d], backward, wire)
             self.compile_seconds += time.perf_counter() - t0
         return self._progs[d]
 
@@ -360,12 +386,14 @@ class Programs:
         return [d for d, p in enumerate(self._progs) if p is not None]
 
 
-def compile_programs(bs: BlockSet, pl: Placement, fwd: PassSchedule, bwd: PassSchedule, eager: bool = True):
+def compile_programs(bs: BlockSet, pl: Placement, fwd: PassSchedule, bwd: PassSchedule, eager: bool = True,
+                     partial_wire: str = ACC):
     """Programs of every device (compiled now if ``eager``, else on first access): returns (layouts,
-    forward programs, backward programs)."""
+    forward programs, backward programs). ``partial_wire``: the class partial results travel in (ACC:
+    fp32; MODEL: the model dtype, accumulated in fp32 where they are reduced)."""
     layouts = [DeviceLayout(bs, pl, d) for d in range(pl.num_devices)]
-    fwd_progs = Programs(bs, pl, fwd, layouts, False)
-    bwd_progs = Programs(bs, pl, bwd, layouts, True)
+    fwd_progs = Programs(bs, pl, fwd, layouts, False, partial_wire)
+    bwd_progs = Programs(bs, pl, bwd, layouts, True, partial_wire)
     if eager:
         for d in range(pl.num_devices):
             fwd_progs[d], bwd_progs[d]

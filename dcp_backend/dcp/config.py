@@ -10,6 +10,8 @@ from dcp_backend.errors import CPError
 
 PARTITIONERS = ("mtkahypar", "greedy")
 PLACEMENTS = ("hypergraph", "zigzag", "auto")
+COMMUNICATIONS = ("hierarchical", "direct")
+PARTIAL_DTYPES = ("fp32", "model")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,14 @@ class DCPOptions(KernelOptions):
                                           "computation on the query owner) or auto (plan both and a 2D zigzag, "
                                           "simulate them with the cost model, keep the fastest)")
 
+    communication: str = option("hierarchical", "hierarchical (inter-node sends spread over a node's devices, "
+                                                "partial results reduced inside a node before they cross) or "
+                                                "direct (every block sent by its owner, every partial straight "
+                                                "to its owner)")
+    partial_dtype: str = option("fp32", "dtype partial results (out, dq, dk/dv) travel in: fp32, or model (the "
+                                        "input dtype, e.g. bf16: half the bytes; accumulation stays fp32 and lse "
+                                        "travels in fp32)")
+
     def validate(self) -> None:
         super().validate()
         positive_int("dcp", "head_block_size", self.head_block_size, allow_none=True)
@@ -68,5 +78,9 @@ class DCPOptions(KernelOptions):
             load_cost_model(self.cost_model)  # raises CPError naming the problem
         if self.placement not in PLACEMENTS:
             raise CPError(f"dcp option placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.communication not in COMMUNICATIONS:
+            raise CPError(f"dcp option communication must be one of {COMMUNICATIONS}, got {self.communication!r}")
+        if self.partial_dtype not in PARTIAL_DTYPES:
+            raise CPError(f"dcp option partial_dtype must be one of {PARTIAL_DTYPES}, got {self.partial_dtype!r}")
         if self.partitioner not in PARTITIONERS:
             raise CPError(f"dcp option partitioner must be one of {PARTITIONERS}, got {self.partitioner!r}")

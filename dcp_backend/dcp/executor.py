@@ -40,7 +40,7 @@ class ProgramRunner:
         self.stores = {}
         for name, spec in program.stores.items():
             shape = (spec.rows, spec.heads, head_dim) if spec.with_dim else (spec.rows, spec.heads)
-            dt = dtype if spec.dtype == MODEL else self.acc
+            dt = self._dtype_of(spec.dtype)
             self.stores[name] = torch.empty(shape, dtype=dt, device=device)
         views = prepared.tables.on(device)
 
@@ -80,8 +80,11 @@ class ProgramRunner:
                         off = 0
                         for name, rows, numel in parts:
                             st = S[name]
-                            torch.index_select(st, 0, rows,
-                                               out=buf[off:off + numel].view((rows.numel(),) + tuple(st.shape[1:])))
+                            view = buf[off:off + numel].view((rows.numel(),) + tuple(st.shape[1:]))
+                            if st.dtype == buf.dtype:
+                                torch.index_select(st, 0, rows, out=view)
+                            else:  # a partial held in fp32, sent in the model dtype
+                                view.copy_(st.index_select(0, rows))
                             off += numel
                         x.send(buf, m.peer, TAGS[cls])
                 bufs = []
@@ -98,7 +101,8 @@ class ProgramRunner:
                     off = 0
                     for name, rows, numel in parts:
                         st = S[name]
-                        st.index_copy_(0, rows, buf[off:off + numel].view((rows.numel(),) + tuple(st.shape[1:])))
+                        st.index_copy_(0, rows, buf[off:off + numel].view((rows.numel(),) + tuple(st.shape[1:]))
+                                       .to(st.dtype))
                         off += numel
             elif kind == "attn":
                 _, backward, qr, kr, work = step
@@ -126,7 +130,7 @@ class ProgramRunner:
                                 rows=dr)
                 else:
                     for s_name, d_name in zip(src, dst):
-                        S[d_name].index_add_(0, dr, S[s_name].index_select(0, sr))
+                        S[d_name].index_add_(0, dr, S[s_name].index_select(0, sr).to(S[d_name].dtype))
         if pending:  # pragma: no cover - compiled programs always wait what they launch
             raise RuntimeError(f"DCP program ended with unfinished transfers {sorted(pending)}")
 

@@ -12,14 +12,16 @@ Instructions (one list per pass and device; every device runs the same sequence 
 so point-to-point messages between any two ranks are posted in the same order on both sides):
 
 * ``Comm(key, sends, recvs)`` launches a batch of point-to-point transfers; an op is a peer and the
-  (store, rows) parts packed into one message per dtype class;
+  (store, rows) parts packed into one message per dtype class (a store's ``wire`` class: partial
+  results may travel in the model dtype while held in fp32, ``DCPOptions.partial_dtype``);
 * ``Wait(key)`` waits for it and unpacks received rows into their stores;
 * ``Attention(stage, q_rows, kv_rows, work, comps, backward)`` runs the block kernel once over all
   computation blocks of a stage (forward: merges (out, lse) into ``o``/``lse`` at ``q_rows``; backward:
   accumulates ``dq`` at ``q_rows`` and ``dk``/``dv`` at ``kv_rows``);
 * ``Fill(stores, rows)`` resets the result rows of a freshly received block (out 0 / lse -inf, or
   gradients 0), since slots are reused;
-* ``Reduce(op, src, dst, src_rows, dst_rows)`` merges or sums received partials into owned rows.
+* ``Reduce(op, src, dst, src_rows, dst_rows)`` merges or sums received partials (right after the wait
+  that received them) into owned rows, or into a reducer's slot rows before it sends one partial on.
 """
 from __future__ import annotations
 
@@ -39,15 +41,27 @@ class StoreSpec:
     rows: int
     heads: int  # heads per row
     with_dim: bool  # rows are [heads, head_dim] (else [heads], e.g. lse)
-    dtype: str  # MODEL or ACC
+    dtype: str  # MODEL or ACC: how the rows are held
+    wire: str | None = None  # MODEL or ACC: how its rows travel (None: as held)
+
+    @property
+    def wire_class(self) -> str:
+        return self.wire or self.dtype
 
     def row_elements(self, head_dim: int) -> int:
         return self.heads * (head_dim if self.with_dim else 1)
 
     def nbytes(self, rows: int, head_dim: int, element_size: int) -> int:
         """Bytes of ``rows`` rows of this store when model tensors have ``element_size`` bytes."""
-        size = acc_element_size(element_size) if self.dtype == ACC else element_size
-        return int(rows) * self.row_elements(head_dim) * size
+        return _bytes(self.dtype, rows * self.row_elements(head_dim), element_size)
+
+    def wire_nbytes(self, rows: int, head_dim: int, element_size: int) -> int:
+        """Bytes of ``rows`` rows of this store in a message."""
+        return _bytes(self.wire_class, rows * self.row_elements(head_dim), element_size)
+
+
+def _bytes(cls: str, elements: int, element_size: int) -> int:
+    return int(elements) * (acc_element_size(element_size) if cls == ACC else element_size)
 
 
 @dataclass(eq=False)

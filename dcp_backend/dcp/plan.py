@@ -14,13 +14,37 @@ from dcp_backend.contract import Plan, PlanStats
 from dcp_backend.dcp.blocks import BlockSet
 from dcp_backend.dcp.compile import DeviceLayout, compile_programs
 from dcp_backend.dcp.config import DCPOptions
-from dcp_backend.dcp.instructions import DeviceProgram
+from dcp_backend.dcp.instructions import ACC, MODEL, DeviceProgram
 from dcp_backend.dcp.partition import Placement
 from dcp_backend.dcp.prepared import PreparedProgram
-from dcp_backend.dcp.schedule import PassSchedule, schedule_pass
+from dcp_backend.dcp.schedule import KIND_KV, KIND_Q, PassSchedule, schedule_pass
+from dcp_backend.dtypes import acc_element_size
 from dcp_backend.kernels import get_kernel
 from dcp_backend.spec import AttentionSpec
 from dcp_backend.topology import Topology
+
+
+def partial_wire(options: DCPOptions) -> str:
+    """The dtype class partial results travel in (``DCPOptions.partial_dtype``)."""
+    return MODEL if options.partial_dtype == "model" else ACC
+
+
+def pass_bytes(bs: BlockSet, element_size: int = 2, partial_dtype: str = "fp32") -> dict:
+    """Bytes of every input block and partial result, per pass, as the executor sends them: q-side ids
+    (tb * n_q + k) for "q_fwd" (q), "out_fwd" (out + lse), "q_bwd" (q, out, dout, lse), "dq"; kv ids
+    (tb * n_kv + m) for "kv" (k + v, both passes), "dkv" (dk + dv)."""
+    tok = bs.tb_tokens.astype(np.float64)
+    heads = bs.heads
+    e = element_size
+    acc = acc_element_size(e)
+    part = e if partial_dtype == "model" else acc
+    q_el = bs.q_bytes_per_token(e) // e  # elements per token of one q head block
+    kv_el = bs.kv_bytes_per_token(e) // e  # k + v elements per token of one KV head block
+    lse = bs.lse_bytes_per_token()
+    q = lambda per_token: np.repeat(per_token * tok, heads.n_q_blocks)  # noqa: E731
+    kv = lambda per_token: np.repeat(per_token * tok, heads.n_kv_blocks)  # noqa: E731
+    return {"q_fwd": q(q_el * e), "out_fwd": q(q_el * part + lse), "q_bwd": q(3 * q_el * e + lse),
+            "dq": q(q_el * part), "kv": kv(kv_el * e), "dkv": kv(kv_el * part)}
 
 
 def pair_cost(bs: BlockSet, cost_model: str | None = None, element_size: int = 2) -> np.ndarray:
@@ -131,16 +155,14 @@ def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, topology: Topol
     """Schedule both passes of a placement and wrap it as a plan (programs compiled lazily unless
     ``compile_all``); every placement strategy ends here."""
     t0 = time.perf_counter()
-    tok = bs.tb_tokens.astype(np.float64)
-    heads = bs.heads
-    e = element_size
-    q_fwd = np.repeat(bs.q_bytes_per_token(e) * tok, heads.n_q_blocks)
-    kv_b = np.repeat(bs.kv_bytes_per_token(e) * tok, heads.n_kv_blocks)
-    q_bwd = np.repeat((3 * bs.q_bytes_per_token(e) + bs.lse_bytes_per_token()) * tok, heads.n_q_blocks)
-    fwd = schedule_pass(bs, pl, cost, q_fwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=False)
-    bwd = schedule_pass(bs, pl, cost, q_bwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=True)
+    b = pass_bytes(bs, element_size, options.partial_dtype)
+    hier = options.communication == "hierarchical"
+    fwd = schedule_pass(bs, pl, cost, b["q_fwd"], b["kv"], options.num_stages, options.inter_node_cost,
+                        kv_outputs=False, out_bytes={KIND_Q: b["out_fwd"]}, hierarchical=hier)
+    bwd = schedule_pass(bs, pl, cost, b["q_bwd"], b["kv"], options.num_stages, options.inter_node_cost,
+                        kv_outputs=True, out_bytes={KIND_Q: b["dq"], KIND_KV: b["dkv"]}, hierarchical=hier)
     timings["schedule"] = time.perf_counter() - t0
-    layouts, fp, bp = compile_programs(bs, pl, fwd, bwd, eager=compile_all)
+    layouts, fp, bp = compile_programs(bs, pl, fwd, bwd, eager=compile_all, partial_wire=partial_wire(options))
     return DCPPlan(batch, spec, topology, options, blocks=bs, placement=pl, fwd=fwd, bwd=bwd, layouts=layouts,
                    fwd_programs=fp, bwd_programs=bp, timings=timings,
                    comp_cost=cost if options.cost_model is None else pair_cost(bs))  # stats: pair-heads

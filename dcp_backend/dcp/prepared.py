@@ -11,8 +11,8 @@ from dcp_backend.kernels import BlockKernel
 
 
 class Message:
-    """One peer's parts, split by dtype class: [(store, rows, numel)] per class (rows: a table handle,
-    resolved to a device tensor by the runner)."""
+    """One peer's parts, split by the dtype class they travel in: [(store, rows, numel)] per class (rows: a
+    table handle, resolved to a device tensor by the runner)."""
 
     def __init__(self, peer: int, by_class: dict):
         self.peer = peer
@@ -42,7 +42,7 @@ class PreparedProgram:
         by_store: dict = {}
         for name, rows in op.parts:
             spec = self.program.stores[name]
-            by_store.setdefault((spec.dtype, name), []).append(rows)
+            by_store.setdefault((spec.wire_class, name), []).append(rows)
         by_class: dict = {}
         for (cls, name), rows_list in by_store.items():
             spec = self.program.stores[name]

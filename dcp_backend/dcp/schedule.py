@@ -7,13 +7,20 @@ inputs are received while the previous stage computes.
   pending computation that unlocks the most compute per byte still missing. The last stage takes the
   rest, so every computation is scheduled.
 * An input needed by several devices of one node crosses the network once: it goes to the device of
-  that node that needs it first (the *gateway*), which forwards it inside the node as an ordinary
-  transfer of the stage that needs it, launched before the previous stage computes. When a node-mate
-  needs the block in the gateway's own stage s >= 2, the gateway receives it in stage s - 1 so that the
-  forward still overlaps compute; only stage-1 relays go as a second phase right after the first
-  arrives (nothing computes before stage 0 to hide them behind).
+  that node that needs it first (the *gateway*; of several, the one receiving the fewest inter-node
+  bytes in that stage), which forwards it inside the node as an ordinary transfer of the stage that
+  needs it, launched before the previous stage computes. When a node-mate needs the block in the
+  gateway's own stage s >= 2, the gateway receives it in stage s - 1 so that the forward still overlaps
+  compute; only stage-1 forwards go as a second phase right after the first arrives (nothing computes
+  before stage 0 to hide them behind).
+* A crossing leaves its source node from the device with the fewest inter-node bytes to send in that
+  stage among the owner, node-mates that already hold the block, and (stage >= 2) any node-mate as a
+  relay that receives it from the owner a stage before; so a node's traffic uses all its devices' NICs.
 * Partial results (forward out/lse; backward dq, dk/dv) go back to the owner after the last stage that
-  touches them on the computing device.
+  touches them on the computing device. Partials of one block computed on several devices of a node
+  other than the owner's are first reduced inside that node (on the contributor that finishes last),
+  so one partial per (block, node) crosses the network; a reducer sends one stage after the others'
+  partials arrived (key ``out{S+1}`` when that is past the last stage).
 
 Forward and backward get their own schedules (backward moves q, out, dout and lse for a query block,
 and returns dq and dk/dv), over the same placement.
@@ -62,7 +69,7 @@ class Transfers:
 class PassSchedule:
     comp_stage: np.ndarray  # stage of every computation block
     inputs: Transfers  # input transfers
-    outputs: Transfers  # partial results returned to owners (phase 1, after `stage`)
+    outputs: Transfers  # partial results to owners or in-node reducers (sent after stage `stage`, 0..S+1)
     num_stages: int  # S (stages are 0..S)
 
 
@@ -75,9 +82,13 @@ def comp_inputs(bs: BlockSet):
 
 
 def schedule_pass(bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: np.ndarray, kv_bytes: np.ndarray,
-                  num_stages: int, inter_node_cost: float, kv_outputs: bool) -> PassSchedule:
+                  num_stages: int, inter_node_cost: float, kv_outputs: bool, out_bytes: dict | None = None,
+                  hierarchical: bool = True) -> PassSchedule:
     """Schedule one pass. ``q_bytes``/``kv_bytes``: bytes of each q-side / kv input block in this pass;
-    ``kv_outputs``: whether kv-side partial results return to owners (backward dk/dv)."""
+    ``kv_outputs``: whether kv-side partial results return to owners (backward dk/dv); ``out_bytes``:
+    {kind: bytes of each block's partial result} (balances the reducers' sends); ``hierarchical``:
+    spread crossings over the node's devices and reduce partial results inside a node (else every
+    crossing leaves from the owner and every partial goes straight to the owner)."""
     h = bs.heads
     qid, kvid = comp_inputs(bs)
     q_owner = pl.owner[qid // h.n_q_blocks]
@@ -146,13 +157,34 @@ def schedule_pass(bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: n
         need_block.append(np.concatenate([uq, uk]))
         need_dev.append(np.full(cost.size, p))
         need_stage.append(first)
-    inputs = _route(pl, h, need_kind, need_block, need_dev, need_stage)
-    outputs = _outputs(bs, pl, comp_stage, qid, kvid, kv_outputs)
+    inputs = _route(pl, h, need_kind, need_block, need_dev, need_stage, {KIND_Q: q_bytes, KIND_KV: kv_bytes}, S,
+                    hierarchical)
+    if out_bytes is None:
+        out_bytes = {KIND_Q: q_bytes, KIND_KV: kv_bytes}
+    outputs = _outputs(bs, pl, comp_stage, qid, kvid, kv_outputs, out_bytes, S, hierarchical, inputs)
     return PassSchedule(comp_stage, inputs, outputs, S)
 
 
-def _route(pl: Placement, h, need_kind, need_block, need_dev, need_stage) -> Transfers:
-    """Turn (input, device, stage) needs into transfers; one inter-node crossing per (input, node)."""
+class _Loads:
+    """Inter-node bytes each device sends and receives per stage (the routing choices balance them)."""
+
+    def __init__(self, num_devices: int, num_stages: int):
+        self.egress = np.zeros((num_devices, num_stages + 2))
+        self.ingress = np.zeros((num_devices, num_stages + 2))
+
+
+def _route(pl: Placement, h, need_kind, need_block, need_dev, need_stage, in_bytes: dict, S: int,
+           hierarchical: bool = True) -> Transfers:
+    """Turn (input, device, stage) needs into transfers: one inter-node crossing per (input, node).
+
+    Inside the destination node the crossing lands on a *gateway* (a device that needs the input first;
+    hierarchical: of those, the one receiving the fewest inter-node bytes in that stage), which forwards
+    it to its node-mates. On the source side the crossing leaves from the owner, or (hierarchical) from
+    the node-mate with the fewest inter-node bytes to send in that stage among the owner, the node-mates
+    that already hold the input (they need it earlier) and, for crossings of stage 2 or later, any
+    node-mate as a *relay* that receives it from the owner one stage before; so a node's traffic is
+    spread over its devices (and their NICs) rather than carried by the few owners.
+    """
     if not need_kind:
         return Transfers.empty()
     kind = np.concatenate(need_kind)
@@ -160,45 +192,115 @@ def _route(pl: Placement, h, need_kind, need_block, need_dev, need_stage) -> Tra
     dst = np.concatenate(need_dev)
     stage = np.concatenate(need_stage)
     tb = np.where(kind == KIND_Q, block // h.n_q_blocks, block // h.n_kv_blocks)
-    src = pl.owner[tb]
+    src = pl.owner[tb].copy()
     dpn = pl.devices_per_node
     inter = (src // dpn) != (dst // dpn)
     phase = np.ones(kind.size, dtype=np.int64)
+    extra: list[tuple] = []  # relay receipts (kind, block, src, dst, stage)
     if inter.any():
+        nbytes = np.where(kind == KIND_Q, in_bytes[KIND_Q][np.where(kind == KIND_Q, block, 0)],
+                          in_bytes[KIND_KV][np.where(kind == KIND_KV, block, 0)])
+        loads = _Loads(pl.num_devices, S)
+        # holders in the owner's node: (kind, block) -> {device: index of its intra-node need}
+        holders: dict = {}
+        for i in np.nonzero(~inter)[0].tolist():
+            holders.setdefault((int(kind[i]), int(block[i])), {})[int(dst[i])] = i
         idx = np.nonzero(inter)[0]
-        # group by (kind, block, destination node); gateway = earliest stage, then lowest device id
-        key_node = dst[idx] // dpn
-        order = np.lexsort((dst[idx], stage[idx], key_node, block[idx], kind[idx]))
-        idx = idx[order]
-        k_, b_, n_ = kind[idx], block[idx], dst[idx] // dpn
+        node = dst[idx] // dpn
+        order = np.lexsort((dst[idx], stage[idx], node, block[idx], kind[idx]))
+        idx, node = idx[order], node[order]
+        k_, b_ = kind[idx], block[idx]
         first = np.ones(idx.size, dtype=bool)
-        first[1:] = (k_[1:] != k_[:-1]) | (b_[1:] != b_[:-1]) | (n_[1:] != n_[:-1])
-        group = np.cumsum(first) - 1
-        gate_pos = np.nonzero(first)[0]
-        gateway = dst[idx[gate_pos]][group]
-        gate_stage = stage[idx[gate_pos]][group]
-        follower = ~first
-        fi = idx[follower]
-        src[fi] = gateway[follower]  # forwarded from the gateway inside the node
-        same = stage[fi] == gate_stage[follower]
+        first[1:] = (k_[1:] != k_[:-1]) | (b_[1:] != b_[:-1]) | (node[1:] != node[:-1])
+        starts = np.nonzero(first)[0]
+        ends = np.append(starts[1:], idx.size)
+        s0 = stage[idx[starts]]
         # A follower that needs the block in the gateway's own stage: when that stage is 2 or later, the
         # gateway receives the block one stage early, so the forward is an ordinary transfer launched
         # before the previous stage computes (overlapped), not a relay behind that compute. Only stage-1
-        # relays remain second-phase transfers (nothing computes before stage 0 to hide them behind).
-        early = np.zeros(idx.size, dtype=bool)
-        early_groups = np.unique(group[follower][same & (gate_stage[follower] >= 2)])
-        early[np.isin(group, early_groups) & first] = True
-        stage[idx[early]] -= 1
-        phase[fi] = np.where(same & (gate_stage[follower] < 2), 2, 1)
-    return Transfers(kind, block, src, dst, stage, phase)
+        # forwards remain second-phase transfers (nothing computes before stage 0 to hide them behind).
+        same = np.zeros(starts.size, dtype=bool)
+        multi = ends - starts > 1
+        same[multi] = stage[idx[starts[multi] + 1]] == s0[multi]
+        crossing = np.where(same & (s0 >= 2), s0 - 1, s0)
+        # groups in crossing order (then larger first), so that a relay chosen for an earlier crossing is
+        # a holder for later ones
+        for g in np.lexsort((-nbytes[idx[starts]], crossing)).tolist():
+            members = idx[starts[g]:ends[g]]
+            c, g_stage, nb = int(crossing[g]), int(s0[g]), float(nbytes[members[0]])
+            cand = members[stage[members] == g_stage]
+            gate = int(cand[np.argmin(loads.ingress[dst[cand], c])]) if hierarchical else int(cand[0])
+            gateway = int(dst[gate])
+            key = (int(kind[gate]), int(block[gate]))
+            owner = int(src[gate])
+            sender = owner
+            if hierarchical:
+                sender = _pick_sender(key, owner, c, nb, dpn, loads, holders, stage)
+                if sender != owner:
+                    held = holders.setdefault(key, {})
+                    if sender not in held or stage[held[sender]] > c - 1:  # a relay: receive one stage early
+                        if sender in held:
+                            stage[held[sender]] = c - 1
+                        else:
+                            extra.append((key[0], key[1], owner, sender, c - 1))
+                            held[sender] = -1 - (len(extra) - 1)
+            src[gate] = sender
+            stage[gate] = c
+            loads.egress[sender, c] += nb
+            loads.ingress[gateway, c] += nb
+            fol = members[members != gate]
+            src[fol] = gateway  # forwarded from the gateway inside the node
+            phase[fol] = np.where((stage[fol] == g_stage) & (g_stage < 2), 2, 1)
+    tr = Transfers(kind, block, src, dst, stage, phase)
+    if extra:
+        e = np.array(extra, dtype=np.int64)
+        tr = Transfers.concat([tr, Transfers(e[:, 0], e[:, 1], e[:, 2], e[:, 3], e[:, 4],
+                                             np.ones(len(extra), dtype=np.int64))])
+    return tr
 
 
-def _outputs(bs: BlockSet, pl: Placement, comp_stage, qid, kvid, kv_outputs: bool) -> Transfers:
-    """Partial q-side results (out/lse or dq) and kv-side results (dk/dv) that must reach the owner."""
+def _pick_sender(key, owner: int, c: int, nb: float, dpn: int, loads: _Loads, holders: dict, stage) -> int:
+    """The device of the owner's node that sends a crossing of stage ``c``: the owner, a node-mate that
+    holds the block by then, or (c >= 2) a relay; the least loaded in that stage, the owner on ties, and
+    a relay only when it is lighter by more than half the block."""
+    base = (owner // dpn) * dpn
+    held = holders.get(key, {})
+    best, best_load = owner, loads.egress[owner, c]
+    for d in range(base, base + dpn):
+        if d == owner:
+            continue
+        i = held.get(d)  # an intra-node need, or (negative) an earlier relay receipt, at stage <= c - 1
+        ready = i is not None and (i < 0 or stage[i] <= c - 1)
+        if not ready and c < 2:
+            continue
+        load = loads.egress[d, c] + (0.0 if ready else 0.5 * nb)
+        if load < best_load:
+            best, best_load = d, load
+    return best
+
+
+def _outputs(bs: BlockSet, pl: Placement, comp_stage, qid, kvid, kv_outputs: bool, out_bytes: dict,
+             S: int, hierarchical: bool = True, inputs: Transfers | None = None) -> Transfers:
+    """Partial q-side results (out/lse or dq) and kv-side results (dk/dv) that must reach the owner.
+
+    A device sends its partial of a block after the last stage that touches it. Hierarchical: the
+    partials of one block computed on several devices of a node other than the owner's are first
+    reduced inside that node, on the contributor that finishes last (the least loaded of those), so
+    one partial per (block, node) crosses the network; the reducer sends after its own last stage and
+    one stage after the others' (key ``out{S+1}`` when that is past the last stage).
+    """
     h = bs.heads
     dev = pl.comp_device
+    dpn = pl.devices_per_node
     parts = []
     sides = ((KIND_Q, qid, h.n_q_blocks), (KIND_KV, kvid, h.n_kv_blocks)) if kv_outputs else ((KIND_Q, qid, h.n_q_blocks),)
+    loads = _Loads(pl.num_devices, S)
+    arrival: dict = {}  # (device, kind, block) -> stage its input arrives for
+    if hierarchical and inputs is not None and len(inputs):
+        for d_, k_, b_, s_ in zip(inputs.dst.tolist(), inputs.kind.tolist(), inputs.block.tolist(),
+                                  inputs.stage.tolist()):
+            key = (d_, k_, b_)
+            arrival[key] = min(arrival.get(key, s_), s_)
     for kind, ids, per in sides:
         owner = pl.owner[ids // per]
         rem = owner != dev
@@ -212,6 +314,31 @@ def _outputs(bs: BlockSet, pl: Placement, comp_stage, qid, kvid, kv_outputs: boo
         starts = np.nonzero(first)[0]
         last_stage = np.maximum.reduceat(st, starts)
         d, b = key_dev[starts], key_blk[starts]
-        parts.append(Transfers(np.full(d.size, kind), b, d, pl.owner[b // per], last_stage,
-                               np.ones(d.size, dtype=np.int64)))
+        o = pl.owner[b // per]
+        dst = o.copy()
+        stage = last_stage.copy()
+        if hierarchical:
+            remote = (d // dpn) != (o // dpn)
+            ri = np.nonzero(remote)[0]
+            if ri.size:
+                node = d[ri] // dpn
+                order = np.lexsort((d[ri], -last_stage[ri], node, b[ri]))
+                ri, node = ri[order], node[order]
+                gfirst = np.ones(ri.size, dtype=bool)
+                gfirst[1:] = (b[ri][1:] != b[ri][:-1]) | (node[1:] != node[:-1])
+                gs = np.nonzero(gfirst)[0]
+                ge = np.append(gs[1:], ri.size)
+                for g in np.nonzero(ge - gs > 1)[0].tolist():
+                    members = ri[gs[g]:ge[g]]
+                    umax = last_stage[members[0]]
+                    top = members[last_stage[members] == umax]
+                    nb = float(out_bytes[kind][b[members[0]]])
+                    red = int(top[np.argmin(loads.egress[d[top], min(umax + 1, S + 1)])])
+                    others = members[members != red]
+                    stage[others] = np.maximum(last_stage[others], arrival[(int(d[red]), kind, int(b[red]))] - 2)
+                    t = max(int(umax), int(stage[others].max()) + 1)
+                    dst[others] = d[red]
+                    stage[red] = t
+                    loads.egress[d[red], t] += nb
+        parts.append(Transfers(np.full(d.size, kind), b, d, dst, stage, np.ones(d.size, dtype=np.int64)))
     return Transfers.concat(parts)

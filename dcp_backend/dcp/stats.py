@@ -2,7 +2,8 @@
 compute and its imbalance, memory per device, stages, instructions and planning time per phase.
 
 Bytes are counted from the compiled send instructions, exactly as the executor sends them (model
-tensors at ``element_size`` bytes per element, accumulators and log-sum-exp at 4).
+tensors at ``element_size`` bytes per element, log-sum-exp at 4, partial results at 4 or, with
+``partial_dtype="model"``, at ``element_size``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def program_send_bytes(prog, head_dim: int, element_size: int, devices_per_node:
         if not isinstance(ins, Comm):
             continue
         for op in ins.sends:
-            nbytes = sum(prog.stores[name].nbytes(rows.size, head_dim, element_size) for name, rows in op.parts)
+            nbytes = sum(prog.stores[name].wire_nbytes(rows.size, head_dim, element_size) for name, rows in op.parts)
             if op.peer // devices_per_node == prog.device // devices_per_node:
                 intra += nbytes
             else:

@@ -28,6 +28,10 @@ def _part_bytes(prog, name: str, rows, c: Costs) -> float:
     return float(prog.stores[name].nbytes(rows.size, c.head_dim, c.element_size))
 
 
+def _wire_bytes(prog, name: str, rows, c: Costs) -> float:
+    return float(prog.stores[name].wire_nbytes(rows.size, c.head_dim, c.element_size))
+
+
 def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
     prog = (plan.bwd_programs if backward else plan.fwd_programs)[rank]
     h = plan.blocks.heads
@@ -45,14 +49,14 @@ def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
             for op in ins.sends:
                 by_cls: dict = {}
                 for name, rows in op.parts:
-                    cls = prog.stores[name].dtype
-                    by_cls[cls] = by_cls.get(cls, 0.0) + _part_bytes(prog, name, rows, c)
+                    cls = prog.stores[name].wire_class
+                    by_cls[cls] = by_cls.get(cls, 0.0) + _wire_bytes(prog, name, rows, c)
                 parts += len({name for name, _ in op.parts})  # one gather per store into the send buffer
                 for cls, nbytes in sorted(by_cls.items()):
                     sends.append(((tag, ins.key, rank, op.peer, cls), op.peer, nbytes))
                     pack += nbytes
             for op in ins.recvs:
-                for cls in sorted({prog.stores[name].dtype for name, _ in op.parts}):
+                for cls in sorted({prog.stores[name].wire_class for name, _ in op.parts}):
                     recvs.append(((tag, ins.key, op.peer, rank, cls), op.peer))
             if pack:
                 ops.append(Compute(c.copy(pack, parts), f"pack {ins.key}"))

@@ -23,7 +23,9 @@ def _dcp_cases(world, dpn, seed, n_cases=None):
             seqlens = random_seqlens(rng, int(rng.integers(2, 8)), 90, world)
             cases.append(Case("dcp", seqlens, num_heads=heads[0], num_kv_heads=heads[1], mask=mask, mask_args=args,
                               options={"devices_per_node": dpn, "block_size": int(rng.choice([16, 32, 64])),
-                                       "head_block_size": hbs, "num_stages": int(rng.choice([1, 4]))},
+                                       "head_block_size": hbs, "num_stages": int(rng.choice([1, 4])),
+                                       "communication": str(rng.choice(["hierarchical", "direct"])),
+                                       "partial_dtype": str(rng.choice(["fp32", "model"]))},
                               seed=int(rng.integers(1 << 30))))
     if n_cases:
         cases = [cases[i] for i in rng.choice(len(cases), n_cases, replace=False)]
@@ -38,8 +40,14 @@ def test_dcp_matches_reference(world, dpn):
 
 def test_dcp_eight_ranks_four_nodes():
     cases = _dcp_cases(8, 2, seed=8, n_cases=6)
-    cases.append(Case("dcp", [1, 300, 17, 64, 2], mask="causal", options={"devices_per_node": 2, "block_size": 16,
-                                                                          "num_stages": 4}, seed=3))
+    # long documents over 4 nodes: relays, gateways and in-node reducers, each communication and partial dtype,
+    # fp32 and bf16 (the bf16 cases check that partials sent in bf16 stay within the bf16 tolerance)
+    for comm in ("hierarchical", "direct"):
+        for partial in ("fp32", "model"):
+            for dtype in ("fp32", "bf16"):
+                cases.append(Case("dcp", [1, 300, 17, 64, 2], mask="causal", dtype=dtype,
+                                  options={"devices_per_node": 2, "block_size": 16, "num_stages": 4,
+                                           "communication": comm, "partial_dtype": partial}, seed=3))
     check_results(cases, run_ranks(worker, 8, cases))
 
 
