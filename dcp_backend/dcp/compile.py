@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from dcp_backend.batch import concat_aranges
+from dcp_backend.dtypes import acc_element_size
 from dcp_backend.dcp.blocks import BlockSet
 from dcp_backend.dcp.instructions import (ACC, MODEL, Attention, Comm, CommOp, DeviceProgram, Fill, Reduce,
                                           StoreSpec, Wait)
@@ -25,6 +26,14 @@ from dcp_backend.dcp.partition import Placement
 from dcp_backend.dcp.schedule import KIND_KV, KIND_Q, PassSchedule, Transfers, comp_inputs
 from dcp_backend.kernels.work import AttnWork
 
+# The stores of a pass: (name, dtype class, rows are [heads, head_dim]) per side, forward / backward
+STORES = {
+    False: {KIND_Q: (("q", MODEL, True), ("o", ACC, True), ("lse", ACC, False)),
+            KIND_KV: (("k", MODEL, True), ("v", MODEL, True))},
+    True: {KIND_Q: (("q", MODEL, True), ("o", MODEL, True), ("do", MODEL, True), ("lse", ACC, False),
+                    ("dq", ACC, True)),
+           KIND_KV: (("k", MODEL, True), ("v", MODEL, True), ("dk", ACC, True), ("dv", ACC, True))},
+}
 # (store parts moved for an input block, parts of a result, receiving temp stores) per pass
 FWD_INPUT = {KIND_Q: ("q",), KIND_KV: ("k", "v")}
 BWD_INPUT = {KIND_Q: ("q", "o", "do", "lse"), KIND_KV: ("k", "v")}
@@ -205,16 +214,10 @@ class _PassCompiler:
         q_rows_total = n * heads.n_q_blocks + counts[KIND_Q] * block
         kv_rows_total = n * heads.n_kv_blocks + counts[KIND_KV] * block
         stores = prog.stores
-        if not self.backward:
-            names_q = (("q", MODEL, True), ("o", ACC, True), ("lse", ACC, False))
-            names_kv = (("k", MODEL, True), ("v", MODEL, True))
-        else:
-            names_q = (("q", MODEL, True), ("o", MODEL, True), ("do", MODEL, True), ("lse", ACC, False),
-                       ("dq", ACC, True))
-            names_kv = (("k", MODEL, True), ("v", MODEL, True), ("dk", ACC, True), ("dv", ACC, True))
-        for name, dtype, with_dim in names_q:
+        layout = STORES[self.backward]
+        for name, dtype, with_dim in layout[KIND_Q]:
             stores[name] = StoreSpec(name, q_rows_total, heads.hb, with_dim, dtype)
-        for name, dtype, with_dim in names_kv:
+        for name, dtype, with_dim in layout[KIND_KV]:
             stores[name] = StoreSpec(name, kv_rows_total, heads.khb, with_dim, dtype)
         # results received by this device: temp rows per key (reused by every key, reduced after its wait),
         # in (kind, block, source) order inside a key
@@ -308,14 +311,16 @@ class _PassCompiler:
             ins.append(self.comm(f"out{stage}", np.nonzero(osel & (outputs.src == device))[0],
                                  np.nonzero(osel & (outputs.dst == device))[0], outputs, self.result_parts,
                                  self.result_recv))
-        # the last stage's partials, then what in-node reducers send on after them
-        ins.append(Wait(f"out{num_stages}"))
-        self.reductions(ins, num_stages)
-        last = num_stages + 1
-        osel = outputs.stage == last
-        ins.append(self.comm(f"out{last}", np.nonzero(osel & (outputs.src == device))[0],
-                             np.nonzero(osel & (outputs.dst == device))[0], outputs, self.result_parts,
-                             self.result_recv))
+        # the last stage's partials, then what in-node reducers send on after them (and partials sent late
+        # so that a device does not receive too many under one key)
+        last = max(num_stages + 1, int(outputs.stage.max(initial=0)))
+        for key in range(num_stages + 1, last + 1):
+            ins.append(Wait(f"out{key - 1}"))
+            self.reductions(ins, key - 1)
+            osel = outputs.stage == key
+            ins.append(self.comm(f"out{key}", np.nonzero(osel & (outputs.src == device))[0],
+                                 np.nonzero(osel & (outputs.dst == device))[0], outputs, self.result_parts,
+                                 self.result_recv))
         ins.append(Wait(f"out{last}"))
         self.reductions(ins, last)
 
@@ -398,3 +403,80 @@ def compile_programs(bs: BlockSet, pl: Placement, fwd: PassSchedule, bwd: PassSc
         for d in range(pl.num_devices):
             fwd_progs[d], bwd_progs[d]
     return layouts, fwd_progs, bwd_progs
+
+
+def _row_bytes(bs: BlockSet, backward: bool, element_size: int) -> dict:
+    """Bytes of one row of all stores of a side together, per kind."""
+    h, d = bs.heads, bs.spec.head_dim
+    size = {MODEL: element_size, ACC: acc_element_size(element_size)}
+    per = {KIND_Q: h.hb, KIND_KV: h.khb}
+    return {kind: sum(per[kind] * (d if wd else 1) * size[c] for _, c, wd in STORES[backward][kind])
+            for kind in (KIND_Q, KIND_KV)}
+
+
+def own_memory_bytes(bs: BlockSet, pl: Placement, backward: bool, element_size: int = 2) -> np.ndarray:
+    """Bytes of every device's own rows (its tokens in every store) in one pass."""
+    h = bs.heads
+    row = _row_bytes(bs, backward, element_size)
+    tokens = np.bincount(pl.owner, weights=bs.tb_tokens, minlength=pl.num_devices)
+    return tokens * (h.n_q_blocks * row[KIND_Q] + h.n_kv_blocks * row[KIND_KV])
+
+
+def pass_memory_bytes(bs: BlockSet, pl: Placement, sched: PassSchedule, backward: bool, element_size: int = 2,
+                      partial_wire: str = ACC) -> np.ndarray:
+    """Bytes of every device's stores for one pass, from the schedule alone (equal to the compiled
+    programs' stores, :func:`dcp_backend.dcp.stats.program_memory_bytes`): own rows, received blocks'
+    slots (as many as are busy at once: a slot is busy from its block's launch to its last reader, its
+    result send and its forwards, as :meth:`_PassCompiler.assign_slots` colours them) and the temp rows
+    of the largest key of received partial results."""
+    h = bs.heads
+    n = pl.num_devices
+    size = {MODEL: element_size, ACC: acc_element_size(element_size)}
+    d_ = bs.spec.head_dim
+    per = {KIND_Q: h.hb, KIND_KV: h.khb}
+    row = _row_bytes(bs, backward, element_size)
+    results = BWD_RESULT if backward else FWD_RESULT
+    temp_row = {kind: sum(per[kind] * (d_ if name != "lse" else 1) * size[ACC if name == "lse" else partial_wire]
+                          for name in names) for kind, (names, _) in results.items()}
+    total = own_memory_bytes(bs, pl, backward, element_size)
+    # slots: busy intervals [launch, end] of every received block, the most busy at once per (device, kind)
+    inputs, outputs = sched.inputs, sched.outputs
+    qid, kvid = comp_inputs(bs)
+    m = int(max(h.n_q_blocks, h.n_kv_blocks) * bs.n_tb)
+    code = lambda dev, kind, block: (dev * 2 + kind) * m + block  # noqa: E731
+    has_result = np.array([1, 1 if backward else 0])
+    rec = code(inputs.dst, inputs.kind, inputs.block)
+    keys, inv = np.unique(rec, return_inverse=True)
+    end = has_result[inputs.kind].copy()  # last use 0 by default (a relay or gateway only)
+    cand_code, cand_val = [], []
+    for kind, ids in ((KIND_Q, qid), (KIND_KV, kvid)):
+        cand_code.append(code(pl.comp_device, kind, ids))
+        cand_val.append(sched.comp_stage + has_result[kind])
+    cand_code += [code(inputs.src, inputs.kind, inputs.block), code(outputs.src, outputs.kind, outputs.block)]
+    cand_val += [inputs.stage - 1, outputs.stage + 1]
+    cc, cv = np.concatenate(cand_code), np.concatenate(cand_val)
+    pos = np.searchsorted(keys, cc)
+    hit = (pos < keys.size) & (keys[np.minimum(pos, keys.size - 1)] == cc)
+    best = np.full(keys.size, -1, dtype=np.int64)
+    np.maximum.at(best, pos[hit], cv[hit])
+    end = np.maximum(end, best[inv])
+    launch = inputs.stage - 1
+    t0 = -1
+    width = int(max(end.max(initial=0), launch.max(initial=0))) - t0 + 2
+    diff = np.zeros((n * 2, width), dtype=np.int64)
+    row_id = inputs.dst * 2 + inputs.kind
+    np.add.at(diff, (row_id, launch - t0), 1)
+    np.add.at(diff, (row_id, end + 1 - t0), -1)
+    slots = np.cumsum(diff, axis=1).max(axis=1).reshape(n, 2)
+    total = total + bs.block_size * (slots[:, KIND_Q] * row[KIND_Q] + slots[:, KIND_KV] * row[KIND_KV])
+    # temp rows of received partials: the largest key
+    if len(outputs):
+        tok = bs.tb_tokens[np.where(outputs.kind == KIND_Q, outputs.block // h.n_q_blocks,
+                                    outputs.block // h.n_kv_blocks)]
+        s_max = int(outputs.stage.max()) + 1
+        grid = np.zeros((n, 2, s_max))
+        np.add.at(grid, (outputs.dst, outputs.kind, outputs.stage), tok)
+        temp = grid.max(axis=2)
+        for kind, b in temp_row.items():
+            total = total + temp[:, kind] * b
+    return total

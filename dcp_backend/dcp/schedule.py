@@ -84,28 +84,80 @@ def comp_inputs(bs: BlockSet):
 def schedule_pass(bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: np.ndarray, kv_bytes: np.ndarray,
                   num_stages: int, inter_node_cost: float, kv_outputs: bool, out_bytes: dict | None = None,
                   hierarchical: bool = True) -> PassSchedule:
-    """Schedule one pass. ``q_bytes``/``kv_bytes``: bytes of each q-side / kv input block in this pass;
-    ``kv_outputs``: whether kv-side partial results return to owners (backward dk/dv); ``out_bytes``:
-    {kind: bytes of each block's partial result} (balances the reducers' sends); ``hierarchical``:
-    spread crossings over the node's devices and reduce partial results inside a node (else every
-    crossing leaves from the owner and every partial goes straight to the owner)."""
-    h = bs.heads
-    qid, kvid = comp_inputs(bs)
-    q_owner = pl.owner[qid // h.n_q_blocks]
-    kv_owner = pl.owner[kvid // h.n_kv_blocks]
-    dev = pl.comp_device
-    dpn = pl.devices_per_node
-    q_remote = q_owner != dev
-    kv_remote = kv_owner != dev
-    comp_stage = np.zeros(bs.n_comp, dtype=np.int64)
-    S = num_stages
-    # stage at which each (device, input) is needed: filled per device
-    need_kind, need_block, need_dev, need_stage = [], [], [], []
-    for p in range(pl.num_devices):  # loop over devices; the work inside is vectorised
-        mine = np.nonzero(dev == p)[0]
+    """Schedule one pass with ``num_stages`` communication stages on every device (see
+    :class:`PassScheduler` for the arguments)."""
+    return PassScheduler(bs, pl, comp_cost, q_bytes, kv_bytes, inter_node_cost, kv_outputs, out_bytes,
+                         hierarchical).schedule(np.full(pl.num_devices, num_stages))
+
+
+class PassScheduler:
+    """Schedules one pass; a device's stage assignment depends only on its own stage count, so
+    :meth:`schedule` with new counts for some devices reuses the others' (the memory limit raises the
+    counts of the devices over it, :func:`dcp_backend.dcp.plan.plan_from_placement`).
+
+    ``q_bytes``/``kv_bytes``: bytes of each q-side / kv input block in this pass; ``kv_outputs``: whether
+    kv-side partial results return to owners (backward dk/dv); ``out_bytes``: {kind: bytes of each block's
+    partial result} (balances the reducers' sends); ``hierarchical``: spread crossings over the node's
+    devices and reduce partial results inside a node (else every crossing leaves from the owner and every
+    partial goes straight to the owner)."""
+
+    def __init__(self, bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: np.ndarray,
+                 kv_bytes: np.ndarray, inter_node_cost: float, kv_outputs: bool, out_bytes: dict | None = None,
+                 hierarchical: bool = True):
+        self.bs, self.pl, self.comp_cost = bs, pl, comp_cost
+        self.in_bytes = {KIND_Q: q_bytes, KIND_KV: kv_bytes}
+        self.out_bytes = out_bytes if out_bytes is not None else dict(self.in_bytes)
+        self.inter_node_cost, self.kv_outputs, self.hierarchical = inter_node_cost, kv_outputs, hierarchical
+        h = bs.heads
+        self.qid, self.kvid = comp_inputs(bs)
+        dev = pl.comp_device
+        self.q_remote = pl.owner[self.qid // h.n_q_blocks] != dev
+        self.kv_remote = pl.owner[self.kvid // h.n_kv_blocks] != dev
+        order = np.argsort(dev, kind="stable")
+        bounds = np.searchsorted(dev[order], np.arange(pl.num_devices + 1))
+        self.mine = [order[bounds[p]:bounds[p + 1]] for p in range(pl.num_devices)]
+        self._cache: dict = {}  # (device, stages) -> (remote comps, their stages, need kinds, blocks, stages)
+
+    def schedule(self, device_stages: np.ndarray, arrival_cap: np.ndarray | None = None) -> PassSchedule:
+        """Stages ``1..device_stages[p]`` for device ``p`` (its last one takes the rest); the pass has
+        ``max(device_stages)`` stages. ``arrival_cap``: per device, the most rows of partial results it
+        receives under one key (later ones are sent a key later; None: no cap)."""
+        bs, pl = self.bs, self.pl
+        S = int(np.max(device_stages))
+        comp_stage = np.zeros(bs.n_comp, dtype=np.int64)
+        need_kind, need_block, need_dev, need_stage = [], [], [], []
+        for p in range(pl.num_devices):  # loop over devices; the work inside is vectorised
+            key = (p, int(device_stages[p]))
+            if key not in self._cache:
+                self._cache[key] = self._device(p, int(device_stages[p]))
+            got = self._cache[key]
+            if got is None:
+                continue
+            remote, stage_of, kinds, blocks, first = got
+            comp_stage[remote] = stage_of
+            need_kind.append(kinds)
+            need_block.append(blocks)
+            need_dev.append(np.full(kinds.size, p))
+            need_stage.append(first)
+        inputs = _route(pl, bs.heads, need_kind, need_block, need_dev, need_stage, self.in_bytes, S,
+                        self.hierarchical)
+        outputs = _outputs(bs, pl, comp_stage, self.qid, self.kvid, self.kv_outputs, self.out_bytes, S,
+                           self.hierarchical, inputs)
+        if arrival_cap is not None:
+            outputs = _spread_arrivals(bs, pl, outputs, arrival_cap)
+        return PassSchedule(comp_stage, inputs, outputs, S)
+
+    def _device(self, p: int, S: int):
+        """Stages of device ``p``'s computations with remote inputs, in ``S`` stages: each stage receives
+        about 1/S of its receive cost; a greedy picks the pending computation that unlocks the most
+        compute per byte still missing."""
+        h, pl = self.bs.heads, self.pl
+        dpn = pl.devices_per_node
+        qid, kvid, q_remote, kv_remote = self.qid, self.kvid, self.q_remote, self.kv_remote
+        mine = self.mine[p]
         remote = mine[q_remote[mine] | kv_remote[mine]]
         if remote.size == 0:
-            continue
+            return None
         # Local input index space for this device: q-side inputs, then kv inputs.
         qi = np.where(q_remote[remote], qid[remote], -1)
         ki = np.where(kv_remote[remote], kvid[remote], -1)
@@ -116,10 +168,11 @@ def schedule_pass(bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: n
         k_loc = np.where(ki >= 0, nq + np.searchsorted(uk, np.maximum(ki, 0)), -1)
         inter_q = pl.node_of(pl.owner[uq // h.n_q_blocks]) != p // dpn
         inter_k = pl.node_of(pl.owner[uk // h.n_kv_blocks]) != p // dpn
-        cost = np.concatenate([q_bytes[uq] * np.where(inter_q, inter_node_cost, 1.0),
-                               kv_bytes[uk] * np.where(inter_k, inter_node_cost, 1.0)])
+        inc = self.inter_node_cost
+        cost = np.concatenate([self.in_bytes[KIND_Q][uq] * np.where(inter_q, inc, 1.0),
+                               self.in_bytes[KIND_KV][uk] * np.where(inter_k, inc, 1.0)])
         ready_at = np.full(cost.size, -1, dtype=np.int64)  # stage an input arrives (-1: not scheduled)
-        work = comp_cost[remote]
+        work = self.comp_cost[remote]
         stage_of = np.full(remote.size, -1, dtype=np.int64)
         budget = cost.sum() / S
         for s in range(1, S + 1):
@@ -130,13 +183,22 @@ def schedule_pass(bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: n
                     break
                 miss_q = (q_loc >= 0) & (ready_at[np.maximum(q_loc, 0)] < 0)
                 miss_k = (k_loc >= 0) & (ready_at[np.maximum(k_loc, 0)] < 0)
-                missing = np.where(miss_q, cost[np.maximum(q_loc, 0)], 0.0) + np.where(miss_k, cost[np.maximum(k_loc, 0)], 0.0)
+                missing = (np.where(miss_q, cost[np.maximum(q_loc, 0)], 0.0)
+                           + np.where(miss_k, cost[np.maximum(k_loc, 0)], 0.0))
                 ready = pend & (missing == 0)
                 if ready.any():
                     stage_of[ready] = s
                     continue
                 if s < S:
-                    score = np.where(pend, missing / np.maximum(work, 1e-30), np.inf)
+                    # an input's bytes are shared by the pending computations that read it (a remote query
+                    # block fetched once serves all its key blocks), so blocks enter in a sweep rather than
+                    # all at the last stage
+                    users = np.bincount(np.concatenate([q_loc[pend & miss_q], k_loc[pend & miss_k]]),
+                                        minlength=cost.size).astype(np.float64)
+                    share = cost / np.maximum(users, 1.0)
+                    amort = (np.where(miss_q, share[np.maximum(q_loc, 0)], 0.0)
+                             + np.where(miss_k, share[np.maximum(k_loc, 0)], 0.0))
+                    score = np.where(pend, amort / np.maximum(work, 1e-30), np.inf)
                     i = int(np.argmin(score))
                     if spent > 0 and spent + missing[i] > budget:
                         break
@@ -147,22 +209,13 @@ def schedule_pass(bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: n
                     ready_at[q_loc[i]] = s
                 if miss_k[i]:
                     ready_at[k_loc[i]] = s
-        comp_stage[remote] = stage_of
         # first stage each input is needed (the stage it was scheduled for)
         used = np.concatenate([q_loc[q_loc >= 0], k_loc[k_loc >= 0]])
         used_stage = np.concatenate([stage_of[q_loc >= 0], stage_of[k_loc >= 0]])
         first = np.full(cost.size, S + 1, dtype=np.int64)
         np.minimum.at(first, used, used_stage)
-        need_kind.append(np.concatenate([np.full(nq, KIND_Q), np.full(uk.size, KIND_KV)]))
-        need_block.append(np.concatenate([uq, uk]))
-        need_dev.append(np.full(cost.size, p))
-        need_stage.append(first)
-    inputs = _route(pl, h, need_kind, need_block, need_dev, need_stage, {KIND_Q: q_bytes, KIND_KV: kv_bytes}, S,
-                    hierarchical)
-    if out_bytes is None:
-        out_bytes = {KIND_Q: q_bytes, KIND_KV: kv_bytes}
-    outputs = _outputs(bs, pl, comp_stage, qid, kvid, kv_outputs, out_bytes, S, hierarchical, inputs)
-    return PassSchedule(comp_stage, inputs, outputs, S)
+        kinds = np.concatenate([np.full(nq, KIND_Q), np.full(uk.size, KIND_KV)])
+        return remote, stage_of, kinds, np.concatenate([uq, uk]), first
 
 
 class _Loads:
@@ -238,12 +291,12 @@ def _route(pl: Placement, h, need_kind, need_block, need_dev, need_stage, in_byt
                 sender = _pick_sender(key, owner, c, nb, dpn, loads, holders, stage)
                 if sender != owner:
                     held = holders.setdefault(key, {})
-                    if sender not in held or stage[held[sender]] > c - 1:  # a relay: receive one stage early
-                        if sender in held:
-                            stage[held[sender]] = c - 1
-                        else:
-                            extra.append((key[0], key[1], owner, sender, c - 1))
-                            held[sender] = -1 - (len(extra) - 1)
+                    i = held.get(sender)
+                    if i is None:  # a relay: receives the block from the owner one stage before it sends
+                        extra.append((key[0], key[1], owner, sender, c - 1))
+                        held[sender] = -len(extra)
+                    elif i >= 0 and stage[i] > c - 1:  # a node-mate needing it later receives it earlier
+                        stage[i] = c - 1
             src[gate] = sender
             stage[gate] = c
             loads.egress[sender, c] += nb
@@ -317,7 +370,7 @@ def _outputs(bs: BlockSet, pl: Placement, comp_stage, qid, kvid, kv_outputs: boo
         o = pl.owner[b // per]
         dst = o.copy()
         stage = last_stage.copy()
-        if hierarchical:
+        if hierarchical:  # arrival: every contributor received the block (it is remote to it)
             remote = (d // dpn) != (o // dpn)
             ri = np.nonzero(remote)[0]
             if ri.size:
@@ -330,15 +383,58 @@ def _outputs(bs: BlockSet, pl: Placement, comp_stage, qid, kvid, kv_outputs: boo
                 ge = np.append(gs[1:], ri.size)
                 for g in np.nonzero(ge - gs > 1)[0].tolist():
                     members = ri[gs[g]:ge[g]]
-                    umax = last_stage[members[0]]
-                    top = members[last_stage[members] == umax]
-                    nb = float(out_bytes[kind][b[members[0]]])
-                    red = int(top[np.argmin(loads.egress[d[top], min(umax + 1, S + 1)])])
+                    # the reducer: the contributor that holds the block first (so every other partial, sent
+                    # after its own receipt, finds the reducer's rows ready), then the one finishing last,
+                    # then the least loaded
+                    arr = np.array([arrival[(int(d[i]), kind, int(b[i]))] for i in members])
+                    top = members[arr == arr.min()]
+                    top = top[last_stage[top] == last_stage[top].max()]
+                    t_guess = min(int(last_stage[members].max()) + 1, S + 1)
+                    red = int(top[np.argmin(loads.egress[d[top], t_guess])])
                     others = members[members != red]
-                    stage[others] = np.maximum(last_stage[others], arrival[(int(d[red]), kind, int(b[red]))] - 2)
-                    t = max(int(umax), int(stage[others].max()) + 1)
+                    t = max(int(last_stage[red]), int(last_stage[others].max()) + 1)
                     dst[others] = d[red]
                     stage[red] = t
-                    loads.egress[d[red], t] += nb
+                    loads.egress[d[red], t] += float(out_bytes[kind][b[red]])
         parts.append(Transfers(np.full(d.size, kind), b, d, dst, stage, np.ones(d.size, dtype=np.int64)))
     return Transfers.concat(parts)
+
+
+def _spread_arrivals(bs: BlockSet, pl: Placement, outputs: Transfers, cap: np.ndarray) -> Transfers:
+    """Send partial results later so that no device receives more than ``cap[device]`` rows under one
+    key (a received partial is held in temp rows until the wait of its key). The earliest senders keep
+    their key; a deferred partial to an in-node reducer delays the reducer's own send as well."""
+    if not len(outputs):
+        return outputs
+    h = bs.heads
+    per = np.where(outputs.kind == KIND_Q, h.n_q_blocks, h.n_kv_blocks)
+    rows = bs.tb_tokens[outputs.block // per].astype(np.float64)
+    stage = outputs.stage.copy()
+    to_reducer = outputs.dst != pl.owner[outputs.block // per]
+    # the reducer's own send of each partial sent to a reducer: same (kind, block), from that reducer
+    code = lambda kind, block, dev: (dev * 2 + kind) * (bs.n_tb * max(h.n_q_blocks, h.n_kv_blocks)) + block  # noqa: E731
+    send_code = code(outputs.kind, outputs.block, outputs.src)
+    order = np.argsort(send_code, kind="stable")
+    red_send = np.full(len(outputs), -1, dtype=np.int64)
+    j = np.nonzero(to_reducer)[0]
+    pos = np.searchsorted(send_code[order], code(outputs.kind[j], outputs.block[j], outputs.dst[j]))
+    red_send[j] = order[pos]
+    s = int(stage.min())
+    while s <= int(stage.max()):
+        at = np.nonzero(stage == s)[0]
+        if at.size:
+            o = at[np.lexsort((outputs.src[at], outputs.block[at], outputs.dst[at]))]
+            d = outputs.dst[o]
+            first = np.ones(o.size, dtype=bool)
+            first[1:] = d[1:] != d[:-1]
+            start = np.maximum.accumulate(np.where(first, np.arange(o.size), 0))
+            csum = np.cumsum(rows[o])
+            before = csum - rows[o] - (csum[start] - rows[o[start]])  # rows of this device's earlier partials
+            late = o[(before > 0) & (before + rows[o] > cap[d])]
+            if late.size:
+                stage[late] += 1
+                r = red_send[late]
+                r = r[r >= 0]
+                stage[r] = np.maximum(stage[r], stage[late[red_send[late] >= 0]] + 1)
+        s += 1
+    return Transfers(outputs.kind, outputs.block, outputs.src, outputs.dst, stage, outputs.phase)

@@ -38,8 +38,9 @@ def plan_stats(plan, element_size: int = 2) -> PlanStats:
     bwd = np.array([program_send_bytes(p, d, element_size, dpn) for p in plan.bwd_programs])
     compute = np.bincount(plan.placement.comp_device, weights=plan.comp_cost, minlength=n)
     tokens = [plan.layouts[r].num_tokens for r in range(n)]
-    memory = [max(program_memory_bytes(f, d, element_size), program_memory_bytes(b, d, element_size))
-              for f, b in zip(plan.fwd_programs, plan.bwd_programs)]
+    fwd_mem = [program_memory_bytes(f, d, element_size) for f in plan.fwd_programs]
+    bwd_mem = [program_memory_bytes(b, d, element_size) for b in plan.bwd_programs]
+    memory = [max(f, b) for f, b in zip(fwd_mem, bwd_mem)]
     n_instr = [len(f.instructions) + len(b.instructions) for f, b in zip(plan.fwd_programs, plan.bwd_programs)]
     attn_calls = sum(isinstance(i, Attention) for p in plan.fwd_programs for i in p.instructions)
     extra = {
@@ -54,6 +55,9 @@ def plan_stats(plan, element_size: int = 2) -> PlanStats:
         "planning_seconds_by_phase": dict(plan.timings),
         "fwd_bytes_per_rank": fwd.sum(1).tolist(),
         "bwd_bytes_per_rank": bwd.sum(1).tolist(),
+        "fwd_memory_bytes_per_rank": fwd_mem,
+        "bwd_memory_bytes_per_rank": bwd_mem,
+        "placement": plan.placement.source,
         "fwd_inter_node_bytes_per_rank": fwd[:, 1].tolist(),
         "bwd_inter_node_bytes_per_rank": bwd[:, 1].tolist(),
     }

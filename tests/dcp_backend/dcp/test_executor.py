@@ -10,6 +10,7 @@ import torch
 
 import dcp_backend as cp
 from dcp_backend import CommunicationError
+from dcp_backend.dcp.compile import own_memory_bytes
 from tests.cp_check import Case, check_results, random_seqlens, worker
 from tests.dcp_backend.baselines.test_ring_family import MASKS
 from tests.distributed import run_ranks
@@ -48,6 +49,14 @@ def test_dcp_eight_ranks_four_nodes():
                 cases.append(Case("dcp", [1, 300, 17, 64, 2], mask="causal", dtype=dtype,
                                   options={"devices_per_node": 2, "block_size": 16, "num_stages": 4,
                                            "communication": comm, "partial_dtype": partial}, seed=3))
+    # a memory limit well below what the unlimited plan needs: more stages, partials spread over more keys
+    opts = {"devices_per_node": 2, "block_size": 16, "num_stages": 2}
+    free = cp.get_backend("dcp", world_size=8, **opts).plan([900], cp.AttentionSpec(4, 2, 8))
+    own = max(own_memory_bytes(free.blocks, free.placement, True))
+    limit = (own + 0.75 * (max(free.stats().memory_bytes) - own)) / 1e6
+    limited = cp.get_backend("dcp", world_size=8, memory_limit=limit, **opts).plan([900], cp.AttentionSpec(4, 2, 8))
+    assert limited.bwd.num_stages > free.bwd.num_stages
+    cases.append(Case("dcp", [900], options={**opts, "memory_limit": limit}, seed=4))
     check_results(cases, run_ranks(worker, 8, cases))
 
 
