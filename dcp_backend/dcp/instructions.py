@@ -64,6 +64,66 @@ def _bytes(cls: str, elements: int, element_size: int) -> int:
     return int(elements) * (acc_element_size(element_size) if cls == ACC else element_size)
 
 
+# Stores held together in one tensor by the executor, so that a message carrying all of them for the same
+# rows is packed with one gather and unpacked with one index_copy_: "stack" groups (same dtype class and
+# row shape) are [rows, members, heads, head_dim]; the "column" group is an fp32 output with its lse as one
+# more column, [rows, heads, head_dim + 1].
+STACK_GROUPS = (("q", "o", "do"), ("k", "v"), ("dk", "dv"), ("rdk", "rdv"))
+COLUMN_GROUPS = (("o", "lse"), ("ro", "rlse"))
+
+
+def store_groups(stores: dict) -> dict:
+    """{group name: (kind "stack" | "column", members)} of the groups a program's stores form (every member
+    present, one dtype class, matching rows)."""
+    out = {}
+    for members in STACK_GROUPS:
+        specs = [stores.get(m) for m in members]
+        if all(specs) and len({(s.rows, s.heads, s.with_dim, s.dtype) for s in specs}) == 1 and specs[0].with_dim:
+            out["+".join(members)] = ("stack", members)
+    for o, lse in COLUMN_GROUPS:
+        a, b = stores.get(o), stores.get(lse)
+        if (a and b and a.with_dim and not b.with_dim and a.rows == b.rows and a.heads == b.heads
+                and a.dtype == b.dtype and not any(o in m for _, m in out.values())):
+            out[f"{o}+{lse}"] = ("column", (o, lse))
+    return out
+
+
+def message_parts(stores: dict, parts: list) -> dict:
+    """How the executor moves one peer's parts [(store, rows)] of a ``Comm``: {wire class: [(store or group,
+    rows)]}. Per class, a store's rows are concatenated in part order (stores in first-appearance order);
+    then a group whose members all appear with the same rows, in group order, becomes one part (one gather
+    when packing, one ``index_copy_`` when unpacking). Both sides of a message fuse alike: the receiving
+    stores form the matching groups (k/v -> k/v, q/o/do -> q/o/do, o/lse -> ro/rlse, dk/dv -> rdk/rdv), so
+    the packed layouts agree."""
+    by_store: dict = {}
+    for name, rows in parts:
+        by_store.setdefault((stores[name].wire_class, name), []).append(rows)
+    out: dict = {}
+    for (cls, name), rows_list in by_store.items():
+        out.setdefault(cls, []).append((name, np.concatenate(rows_list)))
+    return {cls: fused_parts(stores, lst) for cls, lst in out.items()}
+
+
+def fused_parts(stores: dict, parts: list) -> list:
+    """Parts [(store, rows)] of one class with every complete group (see :func:`message_parts`) fused."""
+    groups = store_groups(stores)
+    member_of = {m: g for g, (_, ms) in groups.items() for m in ms}
+    out, i = [], 0
+    while i < len(parts):
+        name, rows = parts[i]
+        g = member_of.get(name)
+        if g is not None:
+            members = groups[g][1]
+            span = parts[i:i + len(members)]
+            if tuple(n for n, _ in span) == members and all(np.array_equal(r, rows) for _, r in span):
+                out.append((g, rows))
+                i += len(members)
+                continue
+        out.append((name, rows))
+        i += 1
+    return out
+
+
 @dataclass(eq=False)
 class CommOp:
     peer: int
