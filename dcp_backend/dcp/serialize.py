@@ -28,7 +28,8 @@ from dcp_backend.spec import AttentionSpec
 from dcp_backend.errors import CPError
 
 MAGIC = b"DCPPLAN\0"
-VERSION = 2  # 2: a store's wire class (partial results in the model dtype); version 1 files still load
+VERSION = 2  # 2: a store's wire class (partial results in the model dtype), the placement's source; version 1
+# files still load
 READABLE = (1, 2)
 _TRANSFER_FIELDS = ("kind", "block", "src", "dst", "stage", "phase")
 
@@ -98,6 +99,7 @@ def serialize(plan: DCPPlan, ranks=None, with_timings: bool = True) -> bytes:
         "timings": {k: v for k, v in plan.timings.items() if k != "compile"} if with_timings else {},
         "owner": w.add(plan.placement.owner),
         "comp_device": w.add(plan.placement.comp_device),
+        "placement_source": plan.placement.source,
         "comp_cost": w.add(plan.comp_cost),
         "fwd": _schedule(w, plan.fwd),
         "bwd": _schedule(w, plan.bwd),
@@ -145,7 +147,8 @@ def deserialize(data: bytes) -> DCPPlan:
     bs = build_blocks(batch, spec, header["block_size"], options.head_block_size)
     world = header["world_size"]
     topology = Topology(world, header["devices_per_node"])
-    pl = Placement(A(header["owner"]), A(header["comp_device"]), world, header["devices_per_node"])
+    pl = Placement(A(header["owner"]), A(header["comp_device"]), world, header["devices_per_node"],
+                   source=header.get("placement_source", "hypergraph"))
 
     def sched(d):
         tr = lambda x: Transfers(*(A(x[f]) for f in _TRANSFER_FIELDS))  # noqa: E731
