@@ -61,6 +61,7 @@ class _Rows:
 
     def __init__(self, bs: BlockSet, layout: DeviceLayout, slots: dict):
         self.bs, self.layout, self.slots = bs, layout, slots  # slots: (kind, block) -> slot index
+        self._cache: dict = {}
         heads = bs.heads
         self.q_base = layout.num_tokens * heads.n_q_blocks
         self.kv_base = layout.num_tokens * heads.n_kv_blocks
@@ -76,6 +77,19 @@ class _Rows:
         slot = self.slots[(kind, int(block))]
         base = self.q_base if kind == KIND_Q else self.kv_base
         return base + slot * bs.block_size + np.arange(tokens, dtype=np.int64)
+
+    def many(self, kind: int, blocks: np.ndarray) -> np.ndarray:
+        """``rows`` of several blocks, concatenated (each block's rows computed once)."""
+        if len(blocks) == 0:
+            return np.zeros(0, np.int64)
+        cache = self._cache
+        out = []
+        for b in np.asarray(blocks).tolist():
+            r = cache.get((kind, b))
+            if r is None:
+                r = cache[(kind, b)] = self.rows(kind, b)
+            out.append(r)
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
 
 def _assign_slots(entries: list[tuple[int, int, int, int]]) -> tuple[dict, dict]:
@@ -100,7 +114,12 @@ def _assign_slots(entries: list[tuple[int, int, int, int]]) -> tuple[dict, dict]
 
 
 def _segments(bs: BlockSet, comps: np.ndarray, rows: _Rows):
-    """One segment per query block among ``comps``: returns (q_rows, kv_rows, AttnWork)."""
+    """One segment per query block among ``comps``: returns (q_rows, kv_rows, AttnWork).
+
+    A segment's key blocks are concatenated in document order; blocks adjacent in the document form a
+    *run*, contiguous in both the document and the concatenation. Each query row's document-local key
+    ranges are clipped to every run of its segment and shifted (rows x runs x ranges pieces, generated
+    already sorted), then touching pieces are merged into canonical ranges."""
     heads = bs.heads
     qid, kvid = comp_inputs(bs)
     cq, ck = qid[comps], kvid[comps]
@@ -119,33 +138,42 @@ def _segments(bs: BlockSet, comps: np.ndarray, rows: _Rows):
     cu_k = np.concatenate([[0], np.cumsum(seg_k_len)])
     # offset of each kv block inside its segment's concatenation
     kv_off = np.cumsum(kv_len) - kv_len - cu_k[seg]
-    q_rows = np.concatenate([rows.rows(KIND_Q, b) for b in seg_q]) if seg_q.size else np.zeros(0, np.int64)
-    kv_rows = np.concatenate([rows.rows(KIND_KV, b) for b in ck]) if ck.size else np.zeros(0, np.int64)
-    # Key ranges: explode (query row, key block) pairs, clip each row's ranges to the block, shift.
-    rep = q_len[seg]
-    row_in_seg = concat_aranges(np.zeros(ck.size, np.int64), rep)
-    piece_seg = np.repeat(seg, rep)
-    piece_kv = np.repeat(np.arange(ck.size), rep)
-    gtok = bs.tb_global_start[q_tb][piece_seg] + row_in_seg
-    doc_ranges = bs.ranges[gtok]  # [pieces, R, 2] document-local
-    ks = bs.tb_start[kv_tb][piece_kv][:, None]
-    ke = bs.tb_end[kv_tb][piece_kv][:, None]
-    starts = np.maximum(doc_ranges[..., 0], ks)
-    ends = np.minimum(doc_ranges[..., 1], ke)
-    shift = (kv_off[piece_kv])[:, None] - ks
-    live = ends > starts
-    work_row = (cu_q[piece_seg] + row_in_seg)[:, None].repeat(doc_ranges.shape[1], 1)[live]
-    ps, pe = (starts + shift)[live], (ends + shift)[live]
-    ranges = _merge_runs(work_row, ps, pe, int(cu_q[-1]))
+    q_rows = rows.many(KIND_Q, seg_q)
+    kv_rows = rows.many(KIND_KV, ck)
+    # runs of document-adjacent key blocks inside each segment
+    run_first = first.copy()
+    run_first[1:] |= kv_tb[1:] != kv_tb[:-1] + 1
+    starts_idx = np.nonzero(run_first)[0]
+    ends_idx = np.append(starts_idx[1:], ck.size) - 1
+    run_seg = seg[starts_idx]
+    rs, re = bs.tb_start[kv_tb[starts_idx]], bs.tb_end[kv_tb[ends_idx]]
+    shift = kv_off[starts_idx] - rs
+    n_runs = np.bincount(run_seg, minlength=seg_q.size)
+    first_run = np.concatenate([[0], np.cumsum(n_runs)[:-1]])
+    # (row, run) pairs, rows in order and each row's runs in order
+    pairs = q_len * n_runs
+    p_seg = np.repeat(np.arange(seg_q.size), pairs)
+    p_local = np.arange(int(pairs.sum())) - np.repeat(np.cumsum(pairs) - pairs, pairs)
+    p_row = p_local // n_runs[p_seg]
+    p_run = first_run[p_seg] + p_local % n_runs[p_seg]
+    doc_ranges = bs.ranges[bs.tb_global_start[q_tb][p_seg] + p_row]  # [pairs, R, 2] document-local
+    lo = np.maximum(doc_ranges[..., 0], rs[p_run][:, None])
+    hi = np.minimum(doc_ranges[..., 1], re[p_run][:, None])
+    live = hi > lo
+    work_row = np.broadcast_to((cu_q[p_seg] + p_row)[:, None], lo.shape)[live]
+    sh = shift[p_run][:, None]
+    ranges = _merge_runs(work_row, (lo + sh)[live], (hi + sh)[live], int(cu_q[-1]), presorted=True)
     return q_rows, kv_rows, AttnWork(cu_q, cu_k, ranges)
 
 
-def _merge_runs(row: np.ndarray, lo: np.ndarray, hi: np.ndarray, num_rows: int) -> np.ndarray:
-    """Per row, sort pieces ``[lo, hi)``, merge touching ones, and pack into canonical [rows, R, 2] ranges."""
+def _merge_runs(row: np.ndarray, lo: np.ndarray, hi: np.ndarray, num_rows: int, presorted: bool = False) -> np.ndarray:
+    """Per row, sort pieces ``[lo, hi)`` (unless ``presorted``: by row, then lo, disjoint), merge touching
+    ones, and pack into canonical [rows, R, 2] ranges."""
     if row.size == 0:
         return np.zeros((num_rows, 1, 2), dtype=np.int64)
-    order = np.lexsort((lo, row))
-    row, lo, hi = row[order], lo[order], hi[order]
+    if not presorted:
+        order = np.lexsort((lo, row))
+        row, lo, hi = row[order], lo[order], hi[order]
     new = np.ones(row.size, dtype=bool)
     new[1:] = (row[1:] != row[:-1]) | (lo[1:] > hi[:-1])
     run_first = np.nonzero(new)[0]
@@ -181,28 +209,34 @@ class _PassCompiler:
     def assign_slots(self) -> dict:
         """Slots for the blocks this device receives, each busy until its last reader, result send and
         forward are done; returns the slot counts per kind and sets ``self.rows``."""
-        inputs, sched = self.inputs, self.sched
-        last_use = {}
-        for kind, ids in ((KIND_Q, self.qid), (KIND_KV, self.kvid)):
-            for block, stage in zip(ids[self.my_comps].tolist(), sched.comp_stage[self.my_comps].tolist()):
-                key = (kind, block)
-                last_use[key] = max(last_use.get(key, -1), stage)
-        forwarded_until = {}  # gateways and relays: forwards of a block sent at time stage-1
-        for i in np.nonzero(inputs.src == self.device)[0]:
-            key = (int(inputs.kind[i]), int(inputs.block[i]))
-            forwarded_until[key] = max(forwarded_until.get(key, -1), int(inputs.stage[i]) - 1)
-        sent_at = {}  # result sends (a reducer's comes after its own last stage): waited one stage later
-        outputs = self.outputs
-        for i in np.nonzero(outputs.src == self.device)[0]:
-            key = (int(outputs.kind[i]), int(outputs.block[i]))
-            sent_at[key] = max(sent_at.get(key, -1), int(outputs.stage[i]) + 1)
-        has_result = {KIND_Q: True, KIND_KV: self.backward}
+        inputs, sched, outputs = self.inputs, self.sched, self.outputs
+        dev = self.device
+        recv = np.nonzero(inputs.dst == dev)[0]
         entries = []
-        for i in np.nonzero(inputs.dst == self.device)[0]:
-            key = (int(inputs.kind[i]), int(inputs.block[i]))
-            end = last_use.get(key, 0) + (1 if has_result[key[0]] else 0)
-            end = max(end, forwarded_until.get(key, -1), sent_at.get(key, -1))
-            entries.append((key[0], key[1], int(inputs.stage[i]) - 1, end))
+        if recv.size:
+            m = int(max(self.heads.n_q_blocks, self.heads.n_kv_blocks) * self.bs.n_tb)
+            code = lambda kind, block: kind * m + block  # noqa: E731
+            keys = code(inputs.kind[recv], inputs.block[recv])
+            order = np.argsort(keys)
+            sk = keys[order]
+            end = np.full(recv.size, -1, dtype=np.int64)
+
+            def fold(c, v):  # end[key] = max(end[key], v) for the received keys among codes c
+                pos = np.minimum(np.searchsorted(sk, c), sk.size - 1)
+                hit = sk[pos] == c
+                np.maximum.at(end, order[pos[hit]], v[hit])
+
+            has_result = np.array([1, 1 if self.backward else 0])
+            st = sched.comp_stage[self.my_comps]
+            fold(code(KIND_Q, self.qid[self.my_comps]), st + has_result[KIND_Q])  # last reader (+ result send)
+            fold(code(KIND_KV, self.kvid[self.my_comps]), st + has_result[KIND_KV])
+            end = np.maximum(end, has_result[inputs.kind[recv]])  # a relay or gateway only
+            fwd = np.nonzero(inputs.src == dev)[0]  # gateways and relays: forwards launched at stage-1
+            fold(code(inputs.kind[fwd], inputs.block[fwd]), inputs.stage[fwd] - 1)
+            snd = np.nonzero(outputs.src == dev)[0]  # result sends (a reducer's after its own last stage)
+            fold(code(outputs.kind[snd], outputs.block[snd]), outputs.stage[snd] + 1)
+            entries = list(zip(inputs.kind[recv].tolist(), inputs.block[recv].tolist(),
+                               (inputs.stage[recv] - 1).tolist(), end.tolist()))
         slots, counts = _assign_slots(entries)
         self.rows = _Rows(self.bs, self.layout, slots)
         return counts
@@ -246,29 +280,36 @@ class _PassCompiler:
 
     # ------------------------------------------------------------------ instruction builders
     def comm(self, key: str, sends_idx, recvs_idx, tr: Transfers, send_parts, recv_parts) -> Comm:
-        """One op per peer; a peer's transfers packed in (kind, block) order on both sides."""
+        """One op per peer; a peer's transfers in (kind, block) order on both sides, each store's rows of one
+        kind concatenated (the packing order of :func:`~dcp_backend.dcp.instructions.message_parts`)."""
         ops = {}
         for idx, peer_arr, parts_of, side in ((sends_idx, tr.dst, send_parts, "send"),
                                               (recvs_idx, tr.src, recv_parts, "recv")):
             idx = np.asarray(idx, dtype=np.int64)
             idx = idx[np.lexsort((tr.block[idx], tr.kind[idx], peer_arr[idx]))]
-            ops[side] = [CommOp(int(peer), [p for i in idx[peer_arr[idx] == peer] for p in parts_of(int(i))])
-                         for peer in np.unique(peer_arr[idx])]
+            out = []
+            for peer in np.unique(peer_arr[idx]).tolist():
+                mine = idx[peer_arr[idx] == peer]
+                parts = []
+                for kind in (KIND_Q, KIND_KV):
+                    sel = mine[tr.kind[mine] == kind]
+                    if sel.size:
+                        parts.extend(parts_of(kind, sel))
+                out.append(CommOp(peer, parts))
+            ops[side] = out
         return Comm(key, ops["send"], ops["recv"])
 
-    def input_parts(self, i: int):
-        kind, block = int(self.inputs.kind[i]), int(self.inputs.block[i])
-        rows = self.rows.rows(kind, block)
+    def input_parts(self, kind: int, idx: np.ndarray):
+        rows = self.rows.many(kind, self.inputs.block[idx])
         return [(name, rows) for name in self.in_parts[kind]]
 
-    def result_parts(self, i: int):
-        kind, block = int(self.outputs.kind[i]), int(self.outputs.block[i])
-        rows = self.rows.rows(kind, block)
+    def result_parts(self, kind: int, idx: np.ndarray):
+        rows = self.rows.many(kind, self.outputs.block[idx])
         return [(name, rows) for name in self.results[kind][0]]
 
-    def result_recv(self, i: int):
-        kind = int(self.outputs.kind[i])
-        return [(name, self.recv_rows[i]) for name in self.results[kind][1]]
+    def result_recv(self, kind: int, idx: np.ndarray):
+        rows = np.concatenate([self.recv_rows[int(i)] for i in idx])
+        return [(name, rows) for name in self.results[kind][1]]
 
     def fills(self, received: np.ndarray) -> list:
         """Reset result rows of freshly received blocks (slots are reused)."""
@@ -276,7 +317,7 @@ class _PassCompiler:
         for kind, (names, _) in self.results.items():
             sel = received[self.inputs.kind[received] == kind]
             if sel.size:
-                out.append(Fill(names, np.concatenate([self.rows.rows(kind, int(self.inputs.block[i])) for i in sel])))
+                out.append(Fill(names, self.rows.many(kind, self.inputs.block[sel])))
         return out
 
     # ------------------------------------------------------------------ the program

@@ -12,7 +12,7 @@ PARTITIONERS = ("mtkahypar", "greedy")
 PLACEMENTS = ("hypergraph", "zigzag", "auto")
 COMMUNICATIONS = ("hierarchical", "direct")
 SEEDS = ("structured", "none")
-PARTIAL_DTYPES = ("fp32", "model")
+PARTIAL_DTYPES = ("model", "fp32")
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,9 @@ class DCPOptions(KernelOptions):
                                                 "partial results reduced inside a node before they cross) or "
                                                 "direct (every block sent by its owner, every partial straight "
                                                 "to its owner)")
-    partial_dtype: str = option("fp32", "dtype partial results (out, dq, dk/dv) travel in: fp32, or model (the "
-                                        "input dtype, e.g. bf16: half the bytes; accumulation stays fp32 and lse "
-                                        "travels in fp32)")
-
+    partial_dtype: str = option("model", "dtype partial results (out, dq, dk/dv) travel in: model (the input "
+                                         "dtype, e.g. bf16: half the bytes of fp32; they are computed and reduced "
+                                         "in fp32, lse travels in fp32) or fp32")
     memory_limit: float | str = option("none", "attention memory per device and pass, in MB (own rows, received "
                                                "blocks, partial results): the scheduler gives the devices over it "
                                                "more stages and spreads the partial results they receive over more "
