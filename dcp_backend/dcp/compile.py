@@ -114,53 +114,63 @@ def _assign_slots(entries: list[tuple[int, int, int, int]]) -> tuple[dict, dict]
 
 
 def _segments(bs: BlockSet, comps: np.ndarray, rows: _Rows):
-    """One segment per query block among ``comps``: returns (q_rows, kv_rows, AttnWork).
+    """One segment per (document, query head block) among ``comps``: returns (q_rows, kv_rows, AttnWork).
 
-    A segment's key blocks are concatenated in document order; blocks adjacent in the document form a
-    *run*, contiguous in both the document and the concatenation. Each query row's document-local key
-    ranges are clipped to every run of its segment and shifted (rows x runs x ranges pieces, generated
-    already sorted), then touching pieces are merged into canonical ranges."""
+    A segment holds the stage's query blocks of one document and head block back to back and its key
+    blocks once each (not once per query block: a key block read by several query blocks is gathered, and
+    its gradient accumulated, once), both in document order. A query block's key ranges are its
+    document-local ranges clipped to each *run* of its partner key blocks that are adjacent in the document
+    (and so in the concatenation), then shifted (rows x runs x ranges pieces, generated sorted) and merged;
+    key blocks of the segment that are not its partners in this stage stay outside its ranges."""
     heads = bs.heads
     qid, kvid = comp_inputs(bs)
     cq, ck = qid[comps], kvid[comps]
-    order = np.lexsort((ck, cq))
-    cq, ck, comps = cq[order], ck[order], comps[order]
-    first = np.ones(cq.size, dtype=bool)
-    first[1:] = cq[1:] != cq[:-1]
-    seg = np.cumsum(first) - 1
-    seg_q = cq[first]
-    q_tb = seg_q // heads.n_q_blocks
-    kv_tb = ck // heads.n_kv_blocks
-    q_len = bs.tb_tokens[q_tb]
-    kv_len = bs.tb_tokens[kv_tb]
-    cu_q = np.concatenate([[0], np.cumsum(q_len)])
-    seg_k_len = np.bincount(seg, weights=kv_len, minlength=seg_q.size).astype(np.int64)
-    cu_k = np.concatenate([[0], np.cumsum(seg_k_len)])
-    # offset of each kv block inside its segment's concatenation
-    kv_off = np.cumsum(kv_len) - kv_len - cu_k[seg]
+    q_tb, kv_tb = cq // heads.n_q_blocks, ck // heads.n_kv_blocks
+    group_key = bs.tb_doc[q_tb] * heads.n_q_blocks + cq % heads.n_q_blocks  # (document, head block)
+    order = np.lexsort((kv_tb, q_tb, group_key))
+    cq, ck, q_tb, kv_tb, group_key = cq[order], ck[order], q_tb[order], kv_tb[order], group_key[order]
+    new_group = np.ones(cq.size, dtype=bool)
+    new_group[1:] = group_key[1:] != group_key[:-1]
+    group = np.cumsum(new_group) - 1
+    n_groups = int(group[-1]) + 1 if group.size else 0
+    # the query blocks of every group (each once, in document order) and their row offsets
+    new_q = np.ones(cq.size, dtype=bool)
+    new_q[1:] = cq[1:] != cq[:-1]
+    qseg = np.cumsum(new_q) - 1  # index of the comp's query block among all query blocks of the call
+    seg_q, seg_q_group = cq[new_q], group[new_q]
+    q_len = bs.tb_tokens[seg_q // heads.n_q_blocks]
+    q_start = np.concatenate([[0], np.cumsum(q_len)[:-1]])  # work row of each query block's first row
+    cu_q = np.concatenate([[0], np.cumsum(np.bincount(seg_q_group, weights=q_len, minlength=n_groups))]).astype(np.int64)
+    # the key blocks of every group, each once, in document order, and their offsets in the concatenation
+    ukey = np.unique(group * (bs.n_tb * heads.n_kv_blocks) + ck)
+    u_group, u_kv = ukey // (bs.n_tb * heads.n_kv_blocks), ukey % (bs.n_tb * heads.n_kv_blocks)
+    u_len = bs.tb_tokens[u_kv // heads.n_kv_blocks]
+    cu_k = np.concatenate([[0], np.cumsum(np.bincount(u_group, weights=u_len, minlength=n_groups))]).astype(np.int64)
+    u_off = np.cumsum(u_len) - u_len - cu_k[u_group]
+    kv_off = u_off[np.searchsorted(ukey, group * (bs.n_tb * heads.n_kv_blocks) + ck)]
     q_rows = rows.many(KIND_Q, seg_q)
-    kv_rows = rows.many(KIND_KV, ck)
-    # runs of document-adjacent key blocks inside each segment
-    run_first = first.copy()
+    kv_rows = rows.many(KIND_KV, u_kv)
+    # runs of a query block's partner key blocks that are adjacent in the document
+    run_first = new_q.copy()
     run_first[1:] |= kv_tb[1:] != kv_tb[:-1] + 1
     starts_idx = np.nonzero(run_first)[0]
     ends_idx = np.append(starts_idx[1:], ck.size) - 1
-    run_seg = seg[starts_idx]
+    run_qseg = qseg[starts_idx]
     rs, re = bs.tb_start[kv_tb[starts_idx]], bs.tb_end[kv_tb[ends_idx]]
     shift = kv_off[starts_idx] - rs
-    n_runs = np.bincount(run_seg, minlength=seg_q.size)
+    n_runs = np.bincount(run_qseg, minlength=seg_q.size)
     first_run = np.concatenate([[0], np.cumsum(n_runs)[:-1]])
-    # (row, run) pairs, rows in order and each row's runs in order
+    # (row, run) pairs per query block, rows in order and each row's runs in order
     pairs = q_len * n_runs
-    p_seg = np.repeat(np.arange(seg_q.size), pairs)
+    p_q = np.repeat(np.arange(seg_q.size), pairs)
     p_local = np.arange(int(pairs.sum())) - np.repeat(np.cumsum(pairs) - pairs, pairs)
-    p_row = p_local // n_runs[p_seg]
-    p_run = first_run[p_seg] + p_local % n_runs[p_seg]
-    doc_ranges = bs.ranges[bs.tb_global_start[q_tb][p_seg] + p_row]  # [pairs, R, 2] document-local
+    p_row = p_local // n_runs[p_q]
+    p_run = first_run[p_q] + p_local % n_runs[p_q]
+    doc_ranges = bs.ranges[bs.tb_global_start[seg_q // heads.n_q_blocks][p_q] + p_row]  # [pairs, R, 2]
     lo = np.maximum(doc_ranges[..., 0], rs[p_run][:, None])
     hi = np.minimum(doc_ranges[..., 1], re[p_run][:, None])
     live = hi > lo
-    work_row = np.broadcast_to((cu_q[p_seg] + p_row)[:, None], lo.shape)[live]
+    work_row = np.broadcast_to((q_start[p_q] + p_row)[:, None], lo.shape)[live]
     sh = shift[p_run][:, None]
     ranges = _merge_runs(work_row, (lo + sh)[live], (hi + sh)[live], int(cu_q[-1]), presorted=True)
     return q_rows, kv_rows, AttnWork(cu_q, cu_k, ranges)
