@@ -101,7 +101,8 @@ class PlanStats:
     bwd_intra_node_bytes: int
     compute_pair_heads: tuple[int, ...]  # per rank: unmasked (q, k) pairs x query heads it computes
     tokens: tuple[int, ...]  # tokens held per rank
-    memory_bytes: tuple[int, ...]  # per rank: attention inputs/outputs held plus peak transfer buffers
+    memory_bytes: tuple[int, ...]  # per rank: attention inputs/outputs held plus peak transfer buffers, the
+    # larger of the forward and the backward pass (both in extra["fwd/bwd_memory_bytes_per_rank"] where known)
     extra: dict | None = None
 
     @property

@@ -117,6 +117,28 @@ def _reference(case: Case, cache: dict) -> dict:
     return cache[key]
 
 
+def rms_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (root mean square; sees a small error spread over many elements)."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def case_errors(case: Case, per_rank: list[list[dict]], ci: int, cache: dict | None = None, metric=None) -> dict:
+    """Relative error of out (and dq, dk, dv) of case ``ci`` against the reference (``metric``, default
+    :func:`rel_err`)."""
+    metric = metric or rel_err
+    total = int(sum(case.seqlens))
+    keys = ("out",) if case.forward_only else ("out", "dq", "dk", "dv")
+    want = _reference(case, {} if cache is None else cache)
+    errs = {}
+    for key in keys:
+        shape = per_rank[0][ci][key].shape[1:]
+        buf = torch.zeros((total,) + tuple(shape), dtype=torch.float64)
+        for r in range(len(per_rank)):
+            buf[per_rank[r][ci]["idx"]] = per_rank[r][ci][key]
+        errs[key] = metric(buf, want[key])
+    return errs
+
+
 def check_results(cases: list[Case], per_rank: list[list[dict]]) -> None:
     """Assert partition of tokens, agreement of out (dq, dk, dv) with the reference, and communication that
     NCCL's ordering rules would complete."""
@@ -126,17 +148,8 @@ def check_results(cases: list[Case], per_rank: list[list[dict]]) -> None:
         total = int(sum(case.seqlens))
         idx = torch.cat([per_rank[r][ci]["idx"] for r in range(len(per_rank))])
         assert torch.equal(torch.sort(idx).values, torch.arange(total)), f"{case}: local_indices do not partition"
-        full = {}
-        keys = ("out",) if case.forward_only else ("out", "dq", "dk", "dv")
-        for key in keys:
-            shape = per_rank[0][ci][key].shape[1:]
-            buf = torch.zeros((total,) + tuple(shape), dtype=torch.float64)
-            for r in range(len(per_rank)):
-                buf[per_rank[r][ci]["idx"]] = per_rank[r][ci][key]
-            full[key] = buf
-        want = _reference(case, cache)
         tol = TOLERANCE[case.dtype]
-        errs = {key: rel_err(full[key], want[key]) for key in keys}
+        errs = case_errors(case, per_rank, ci, cache)
         bad = {k_: e for k_, e in errs.items() if not e < tol}
         if bad:
             failures.append(f"{case}: relative errors {bad} exceed {tol}")

@@ -138,7 +138,7 @@ class RingFamilyPlan(Plan):
                     add(bwd, r, peer, theirs * (q_tok + 2 * kv_tok_a2a) * element_size + mine * q_tok * element_size)
         ranges = build_ranges(self.batch, spec.mask, spec.mask_args)
         per_token = range_lengths(ranges)
-        compute, tokens, memory = [], [], []
+        compute, tokens, memory, fwd_mem, bwd_mem = [], [], [], [], []
         for r in range(n):
             c = self.position_of(r)
             idx_c = self.layout.global_indices(c)
@@ -147,15 +147,26 @@ class RingFamilyPlan(Plan):
             tokens.append(local)
             held = int(tokens_c[c])
             biggest = int(tokens_c.max())
-            act = local * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * element_size
-            ring_bufs = (held + 2 * biggest) * kv_tok * element_size + held * (spec.num_heads // hp) * spec.head_dim * acc_size
-            memory.append(act + ring_bufs)
+            d, heads = spec.head_dim, spec.num_heads
+            # forward: q, out, k, v; K/V in flight (own + two blocks) and the fp32 output accumulator
+            act = local * (2 * heads + 2 * spec.num_kv_heads) * d * element_size
+            ring_bufs = (held + 2 * biggest) * kv_tok * element_size + held * (heads // hp) * d * acc_size
+            # backward (ring_core.ring_backward): q, out, dout, k, v and lse; the same K/V blocks, the fp32 dq
+            # accumulator and three fp32 dK/dV blocks (this step's partial, the one received, the one passed
+            # on), two more with an outer ring
+            act_b = local * (3 * heads + 2 * spec.num_kv_heads) * d * element_size + local * heads * acc_size
+            bufs_b = ((held + 2 * biggest) * kv_tok * element_size + held * (heads // hp) * d * acc_size
+                      + (3 + 2 * (nw > 1)) * biggest * kv_tok * acc_size)
+            fwd_mem.append(act + ring_bufs)
+            bwd_mem.append(act_b + bufs_b)
+            memory.append(max(act + ring_bufs, act_b + bufs_b))
         return PlanStats(
             backend_name=self.backend_name, world_size=n, nodes=n // dpn, devices_per_node=dpn,
             fwd_inter_node_bytes=int(fwd[:, 1].sum()), fwd_intra_node_bytes=int(fwd[:, 0].sum()),
             bwd_inter_node_bytes=int(bwd[:, 1].sum()), bwd_intra_node_bytes=int(bwd[:, 0].sum()),
             compute_pair_heads=tuple(compute), tokens=tuple(tokens), memory_bytes=tuple(memory),
-            extra={"window": w, "head_parallel": hp,
+            extra={"window": w, "head_parallel": hp, "fwd_memory_bytes_per_rank": fwd_mem,
+                   "bwd_memory_bytes_per_rank": bwd_mem,
                    "fwd_bytes_per_rank": fwd.sum(1).astype(np.int64).tolist(),
                    "bwd_bytes_per_rank": bwd.sum(1).astype(np.int64).tolist()},
         )

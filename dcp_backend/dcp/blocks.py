@@ -20,6 +20,7 @@ from functools import cached_property
 import numpy as np
 
 from dcp_backend.batch import PackedBatch, concat_aranges
+from dcp_backend.dtypes import acc_element_size
 from dcp_backend.masks import build_ranges
 from dcp_backend.spec import AttentionSpec
 from dcp_backend.errors import CPError
@@ -130,6 +131,24 @@ class BlockSet:
 
     def comp_head(self, comp: np.ndarray) -> np.ndarray:
         return np.asarray(comp) % self.heads.n_q_blocks
+
+
+def block_bytes(bs: BlockSet, element_size: int = 2, partial_dtype: str = "fp32") -> dict:
+    """Bytes of every input block and partial result, per pass, as the DCP executor sends them: q-side
+    ids (tb * n_q + k) for "q_fwd" (q), "out_fwd" (out + lse), "q_bwd" (q, out, dout, lse), "dq"; kv ids
+    (tb * n_kv + m) for "kv" (k + v, either pass), "dkv" (dk + dv). Partials (out, dq, dk, dv) at the
+    accumulation size, or at ``element_size`` with ``partial_dtype="model"``; lse at 4 bytes."""
+    tok = bs.tb_tokens.astype(np.float64)
+    heads = bs.heads
+    e = element_size
+    part = e if partial_dtype == "model" else acc_element_size(e)
+    q_el = heads.hb * bs.spec.head_dim  # elements per token of one query head block
+    kv_el = 2 * heads.khb * bs.spec.head_dim  # k + v elements per token of one KV head block
+    lse = bs.lse_bytes_per_token()
+    q = lambda per_token: np.repeat(per_token * tok, heads.n_q_blocks)  # noqa: E731
+    kv = lambda per_token: np.repeat(per_token * tok, heads.n_kv_blocks)  # noqa: E731
+    return {"q_fwd": q(q_el * e), "out_fwd": q(q_el * part + lse), "q_bwd": q(3 * q_el * e + lse),
+            "dq": q(q_el * part), "kv": kv(kv_el * e), "dkv": kv(kv_el * part)}
 
 
 def token_blocks(batch: PackedBatch, block_size: int):

@@ -16,6 +16,17 @@ snake-dealt over the positions and alternate over a position's devices; the comp
 runs on the position's device k mod hp, so queries move only inside the position (LoongTrain's head
 all-to-all) and keys/values cross positions.
 
+*Node-packed* (``packed``): documents that fit in a node's share of the compute are dealt whole to the
+least loaded node (largest first), the others are snake-dealt over every device; inside a node a
+document's blocks are snake-dealt over the node's devices. Short documents then never cross the network.
+
+*Seeded hypergraph placement* (:func:`seeded_placement`, the default ``placement="hypergraph"``): the
+structured placements, on the hypergraph placement's own blocks, are repaired under the same balance
+limits (:func:`~dcp_backend.dcp.partition.rebalance`) and compared with the hypergraph placement by the
+bytes a training step moves across nodes (exactly the compiled plan's, see
+:func:`~dcp_backend.dcp.partition.placement_costs`); the cheapest one within the limits is kept. So the
+plan never crosses the network more than the best structured placement at the same balance limits.
+
 Choosing among them by simulation (``placement="auto"``) lives above the simulator, in
 :mod:`dcp_backend.placement_search`.
 """
@@ -27,7 +38,7 @@ import numpy as np
 
 from dcp_backend.batch import PackedBatch
 from dcp_backend.dcp.blocks import auto_block_size, build_blocks
-from dcp_backend.dcp.partition import Placement
+from dcp_backend.dcp.partition import Hypergraph, Placement, placement_costs, rebalance
 from dcp_backend.spec import AttentionSpec
 from dcp_backend.topology import Topology
 
@@ -77,3 +88,71 @@ def head_parallel_degree(spec: AttentionSpec, options, topology: Topology) -> in
 
     n_q_blocks = HeadBlocks.make(spec, options.head_block_size).n_q_blocks
     return math.gcd(math.gcd(n_q_blocks, topology.world_size), topology.devices_per_node)
+
+
+def node_packed_placement(bs, comp_cost: np.ndarray, num_devices: int, devices_per_node: int) -> Placement:
+    """Documents that fit in a node's share of compute go whole to the least loaded node (largest first),
+    longer ones are snake-dealt over every device; inside a node each document's blocks are snake-dealt
+    over the node's devices (the deal continuing across documents). Computation runs on the query owner."""
+    nodes = num_devices // devices_per_node
+    q_of_comp = bs.pair_q[bs.comp_pair(np.arange(bs.n_comp))]
+    tb_cost = np.bincount(q_of_comp, weights=comp_cost, minlength=bs.n_tb)
+    doc_cost = np.bincount(bs.tb_doc, weights=tb_cost, minlength=bs.batch.num_docs)
+    share = doc_cost.sum() / max(nodes, 1)
+    owner = np.zeros(bs.n_tb, dtype=np.int64)
+    load = np.zeros(nodes)
+    deal = np.zeros(nodes, dtype=np.int64)  # snake position inside each node
+    global_deal = 0
+    starts = np.searchsorted(bs.tb_doc, np.arange(bs.batch.num_docs))
+    counts = np.bincount(bs.tb_doc, minlength=bs.batch.num_docs)
+    for d in np.argsort(-doc_cost, kind="stable").tolist():  # loop over documents
+        blocks = np.arange(starts[d], starts[d] + counts[d])
+        if doc_cost[d] > share and nodes > 1:
+            owner[blocks] = snake_devices(blocks.size, num_devices, global_deal)
+            global_deal += blocks.size
+            load += doc_cost[d] / nodes
+        else:
+            n = int(np.argmin(load))
+            owner[blocks] = n * devices_per_node + snake_devices(blocks.size, devices_per_node, int(deal[n]))
+            deal[n] += blocks.size
+            load[n] += doc_cost[d]
+    return Placement(owner, owner[q_of_comp], num_devices, devices_per_node, source="packed")
+
+
+def structured_placements(bs, comp_cost: np.ndarray, spec: AttentionSpec, topology: Topology, options) -> dict:
+    """The structured placements on a block set: zigzag, node-packed and (several head blocks per node)
+    the 2D zigzag."""
+    n, dpn = topology.world_size, topology.devices_per_node
+    out = {"zigzag": zigzag_placement(bs, n, dpn), "packed": node_packed_placement(bs, comp_cost, n, dpn)}
+    hp = head_parallel_degree(spec, options, topology)
+    if hp > 1:
+        out["zigzag2d"] = zigzag_placement(bs, n, dpn, hp)
+    return out
+
+
+def seeded_placement(bs, comp_cost: np.ndarray, hg: Hypergraph, hyper: Placement, spec: AttentionSpec,
+                     topology: Topology, options) -> Placement:
+    """The cheapest of the hypergraph placement and the structured placements repaired under the same
+    balance limits: least inter-node bytes among those within both limits (then least bytes between
+    devices; the hypergraph placement on ties). When none is within the limits (blocks too coarse), the
+    least imbalanced is kept."""
+    n, dpn = topology.world_size, topology.devices_per_node
+    if n == 1:
+        return hyper
+    mem = bs.tb_tokens.astype(np.float64)
+    ci, mi = options.compute_imbalance, options.memory_imbalance
+    cands = {"hypergraph": hyper}
+    for name, pl in structured_placements(bs, comp_cost, spec, topology, options).items():
+        comp_dev, owner = rebalance(hg, pl.comp_device.copy(), pl.owner.copy(), comp_cost, mem, n, dpn, ci, mi)
+        cands[name] = Placement(owner, comp_dev, n, dpn, source=name)
+    costs = {name: placement_costs(hg, pl.comp_device, pl.owner, comp_cost, mem, n, dpn) for name, pl in cands.items()}
+
+    def key(name):
+        c = costs[name]
+        over = max(c["compute_imbalance"] - 1 - ci, c["memory_imbalance"] - 1 - mi, 0.0)
+        return (round(over, 6), c["inter"], c["total"], name != "hypergraph")
+
+    best = min(cands, key=key)
+    chosen = cands[best]
+    chosen.candidates = {"chosen": best, **costs}
+    return chosen

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from dcp_backend.batch import concat_aranges
+from dcp_backend.dtypes import acc_element_size
 from dcp_backend.dcp.blocks import BlockSet
 from dcp_backend.dcp.instructions import (ACC, MODEL, Attention, Comm, CommOp, DeviceProgram, Fill, Reduce,
                                           StoreSpec, Wait)
@@ -25,6 +26,14 @@ from dcp_backend.dcp.partition import Placement
 from dcp_backend.dcp.schedule import KIND_KV, KIND_Q, PassSchedule, Transfers, comp_inputs
 from dcp_backend.kernels.work import AttnWork
 
+# The stores of a pass: (name, dtype class, rows are [heads, head_dim]) per side, forward / backward
+STORES = {
+    False: {KIND_Q: (("q", MODEL, True), ("o", ACC, True), ("lse", ACC, False)),
+            KIND_KV: (("k", MODEL, True), ("v", MODEL, True))},
+    True: {KIND_Q: (("q", MODEL, True), ("o", MODEL, True), ("do", MODEL, True), ("lse", ACC, False),
+                    ("dq", ACC, True)),
+           KIND_KV: (("k", MODEL, True), ("v", MODEL, True), ("dk", ACC, True), ("dv", ACC, True))},
+}
 # (store parts moved for an input block, parts of a result, receiving temp stores) per pass
 FWD_INPUT = {KIND_Q: ("q",), KIND_KV: ("k", "v")}
 BWD_INPUT = {KIND_Q: ("q", "o", "do", "lse"), KIND_KV: ("k", "v")}
@@ -52,6 +61,7 @@ class _Rows:
 
     def __init__(self, bs: BlockSet, layout: DeviceLayout, slots: dict):
         self.bs, self.layout, self.slots = bs, layout, slots  # slots: (kind, block) -> slot index
+        self._cache: dict = {}
         heads = bs.heads
         self.q_base = layout.num_tokens * heads.n_q_blocks
         self.kv_base = layout.num_tokens * heads.n_kv_blocks
@@ -67,6 +77,19 @@ class _Rows:
         slot = self.slots[(kind, int(block))]
         base = self.q_base if kind == KIND_Q else self.kv_base
         return base + slot * bs.block_size + np.arange(tokens, dtype=np.int64)
+
+    def many(self, kind: int, blocks: np.ndarray) -> np.ndarray:
+        """``rows`` of several blocks, concatenated (each block's rows computed once)."""
+        if len(blocks) == 0:
+            return np.zeros(0, np.int64)
+        cache = self._cache
+        out = []
+        for b in np.asarray(blocks).tolist():
+            r = cache.get((kind, b))
+            if r is None:
+                r = cache[(kind, b)] = self.rows(kind, b)
+            out.append(r)
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
 
 def _assign_slots(entries: list[tuple[int, int, int, int]]) -> tuple[dict, dict]:
@@ -91,52 +114,76 @@ def _assign_slots(entries: list[tuple[int, int, int, int]]) -> tuple[dict, dict]
 
 
 def _segments(bs: BlockSet, comps: np.ndarray, rows: _Rows):
-    """One segment per query block among ``comps``: returns (q_rows, kv_rows, AttnWork)."""
+    """One segment per (document, query head block) among ``comps``: returns (q_rows, kv_rows, AttnWork).
+
+    A segment holds the stage's query blocks of one document and head block back to back and its key
+    blocks once each (not once per query block: a key block read by several query blocks is gathered, and
+    its gradient accumulated, once), both in document order. A query block's key ranges are its
+    document-local ranges clipped to each *run* of its partner key blocks that are adjacent in the document
+    (and so in the concatenation), then shifted (rows x runs x ranges pieces, generated sorted) and merged;
+    key blocks of the segment that are not its partners in this stage stay outside its ranges."""
     heads = bs.heads
     qid, kvid = comp_inputs(bs)
     cq, ck = qid[comps], kvid[comps]
-    order = np.lexsort((ck, cq))
-    cq, ck, comps = cq[order], ck[order], comps[order]
-    first = np.ones(cq.size, dtype=bool)
-    first[1:] = cq[1:] != cq[:-1]
-    seg = np.cumsum(first) - 1
-    seg_q = cq[first]
-    q_tb = seg_q // heads.n_q_blocks
-    kv_tb = ck // heads.n_kv_blocks
-    q_len = bs.tb_tokens[q_tb]
-    kv_len = bs.tb_tokens[kv_tb]
-    cu_q = np.concatenate([[0], np.cumsum(q_len)])
-    seg_k_len = np.bincount(seg, weights=kv_len, minlength=seg_q.size).astype(np.int64)
-    cu_k = np.concatenate([[0], np.cumsum(seg_k_len)])
-    # offset of each kv block inside its segment's concatenation
-    kv_off = np.cumsum(kv_len) - kv_len - cu_k[seg]
-    q_rows = np.concatenate([rows.rows(KIND_Q, b) for b in seg_q]) if seg_q.size else np.zeros(0, np.int64)
-    kv_rows = np.concatenate([rows.rows(KIND_KV, b) for b in ck]) if ck.size else np.zeros(0, np.int64)
-    # Key ranges: explode (query row, key block) pairs, clip each row's ranges to the block, shift.
-    rep = q_len[seg]
-    row_in_seg = concat_aranges(np.zeros(ck.size, np.int64), rep)
-    piece_seg = np.repeat(seg, rep)
-    piece_kv = np.repeat(np.arange(ck.size), rep)
-    gtok = bs.tb_global_start[q_tb][piece_seg] + row_in_seg
-    doc_ranges = bs.ranges[gtok]  # [pieces, R, 2] document-local
-    ks = bs.tb_start[kv_tb][piece_kv][:, None]
-    ke = bs.tb_end[kv_tb][piece_kv][:, None]
-    starts = np.maximum(doc_ranges[..., 0], ks)
-    ends = np.minimum(doc_ranges[..., 1], ke)
-    shift = (kv_off[piece_kv])[:, None] - ks
-    live = ends > starts
-    work_row = (cu_q[piece_seg] + row_in_seg)[:, None].repeat(doc_ranges.shape[1], 1)[live]
-    ps, pe = (starts + shift)[live], (ends + shift)[live]
-    ranges = _merge_runs(work_row, ps, pe, int(cu_q[-1]))
+    q_tb, kv_tb = cq // heads.n_q_blocks, ck // heads.n_kv_blocks
+    group_key = bs.tb_doc[q_tb] * heads.n_q_blocks + cq % heads.n_q_blocks  # (document, head block)
+    order = np.lexsort((kv_tb, q_tb, group_key))
+    cq, ck, q_tb, kv_tb, group_key = cq[order], ck[order], q_tb[order], kv_tb[order], group_key[order]
+    new_group = np.ones(cq.size, dtype=bool)
+    new_group[1:] = group_key[1:] != group_key[:-1]
+    group = np.cumsum(new_group) - 1
+    n_groups = int(group[-1]) + 1 if group.size else 0
+    # the query blocks of every group (each once, in document order) and their row offsets
+    new_q = np.ones(cq.size, dtype=bool)
+    new_q[1:] = cq[1:] != cq[:-1]
+    qseg = np.cumsum(new_q) - 1  # index of the comp's query block among all query blocks of the call
+    seg_q, seg_q_group = cq[new_q], group[new_q]
+    q_len = bs.tb_tokens[seg_q // heads.n_q_blocks]
+    q_start = np.concatenate([[0], np.cumsum(q_len)[:-1]])  # work row of each query block's first row
+    cu_q = np.concatenate([[0], np.cumsum(np.bincount(seg_q_group, weights=q_len, minlength=n_groups))]).astype(np.int64)
+    # the key blocks of every group, each once, in document order, and their offsets in the concatenation
+    ukey = np.unique(group * (bs.n_tb * heads.n_kv_blocks) + ck)
+    u_group, u_kv = ukey // (bs.n_tb * heads.n_kv_blocks), ukey % (bs.n_tb * heads.n_kv_blocks)
+    u_len = bs.tb_tokens[u_kv // heads.n_kv_blocks]
+    cu_k = np.concatenate([[0], np.cumsum(np.bincount(u_group, weights=u_len, minlength=n_groups))]).astype(np.int64)
+    u_off = np.cumsum(u_len) - u_len - cu_k[u_group]
+    kv_off = u_off[np.searchsorted(ukey, group * (bs.n_tb * heads.n_kv_blocks) + ck)]
+    q_rows = rows.many(KIND_Q, seg_q)
+    kv_rows = rows.many(KIND_KV, u_kv)
+    # runs of a query block's partner key blocks that are adjacent in the document
+    run_first = new_q.copy()
+    run_first[1:] |= kv_tb[1:] != kv_tb[:-1] + 1
+    starts_idx = np.nonzero(run_first)[0]
+    ends_idx = np.append(starts_idx[1:], ck.size) - 1
+    run_qseg = qseg[starts_idx]
+    rs, re = bs.tb_start[kv_tb[starts_idx]], bs.tb_end[kv_tb[ends_idx]]
+    shift = kv_off[starts_idx] - rs
+    n_runs = np.bincount(run_qseg, minlength=seg_q.size)
+    first_run = np.concatenate([[0], np.cumsum(n_runs)[:-1]])
+    # (row, run) pairs per query block, rows in order and each row's runs in order
+    pairs = q_len * n_runs
+    p_q = np.repeat(np.arange(seg_q.size), pairs)
+    p_local = np.arange(int(pairs.sum())) - np.repeat(np.cumsum(pairs) - pairs, pairs)
+    p_row = p_local // n_runs[p_q]
+    p_run = first_run[p_q] + p_local % n_runs[p_q]
+    doc_ranges = bs.ranges[bs.tb_global_start[seg_q // heads.n_q_blocks][p_q] + p_row]  # [pairs, R, 2]
+    lo = np.maximum(doc_ranges[..., 0], rs[p_run][:, None])
+    hi = np.minimum(doc_ranges[..., 1], re[p_run][:, None])
+    live = hi > lo
+    work_row = np.broadcast_to((q_start[p_q] + p_row)[:, None], lo.shape)[live]
+    sh = shift[p_run][:, None]
+    ranges = _merge_runs(work_row, (lo + sh)[live], (hi + sh)[live], int(cu_q[-1]), presorted=True)
     return q_rows, kv_rows, AttnWork(cu_q, cu_k, ranges)
 
 
-def _merge_runs(row: np.ndarray, lo: np.ndarray, hi: np.ndarray, num_rows: int) -> np.ndarray:
-    """Per row, sort pieces ``[lo, hi)``, merge touching ones, and pack into canonical [rows, R, 2] ranges."""
+def _merge_runs(row: np.ndarray, lo: np.ndarray, hi: np.ndarray, num_rows: int, presorted: bool = False) -> np.ndarray:
+    """Per row, sort pieces ``[lo, hi)`` (unless ``presorted``: by row, then lo, disjoint), merge touching
+    ones, and pack into canonical [rows, R, 2] ranges."""
     if row.size == 0:
         return np.zeros((num_rows, 1, 2), dtype=np.int64)
-    order = np.lexsort((lo, row))
-    row, lo, hi = row[order], lo[order], hi[order]
+    if not presorted:
+        order = np.lexsort((lo, row))
+        row, lo, hi = row[order], lo[order], hi[order]
     new = np.ones(row.size, dtype=bool)
     new[1:] = (row[1:] != row[:-1]) | (lo[1:] > hi[:-1])
     run_first = np.nonzero(new)[0]
@@ -156,8 +203,9 @@ class _PassCompiler:
     """Compiles one pass (forward or backward) of one device; the phases are its methods, in order."""
 
     def __init__(self, bs: BlockSet, pl: Placement, sched: PassSchedule, device: int, layout: DeviceLayout,
-                 backward: bool):
+                 backward: bool, partial_wire: str = ACC):
         self.bs, self.pl, self.sched, self.device, self.layout, self.backward = bs, pl, sched, device, layout, backward
+        self.partial_wire = partial_wire
         self.heads = bs.heads
         self.inputs, self.outputs = sched.inputs, sched.outputs
         self.qid, self.kvid = comp_inputs(bs)
@@ -171,23 +219,34 @@ class _PassCompiler:
     def assign_slots(self) -> dict:
         """Slots for the blocks this device receives, each busy until its last reader, result send and
         forward are done; returns the slot counts per kind and sets ``self.rows``."""
-        inputs, sched = self.inputs, self.sched
-        last_use = {}
-        for kind, ids in ((KIND_Q, self.qid), (KIND_KV, self.kvid)):
-            for block, stage in zip(ids[self.my_comps].tolist(), sched.comp_stage[self.my_comps].tolist()):
-                key = (kind, block)
-                last_use[key] = max(last_use.get(key, -1), stage)
-        forwarded_until = {}  # gateway: forwards of a block sent at time stage-1
-        for i in np.nonzero(inputs.src == self.device)[0]:
-            key = (int(inputs.kind[i]), int(inputs.block[i]))
-            forwarded_until[key] = max(forwarded_until.get(key, -1), int(inputs.stage[i]) - 1)
-        has_result = {KIND_Q: True, KIND_KV: self.backward}
+        inputs, sched, outputs = self.inputs, self.sched, self.outputs
+        dev = self.device
+        recv = np.nonzero(inputs.dst == dev)[0]
         entries = []
-        for i in np.nonzero(inputs.dst == self.device)[0]:
-            key = (int(inputs.kind[i]), int(inputs.block[i]))
-            end = last_use.get(key, 0) + (1 if has_result[key[0]] else 0)
-            end = max(end, forwarded_until.get(key, -1))
-            entries.append((key[0], key[1], int(inputs.stage[i]) - 1, end))
+        if recv.size:
+            m = int(max(self.heads.n_q_blocks, self.heads.n_kv_blocks) * self.bs.n_tb)
+            code = lambda kind, block: kind * m + block  # noqa: E731
+            keys = code(inputs.kind[recv], inputs.block[recv])
+            order = np.argsort(keys)
+            sk = keys[order]
+            end = np.full(recv.size, -1, dtype=np.int64)
+
+            def fold(c, v):  # end[key] = max(end[key], v) for the received keys among codes c
+                pos = np.minimum(np.searchsorted(sk, c), sk.size - 1)
+                hit = sk[pos] == c
+                np.maximum.at(end, order[pos[hit]], v[hit])
+
+            has_result = np.array([1, 1 if self.backward else 0])
+            st = sched.comp_stage[self.my_comps]
+            fold(code(KIND_Q, self.qid[self.my_comps]), st + has_result[KIND_Q])  # last reader (+ result send)
+            fold(code(KIND_KV, self.kvid[self.my_comps]), st + has_result[KIND_KV])
+            end = np.maximum(end, has_result[inputs.kind[recv]])  # a relay or gateway only
+            fwd = np.nonzero(inputs.src == dev)[0]  # gateways and relays: forwards launched at stage-1
+            fold(code(inputs.kind[fwd], inputs.block[fwd]), inputs.stage[fwd] - 1)
+            snd = np.nonzero(outputs.src == dev)[0]  # result sends (a reducer's after its own last stage)
+            fold(code(outputs.kind[snd], outputs.block[snd]), outputs.stage[snd] + 1)
+            entries = list(zip(inputs.kind[recv].tolist(), inputs.block[recv].tolist(),
+                               (inputs.stage[recv] - 1).tolist(), end.tolist()))
         slots, counts = _assign_slots(entries)
         self.rows = _Rows(self.bs, self.layout, slots)
         return counts
@@ -199,59 +258,68 @@ class _PassCompiler:
         q_rows_total = n * heads.n_q_blocks + counts[KIND_Q] * block
         kv_rows_total = n * heads.n_kv_blocks + counts[KIND_KV] * block
         stores = prog.stores
-        if not self.backward:
-            names_q = (("q", MODEL, True), ("o", ACC, True), ("lse", ACC, False))
-            names_kv = (("k", MODEL, True), ("v", MODEL, True))
-        else:
-            names_q = (("q", MODEL, True), ("o", MODEL, True), ("do", MODEL, True), ("lse", ACC, False),
-                       ("dq", ACC, True))
-            names_kv = (("k", MODEL, True), ("v", MODEL, True), ("dk", ACC, True), ("dv", ACC, True))
-        for name, dtype, with_dim in names_q:
+        layout = STORES[self.backward]
+        for name, dtype, with_dim in layout[KIND_Q]:
             stores[name] = StoreSpec(name, q_rows_total, heads.hb, with_dim, dtype)
-        for name, dtype, with_dim in names_kv:
+        for name, dtype, with_dim in layout[KIND_KV]:
             stores[name] = StoreSpec(name, kv_rows_total, heads.khb, with_dim, dtype)
-        # results received by this device (temp rows, in (kind, block, source) order)
+        # results received by this device: temp rows per key (reused by every key, reduced after its wait),
+        # in (kind, block, source) order inside a key
         outputs = self.outputs
         incoming = np.nonzero(outputs.dst == self.device)[0]
-        self.incoming = incoming[np.lexsort((outputs.src[incoming], outputs.block[incoming], outputs.kind[incoming]))]
+        self.incoming = incoming[np.lexsort((outputs.src[incoming], outputs.block[incoming], outputs.kind[incoming],
+                                             outputs.stage[incoming]))]
         temp_rows = {KIND_Q: 0, KIND_KV: 0}
+        used: dict = {}  # (key stage, kind) -> rows used so far
         self.recv_rows = {}  # transfer index -> temp rows
         for i in self.incoming:
-            kind = int(outputs.kind[i])
+            kind, st = int(outputs.kind[i]), int(outputs.stage[i])
             per = heads.n_q_blocks if kind == KIND_Q else heads.n_kv_blocks
             tokens = int(self.bs.tb_tokens[int(outputs.block[i]) // per])
-            self.recv_rows[int(i)] = temp_rows[kind] + np.arange(tokens, dtype=np.int64)
-            temp_rows[kind] += tokens
+            off = used.get((st, kind), 0)
+            self.recv_rows[int(i)] = off + np.arange(tokens, dtype=np.int64)
+            used[(st, kind)] = off + tokens
+            temp_rows[kind] = max(temp_rows[kind], off + tokens)
         for kind, (src_names, tmp_names) in self.results.items():
             for name, tmp in zip(src_names, tmp_names):
                 spec = stores[name]
-                stores[tmp] = StoreSpec(tmp, temp_rows[kind], spec.heads, spec.with_dim, ACC)
+                wire = ACC if name == "lse" else self.partial_wire  # lse always travels in fp32
+                stores[name] = StoreSpec(name, spec.rows, spec.heads, spec.with_dim, spec.dtype,
+                                         None if wire == spec.dtype else wire)
+                stores[tmp] = StoreSpec(tmp, temp_rows[kind], spec.heads, spec.with_dim, wire)
 
     # ------------------------------------------------------------------ instruction builders
     def comm(self, key: str, sends_idx, recvs_idx, tr: Transfers, send_parts, recv_parts) -> Comm:
-        """One op per peer; a peer's transfers packed in (kind, block) order on both sides."""
+        """One op per peer; a peer's transfers in (kind, block) order on both sides, each store's rows of one
+        kind concatenated (the packing order of :func:`~dcp_backend.dcp.instructions.message_parts`)."""
         ops = {}
         for idx, peer_arr, parts_of, side in ((sends_idx, tr.dst, send_parts, "send"),
                                               (recvs_idx, tr.src, recv_parts, "recv")):
             idx = np.asarray(idx, dtype=np.int64)
             idx = idx[np.lexsort((tr.block[idx], tr.kind[idx], peer_arr[idx]))]
-            ops[side] = [CommOp(int(peer), [p for i in idx[peer_arr[idx] == peer] for p in parts_of(int(i))])
-                         for peer in np.unique(peer_arr[idx])]
+            out = []
+            for peer in np.unique(peer_arr[idx]).tolist():
+                mine = idx[peer_arr[idx] == peer]
+                parts = []
+                for kind in (KIND_Q, KIND_KV):
+                    sel = mine[tr.kind[mine] == kind]
+                    if sel.size:
+                        parts.extend(parts_of(kind, sel))
+                out.append(CommOp(peer, parts))
+            ops[side] = out
         return Comm(key, ops["send"], ops["recv"])
 
-    def input_parts(self, i: int):
-        kind, block = int(self.inputs.kind[i]), int(self.inputs.block[i])
-        rows = self.rows.rows(kind, block)
+    def input_parts(self, kind: int, idx: np.ndarray):
+        rows = self.rows.many(kind, self.inputs.block[idx])
         return [(name, rows) for name in self.in_parts[kind]]
 
-    def result_parts(self, i: int):
-        kind, block = int(self.outputs.kind[i]), int(self.outputs.block[i])
-        rows = self.rows.rows(kind, block)
+    def result_parts(self, kind: int, idx: np.ndarray):
+        rows = self.rows.many(kind, self.outputs.block[idx])
         return [(name, rows) for name in self.results[kind][0]]
 
-    def result_recv(self, i: int):
-        kind = int(self.outputs.kind[i])
-        return [(name, self.recv_rows[i]) for name in self.results[kind][1]]
+    def result_recv(self, kind: int, idx: np.ndarray):
+        rows = np.concatenate([self.recv_rows[int(i)] for i in idx])
+        return [(name, rows) for name in self.results[kind][1]]
 
     def fills(self, received: np.ndarray) -> list:
         """Reset result rows of freshly received blocks (slots are reused)."""
@@ -259,7 +327,7 @@ class _PassCompiler:
         for kind, (names, _) in self.results.items():
             sel = received[self.inputs.kind[received] == kind]
             if sel.size:
-                out.append(Fill(names, np.concatenate([self.rows.rows(kind, int(self.inputs.block[i])) for i in sel])))
+                out.append(Fill(names, self.rows.many(kind, self.inputs.block[sel])))
         return out
 
     # ------------------------------------------------------------------ the program
@@ -289,17 +357,30 @@ class _PassCompiler:
                 ins.extend(self.fills(recv2))
             if stage > 0:
                 ins.append(Wait(f"out{stage - 1}"))
+                self.reductions(ins, stage - 1)
             osel = outputs.stage == stage
             ins.append(self.comm(f"out{stage}", np.nonzero(osel & (outputs.src == device))[0],
                                  np.nonzero(osel & (outputs.dst == device))[0], outputs, self.result_parts,
                                  self.result_recv))
-        ins.append(Wait(f"out{num_stages}"))
+        # the last stage's partials, then what in-node reducers send on after them (and partials sent late
+        # so that a device does not receive too many under one key)
+        last = max(num_stages + 1, int(outputs.stage.max(initial=0)))
+        for key in range(num_stages + 1, last + 1):
+            ins.append(Wait(f"out{key - 1}"))
+            self.reductions(ins, key - 1)
+            osel = outputs.stage == key
+            ins.append(self.comm(f"out{key}", np.nonzero(osel & (outputs.src == device))[0],
+                                 np.nonzero(osel & (outputs.dst == device))[0], outputs, self.result_parts,
+                                 self.result_recv))
+        ins.append(Wait(f"out{last}"))
+        self.reductions(ins, last)
 
-    def reductions(self, ins: list) -> None:
-        """Merge (forward, log-sum-exp) or sum (backward) received partial results into owned rows."""
+    def reductions(self, ins: list, stage: int) -> None:
+        """Merge (forward, log-sum-exp) or sum (backward) the partial results received under key
+        ``out{stage}`` into this device's rows of their blocks (owned rows, or a reducer's slot rows)."""
         outputs = self.outputs
         for kind, (dst_names, tmp_names) in self.results.items():
-            sel = [i for i in self.incoming if int(outputs.kind[i]) == kind]
+            sel = [i for i in self.incoming if int(outputs.kind[i]) == kind and int(outputs.stage[i]) == stage]
             if not sel:
                 continue
             dst_rows = [self.rows.rows(kind, int(outputs.block[i])) for i in sel]
@@ -322,21 +403,21 @@ class _PassCompiler:
         prog = DeviceProgram(self.device, self.layout.num_tokens)
         self.declare_stores(prog, self.assign_slots())
         self.stages(prog.instructions)
-        self.reductions(prog.instructions)
         return prog
 
 
 def _pass_program(bs: BlockSet, pl: Placement, sched: PassSchedule, device: int, layout: DeviceLayout,
-                  backward: bool) -> DeviceProgram:
-    return _PassCompiler(bs, pl, sched, device, layout, backward).compile()
+                  backward: bool, partial_wire: str = ACC) -> DeviceProgram:
+    return _PassCompiler(bs, pl, sched, device, layout, backward, partial_wire).compile()
 
 
 class Programs:
     """Per-device programs of one pass, compiled on first access (a rank needs only its own; statistics,
     the verifier and serialisation compile the rest). Indexable like a list; entries may be preset."""
 
-    def __init__(self, bs: BlockSet, pl: Placement, sched: PassSchedule, layouts, backward: bool):
-        self._args = (bs, pl, sched, layouts, backward)
+    def __init__(self, bs: BlockSet, pl: Placement, sched: PassSchedule, layouts, backward: bool,
+                 partial_wire: str = ACC):
+        self._args = (bs, pl, sched, layouts, backward, partial_wire)
         self._progs: list = [None] * pl.num_devices
         self.compile_seconds = 0.0
 
@@ -346,7 +427,8 @@ class Programs:
     def __getitem__(self, d: int) -> DeviceProgram:
         if self._progs[d] is None:
             t0 = time.perf_counter()
-            self._progs[d] = _pass_program(*self._args[:3], d, self._args[3][d], self._args[4])
+            bs, pl, sched, layouts, backward, wire = self._args
+            self._progs[d] = _pass_program(bs, pl, sched, d, layouts[d], backward, wire)
             self.compile_seconds += time.perf_counter() - t0
         return self._progs[d]
 
@@ -360,13 +442,92 @@ class Programs:
         return [d for d, p in enumerate(self._progs) if p is not None]
 
 
-def compile_programs(bs: BlockSet, pl: Placement, fwd: PassSchedule, bwd: PassSchedule, eager: bool = True):
+def compile_programs(bs: BlockSet, pl: Placement, fwd: PassSchedule, bwd: PassSchedule, eager: bool = True,
+                     partial_wire: str = ACC):
     """Programs of every device (compiled now if ``eager``, else on first access): returns (layouts,
-    forward programs, backward programs)."""
+    forward programs, backward programs). ``partial_wire``: the class partial results travel in (ACC:
+    fp32; MODEL: the model dtype, accumulated in fp32 where they are reduced)."""
     layouts = [DeviceLayout(bs, pl, d) for d in range(pl.num_devices)]
-    fwd_progs = Programs(bs, pl, fwd, layouts, False)
-    bwd_progs = Programs(bs, pl, bwd, layouts, True)
+    fwd_progs = Programs(bs, pl, fwd, layouts, False, partial_wire)
+    bwd_progs = Programs(bs, pl, bwd, layouts, True, partial_wire)
     if eager:
         for d in range(pl.num_devices):
             fwd_progs[d], bwd_progs[d]
     return layouts, fwd_progs, bwd_progs
+
+
+def _row_bytes(bs: BlockSet, backward: bool, element_size: int) -> dict:
+    """Bytes of one row of all stores of a side together, per kind."""
+    h, d = bs.heads, bs.spec.head_dim
+    size = {MODEL: element_size, ACC: acc_element_size(element_size)}
+    per = {KIND_Q: h.hb, KIND_KV: h.khb}
+    return {kind: sum(per[kind] * (d if wd else 1) * size[c] for _, c, wd in STORES[backward][kind])
+            for kind in (KIND_Q, KIND_KV)}
+
+
+def own_memory_bytes(bs: BlockSet, pl: Placement, backward: bool, element_size: int = 2) -> np.ndarray:
+    """Bytes of every device's own rows (its tokens in every store) in one pass."""
+    h = bs.heads
+    row = _row_bytes(bs, backward, element_size)
+    tokens = np.bincount(pl.owner, weights=bs.tb_tokens, minlength=pl.num_devices)
+    return tokens * (h.n_q_blocks * row[KIND_Q] + h.n_kv_blocks * row[KIND_KV])
+
+
+def pass_memory_bytes(bs: BlockSet, pl: Placement, sched: PassSchedule, backward: bool, element_size: int = 2,
+                      partial_wire: str = ACC) -> np.ndarray:
+    """Bytes of every device's stores for one pass, from the schedule alone (equal to the compiled
+    programs' stores, :func:`dcp_backend.dcp.stats.program_memory_bytes`): own rows, received blocks'
+    slots (as many as are busy at once: a slot is busy from its block's launch to its last reader, its
+    result send and its forwards, as :meth:`_PassCompiler.assign_slots` colours them) and the temp rows
+    of the largest key of received partial results."""
+    h = bs.heads
+    n = pl.num_devices
+    size = {MODEL: element_size, ACC: acc_element_size(element_size)}
+    d_ = bs.spec.head_dim
+    per = {KIND_Q: h.hb, KIND_KV: h.khb}
+    row = _row_bytes(bs, backward, element_size)
+    results = BWD_RESULT if backward else FWD_RESULT
+    temp_row = {kind: sum(per[kind] * (d_ if name != "lse" else 1) * size[ACC if name == "lse" else partial_wire]
+                          for name in names) for kind, (names, _) in results.items()}
+    total = own_memory_bytes(bs, pl, backward, element_size)
+    # slots: busy intervals [launch, end] of every received block, the most busy at once per (device, kind)
+    inputs, outputs = sched.inputs, sched.outputs
+    qid, kvid = comp_inputs(bs)
+    m = int(max(h.n_q_blocks, h.n_kv_blocks) * bs.n_tb)
+    code = lambda dev, kind, block: (dev * 2 + kind) * m + block  # noqa: E731
+    has_result = np.array([1, 1 if backward else 0])
+    rec = code(inputs.dst, inputs.kind, inputs.block)
+    keys, inv = np.unique(rec, return_inverse=True)
+    end = has_result[inputs.kind].copy()  # last use 0 by default (a relay or gateway only)
+    cand_code, cand_val = [], []
+    for kind, ids in ((KIND_Q, qid), (KIND_KV, kvid)):
+        cand_code.append(code(pl.comp_device, kind, ids))
+        cand_val.append(sched.comp_stage + has_result[kind])
+    cand_code += [code(inputs.src, inputs.kind, inputs.block), code(outputs.src, outputs.kind, outputs.block)]
+    cand_val += [inputs.stage - 1, outputs.stage + 1]
+    cc, cv = np.concatenate(cand_code), np.concatenate(cand_val)
+    pos = np.searchsorted(keys, cc)
+    hit = (pos < keys.size) & (keys[np.minimum(pos, keys.size - 1)] == cc)
+    best = np.full(keys.size, -1, dtype=np.int64)
+    np.maximum.at(best, pos[hit], cv[hit])
+    end = np.maximum(end, best[inv])
+    launch = inputs.stage - 1
+    t0 = -1
+    width = int(max(end.max(initial=0), launch.max(initial=0))) - t0 + 2
+    diff = np.zeros((n * 2, width), dtype=np.int64)
+    row_id = inputs.dst * 2 + inputs.kind
+    np.add.at(diff, (row_id, launch - t0), 1)
+    np.add.at(diff, (row_id, end + 1 - t0), -1)
+    slots = np.cumsum(diff, axis=1).max(axis=1).reshape(n, 2)
+    total = total + bs.block_size * (slots[:, KIND_Q] * row[KIND_Q] + slots[:, KIND_KV] * row[KIND_KV])
+    # temp rows of received partials: the largest key
+    if len(outputs):
+        tok = bs.tb_tokens[np.where(outputs.kind == KIND_Q, outputs.block // h.n_q_blocks,
+                                    outputs.block // h.n_kv_blocks)]
+        s_max = int(outputs.stage.max()) + 1
+        grid = np.zeros((n, 2, s_max))
+        np.add.at(grid, (outputs.dst, outputs.kind, outputs.stage), tok)
+        temp = grid.max(axis=2)
+        for kind, b in temp_row.items():
+            total = total + temp[:, kind] * b
+    return total

@@ -10,6 +10,9 @@ from dcp_backend.errors import CPError
 
 PARTITIONERS = ("mtkahypar", "greedy")
 PLACEMENTS = ("hypergraph", "zigzag", "auto")
+COMMUNICATIONS = ("hierarchical", "direct")
+SEEDS = ("structured", "none")
+PARTIAL_DTYPES = ("model", "fp32")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,24 @@ class DCPOptions(KernelOptions):
                                           "computation on the query owner) or auto (plan both and a 2D zigzag, "
                                           "simulate them with the cost model, keep the fastest)")
 
+    placement_seeds: str = option("structured", "structured (the hypergraph placement is compared with the "
+                                                "zigzag, node-packed and 2D zigzag placements of the same blocks, "
+                                                "repaired under the same balance limits; the one moving the fewest "
+                                                "bytes across nodes is kept) or none")
+    communication: str = option("hierarchical", "hierarchical (inter-node sends spread over a node's devices, "
+                                                "partial results reduced inside a node before they cross) or "
+                                                "direct (every block sent by its owner, every partial straight "
+                                                "to its owner)")
+    partial_dtype: str = option("model", "dtype partial results (out, dq, dk/dv) travel in: model (the input "
+                                         "dtype, e.g. bf16: half the bytes of fp32; they are computed and reduced "
+                                         "in fp32, lse travels in fp32) or fp32")
+    memory_limit: float | str = option("none", "attention memory per device and pass, in MB (own rows, received "
+                                               "blocks, partial results): the scheduler gives the devices over it "
+                                               "more stages and spreads the partial results they receive over more "
+                                               "keys until they fit (an error if they cannot); auto = 4x the "
+                                               "device's own rows (best effort: memory stays flat as the cluster "
+                                               "grows); none = no limit (fastest)")
+
     def validate(self) -> None:
         super().validate()
         positive_int("dcp", "head_block_size", self.head_block_size, allow_none=True)
@@ -68,5 +89,16 @@ class DCPOptions(KernelOptions):
             load_cost_model(self.cost_model)  # raises CPError naming the problem
         if self.placement not in PLACEMENTS:
             raise CPError(f"dcp option placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if not (self.memory_limit in ("auto", "none") or (isinstance(self.memory_limit, (int, float))
+                                                           and not isinstance(self.memory_limit, bool)
+                                                           and self.memory_limit > 0)):
+            raise CPError(f"dcp option memory_limit must be a positive number of MB, 'auto' or 'none', "
+                          f"got {self.memory_limit!r}")
+        if self.placement_seeds not in SEEDS:
+            raise CPError(f"dcp option placement_seeds must be one of {SEEDS}, got {self.placement_seeds!r}")
+        if self.communication not in COMMUNICATIONS:
+            raise CPError(f"dcp option communication must be one of {COMMUNICATIONS}, got {self.communication!r}")
+        if self.partial_dtype not in PARTIAL_DTYPES:
+            raise CPError(f"dcp option partial_dtype must be one of {PARTIAL_DTYPES}, got {self.partial_dtype!r}")
         if self.partitioner not in PARTITIONERS:
             raise CPError(f"dcp option partitioner must be one of {PARTITIONERS}, got {self.partitioner!r}")

@@ -1,7 +1,9 @@
 """The DCP executor: runs one device's compiled forward and backward programs over torch.distributed.
 
 Preparation is split: :class:`PreparedProgram` (host, once per plan, in the planning worker) lays out
-the messages and packs every index array of the program into one buffer; :class:`ProgramRunner` (once
+the messages (per peer and dtype class, one gather per store group: k/v, q/o/do, dk/dv and an fp32
+output with its lse are each one tensor, so a message is usually one gather and one ``index_copy_``) and
+packs every index array of the program into one buffer; :class:`ProgramRunner` (once
 per plan, device and dtype) uploads that buffer once and allocates the stores, which every layer of the
 iteration reuses (only their result rows are reset per call). Each stage's inputs are launched (``batch_isend_irecv``) before
 the previous stage computes; attention runs as one block-kernel call per stage; partial results are
@@ -18,7 +20,7 @@ import torch
 
 from dcp_backend.comm import CommCounters, Exchange
 from dcp_backend.contract import Executor
-from dcp_backend.dcp.instructions import ACC, MODEL
+from dcp_backend.dcp.instructions import ACC, MODEL, store_groups
 from dcp_backend.dcp.plan import DCPPlan
 from dcp_backend.dcp.prepared import Message, PreparedProgram
 from dcp_backend.kernels import BlockKernel, acc_dtype, merge_into_
@@ -38,10 +40,24 @@ class ProgramRunner:
         self.acc = acc_dtype(dtype)
         self.head_dim = head_dim = prepared.head_dim
         self.stores = {}
+        grouped = {}
+        for gname, (layout, members) in store_groups(program.stores).items():
+            spec = program.stores[members[0]]
+            dt = self._dtype_of(spec.dtype)
+            if layout == "stack":  # [rows, members, heads, head_dim]; member i is [:, i]
+                t = torch.empty((spec.rows, len(members), spec.heads, head_dim), dtype=dt, device=device)
+                for i, m in enumerate(members):
+                    grouped[m] = t[:, i]
+            else:  # an output with its lse as one more column: [rows, heads, head_dim + 1]
+                t = torch.empty((spec.rows, spec.heads, head_dim + 1), dtype=dt, device=device)
+                grouped[members[0]], grouped[members[1]] = t[..., :head_dim], t[..., head_dim]
+            self.stores[gname] = t
         for name, spec in program.stores.items():
+            if name in grouped:
+                self.stores[name] = grouped[name]
+                continue
             shape = (spec.rows, spec.heads, head_dim) if spec.with_dim else (spec.rows, spec.heads)
-            dt = dtype if spec.dtype == MODEL else self.acc
-            self.stores[name] = torch.empty(shape, dtype=dt, device=device)
+            self.stores[name] = torch.empty(shape, dtype=self._dtype_of(spec.dtype), device=device)
         views = prepared.tables.on(device)
 
         def msg(m: Message)  -> Message:
@@ -80,8 +96,11 @@ class ProgramRunner:
                         off = 0
                         for name, rows, numel in parts:
                             st = S[name]
-                            torch.index_select(st, 0, rows,
-                                               out=buf[off:off + numel].view((rows.numel(),) + tuple(st.shape[1:])))
+                            view = buf[off:off + numel].view((rows.numel(),) + tuple(st.shape[1:]))
+                            if st.dtype == buf.dtype:
+                                torch.index_select(st, 0, rows, out=view)
+                            else:  # a partial held in fp32, sent in the model dtype
+                                view.copy_(st.index_select(0, rows))
                             off += numel
                         x.send(buf, m.peer, TAGS[cls])
                 bufs = []
@@ -98,7 +117,8 @@ class ProgramRunner:
                     off = 0
                     for name, rows, numel in parts:
                         st = S[name]
-                        st.index_copy_(0, rows, buf[off:off + numel].view((rows.numel(),) + tuple(st.shape[1:])))
+                        st.index_copy_(0, rows, buf[off:off + numel].view((rows.numel(),) + tuple(st.shape[1:]))
+                                       .to(st.dtype))
                         off += numel
             elif kind == "attn":
                 _, backward, qr, kr, work = step
@@ -126,7 +146,7 @@ class ProgramRunner:
                                 rows=dr)
                 else:
                     for s_name, d_name in zip(src, dst):
-                        S[d_name].index_add_(0, dr, S[s_name].index_select(0, sr))
+                        S[d_name].index_add_(0, dr, S[s_name].index_select(0, sr).to(S[d_name].dtype))
         if pending:  # pragma: no cover - compiled programs always wait what they launch
             raise RuntimeError(f"DCP program ended with unfinished transfers {sorted(pending)}")
 

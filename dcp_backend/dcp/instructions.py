@@ -12,14 +12,16 @@ Instructions (one list per pass and device; every device runs the same sequence 
 so point-to-point messages between any two ranks are posted in the same order on both sides):
 
 * ``Comm(key, sends, recvs)`` launches a batch of point-to-point transfers; an op is a peer and the
-  (store, rows) parts packed into one message per dtype class;
+  (store, rows) parts packed into one message per dtype class (a store's ``wire`` class: partial
+  results may travel in the model dtype while held in fp32, ``DCPOptions.partial_dtype``);
 * ``Wait(key)`` waits for it and unpacks received rows into their stores;
 * ``Attention(stage, q_rows, kv_rows, work, comps, backward)`` runs the block kernel once over all
   computation blocks of a stage (forward: merges (out, lse) into ``o``/``lse`` at ``q_rows``; backward:
   accumulates ``dq`` at ``q_rows`` and ``dk``/``dv`` at ``kv_rows``);
 * ``Fill(stores, rows)`` resets the result rows of a freshly received block (out 0 / lse -inf, or
   gradients 0), since slots are reused;
-* ``Reduce(op, src, dst, src_rows, dst_rows)`` merges or sums received partials into owned rows.
+* ``Reduce(op, src, dst, src_rows, dst_rows)`` merges or sums received partials (right after the wait
+  that received them) into owned rows, or into a reducer's slot rows before it sends one partial on.
 """
 from __future__ import annotations
 
@@ -39,15 +41,87 @@ class StoreSpec:
     rows: int
     heads: int  # heads per row
     with_dim: bool  # rows are [heads, head_dim] (else [heads], e.g. lse)
-    dtype: str  # MODEL or ACC
+    dtype: str  # MODEL or ACC: how the rows are held
+    wire: str | None = None  # MODEL or ACC: how its rows travel (None: as held)
+
+    @property
+    def wire_class(self) -> str:
+        return self.wire or self.dtype
 
     def row_elements(self, head_dim: int) -> int:
         return self.heads * (head_dim if self.with_dim else 1)
 
     def nbytes(self, rows: int, head_dim: int, element_size: int) -> int:
         """Bytes of ``rows`` rows of this store when model tensors have ``element_size`` bytes."""
-        size = acc_element_size(element_size) if self.dtype == ACC else element_size
-        return int(rows) * self.row_elements(head_dim) * size
+        return _bytes(self.dtype, rows * self.row_elements(head_dim), element_size)
+
+    def wire_nbytes(self, rows: int, head_dim: int, element_size: int) -> int:
+        """Bytes of ``rows`` rows of this store in a message."""
+        return _bytes(self.wire_class, rows * self.row_elements(head_dim), element_size)
+
+
+def _bytes(cls: str, elements: int, element_size: int) -> int:
+    return int(elements) * (acc_element_size(element_size) if cls == ACC else element_size)
+
+
+# Stores held together in one tensor by the executor, so that a message carrying all of them for the same
+# rows is packed with one gather and unpacked with one index_copy_: "stack" groups (same dtype class and
+# row shape) are [rows, members, heads, head_dim]; the "column" group is an fp32 output with its lse as one
+# more column, [rows, heads, head_dim + 1].
+STACK_GROUPS = (("q", "o", "do"), ("k", "v"), ("dk", "dv"), ("rdk", "rdv"))
+COLUMN_GROUPS = (("o", "lse"), ("ro", "rlse"))
+
+
+def store_groups(stores: dict) -> dict:
+    """{group name: (kind "stack" | "column", members)} of the groups a program's stores form (every member
+    present, one dtype class, matching rows)."""
+    out = {}
+    for members in STACK_GROUPS:
+        specs = [stores.get(m) for m in members]
+        if all(specs) and len({(s.rows, s.heads, s.with_dim, s.dtype) for s in specs}) == 1 and specs[0].with_dim:
+            out["+".join(members)] = ("stack", members)
+    for o, lse in COLUMN_GROUPS:
+        a, b = stores.get(o), stores.get(lse)
+        if (a and b and a.with_dim and not b.with_dim and a.rows == b.rows and a.heads == b.heads
+                and a.dtype == b.dtype and not any(o in m for _, m in out.values())):
+            out[f"{o}+{lse}"] = ("column", (o, lse))
+    return out
+
+
+def message_parts(stores: dict, parts: list) -> dict:
+    """How the executor moves one peer's parts [(store, rows)] of a ``Comm``: {wire class: [(store or group,
+    rows)]}. Per class, a store's rows are concatenated in part order (stores in first-appearance order);
+    then a group whose members all appear with the same rows, in group order, becomes one part (one gather
+    when packing, one ``index_copy_`` when unpacking). Both sides of a message fuse alike: the receiving
+    stores form the matching groups (k/v -> k/v, q/o/do -> q/o/do, o/lse -> ro/rlse, dk/dv -> rdk/rdv), so
+    the packed layouts agree."""
+    by_store: dict = {}
+    for name, rows in parts:
+        by_store.setdefault((stores[name].wire_class, name), []).append(rows)
+    out: dict = {}
+    for (cls, name), rows_list in by_store.items():
+        out.setdefault(cls, []).append((name, np.concatenate(rows_list)))
+    return {cls: fused_parts(stores, lst) for cls, lst in out.items()}
+
+
+def fused_parts(stores: dict, parts: list) -> list:
+    """Parts [(store, rows)] of one class with every complete group (see :func:`message_parts`) fused."""
+    groups = store_groups(stores)
+    member_of = {m: g for g, (_, ms) in groups.items() for m in ms}
+    out, i = [], 0
+    while i < len(parts):
+        name, rows = parts[i]
+        g = member_of.get(name)
+        if g is not None:
+            members = groups[g][1]
+            span = parts[i:i + len(members)]
+            if tuple(n for n, _ in span) == members and all(np.array_equal(r, rows) for _, r in span):
+                out.append((g, rows))
+                i += len(members)
+                continue
+        out.append((name, rows))
+        i += 1
+    return out
 
 
 @dataclass(eq=False)

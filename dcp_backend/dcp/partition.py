@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dcp_backend.dcp.blocks import BlockSet
+from dcp_backend.dcp.blocks import BlockSet, block_bytes
 
 _MTK = None
 _SCALE = 1_000_000
@@ -90,8 +90,11 @@ class Hypergraph:
         return counts
 
 
-def build_hypergraph(bs: BlockSet, element_size: int) -> Hypergraph:
-    """Vertices: computation blocks [0, n_comp) then token blocks [n_comp, n_comp + n_tb)."""
+def build_hypergraph(bs: BlockSet, element_size: int, partial_dtype: str = "fp32") -> Hypergraph:
+    """Vertices: computation blocks [0, n_comp) then token blocks [n_comp, n_comp + n_tb). Net weights: the
+    bytes a training step moves for the block (forward and backward, :func:`block_bytes`), so km1 over
+    devices is the bytes moved and km1 over nodes is exactly the inter-node bytes of the compiled plan
+    with hierarchical communication (one crossing per input and node, one reduced partial per node)."""
     h = bs.heads
     n_q, n_kv, n_comp, n_tb = h.n_q_blocks, h.n_kv_blocks, bs.n_comp, bs.n_tb
     comp = np.arange(n_comp, dtype=np.int64)
@@ -107,15 +110,27 @@ def build_hypergraph(bs: BlockSet, element_size: int) -> Hypergraph:
     order = np.lexsort((vert, net))
     net, vert = net[order], vert[order]
     offsets = np.concatenate([[0], np.cumsum(np.bincount(net, minlength=num_nets))])
-    tok = bs.tb_tokens.astype(np.float64)
-    q_side = (2 * bs.q_bytes_per_token(element_size) + bs.lse_bytes_per_token()) * tok
-    kv_side = bs.kv_bytes_per_token(element_size) * tok
-    weights = np.concatenate([np.repeat(q_side, n_q), np.repeat(kv_side, n_kv)])
+    b = block_bytes(bs, element_size, partial_dtype)
+    weights = np.concatenate([b["q_fwd"] + b["out_fwd"] + b["q_bwd"] + b["dq"], 2 * b["kv"] + b["dkv"]])
     hg = Hypergraph(n_comp + n_tb, offsets, vert, weights)
     sizes = np.diff(offsets)
     if (sizes < 2).any():  # a token block nobody reads (custom masks): drop its net
         hg, _ = hg.subgraph(np.ones(hg.num_vertices, bool))
     return hg
+
+
+def placement_costs(hg: Hypergraph, comp_dev: np.ndarray, owner: np.ndarray, comp_cost: np.ndarray, mem: np.ndarray,
+                    k: int, devices_per_node: int) -> dict:
+    """Bytes a placement moves per training step (``inter``: across nodes, exactly the compiled plan's with
+    hierarchical communication; ``total``: between devices) and its balance (max/mean of compute and of
+    tokens per device)."""
+    part = np.concatenate([comp_dev, owner])
+    node = part // devices_per_node
+    comp = np.bincount(comp_dev, weights=comp_cost, minlength=k)
+    tokens = np.bincount(owner, weights=mem, minlength=k)
+    return {"inter": hg.km1(node, k // devices_per_node), "total": hg.km1(part, k),
+            "compute_imbalance": float(comp.max() / max(comp.mean(), 1e-30)),
+            "memory_imbalance": float(tokens.max() / max(tokens.mean(), 1e-30))}
 
 
 def _int_weights(x: np.ndarray, total: int) -> np.ndarray:
@@ -175,6 +190,8 @@ class Placement:
     comp_device: np.ndarray  # device of every computation block
     num_devices: int
     devices_per_node: int
+    source: str = "hypergraph"  # the strategy (or structured seed) this placement came from
+    candidates: dict | None = None  # seeded selection: every candidate's bytes and balance
 
     def node_of(self, device):
         return np.asarray(device) // self.devices_per_node
@@ -182,11 +199,11 @@ class Placement:
 
 def place(bs: BlockSet, comp_cost: np.ndarray, num_devices: int, devices_per_node: int, *, compute_imbalance: float,
           memory_imbalance: float, inter_node_factor: float, seed: int, partitioner: str,
-          element_size: int = 2) -> Placement:
+          element_size: int = 2, hg: Hypergraph | None = None) -> Placement:
     n_comp, n_tb = bs.n_comp, bs.n_tb
     if num_devices == 1:
         return Placement(np.zeros(n_tb, np.int64), np.zeros(n_comp, np.int64), 1, devices_per_node)
-    hg = build_hypergraph(bs, element_size)
+    hg = build_hypergraph(bs, element_size) if hg is None else hg
     mem = bs.tb_tokens.astype(np.float64)
     if partitioner == "greedy":
         owner, comp_dev = greedy_partition(bs, num_devices)
@@ -220,7 +237,7 @@ def place(bs: BlockSet, comp_cost: np.ndarray, num_devices: int, devices_per_nod
         comp_dev, owner = device[:n_comp], device[n_comp:]
     comp_dev, owner = rebalance(hg, comp_dev.copy(), owner.copy(), comp_cost, mem, num_devices, devices_per_node,
                                 compute_imbalance, memory_imbalance)
-    return Placement(owner, comp_dev, num_devices, devices_per_node)
+    return Placement(owner, comp_dev, num_devices, devices_per_node, source="hypergraph")
 
 
 def _data_used_by(hg: Hypergraph, local_vertex: np.ndarray, n_comp: int) -> np.ndarray:

@@ -11,16 +11,22 @@ import numpy as np
 
 from dcp_backend.batch import PackedBatch
 from dcp_backend.contract import Plan, PlanStats
-from dcp_backend.dcp.blocks import BlockSet
-from dcp_backend.dcp.compile import DeviceLayout, compile_programs
+from dcp_backend.errors import CPError
+from dcp_backend.dcp.blocks import BlockSet, block_bytes
+from dcp_backend.dcp.compile import DeviceLayout, compile_programs, own_memory_bytes, pass_memory_bytes
 from dcp_backend.dcp.config import DCPOptions
-from dcp_backend.dcp.instructions import DeviceProgram
+from dcp_backend.dcp.instructions import ACC, MODEL, DeviceProgram
 from dcp_backend.dcp.partition import Placement
 from dcp_backend.dcp.prepared import PreparedProgram
-from dcp_backend.dcp.schedule import PassSchedule, schedule_pass
+from dcp_backend.dcp.schedule import KIND_KV, KIND_Q, PassSchedule, PassScheduler
 from dcp_backend.kernels import get_kernel
 from dcp_backend.spec import AttentionSpec
 from dcp_backend.topology import Topology
+
+
+def partial_wire(options: DCPOptions) -> str:
+    """The dtype class partial results travel in (``DCPOptions.partial_dtype``)."""
+    return MODEL if options.partial_dtype == "model" else ACC
 
 
 def pair_cost(bs: BlockSet, cost_model: str | None = None, element_size: int = 2) -> np.ndarray:
@@ -125,22 +131,75 @@ class DCPPlan(Plan):
         return plan_stats(self, element_size)
 
 
+AUTO_MEMORY_FACTOR = 4.0  # memory_limit="auto": a device's stores at most this times its own rows
+MAX_STAGES = 64
+
+
+def memory_limits(options: DCPOptions, own: np.ndarray) -> np.ndarray | None:
+    """Per-device byte limit of one pass (``DCPOptions.memory_limit``), or None."""
+    if options.memory_limit == "none":
+        return None
+    if options.memory_limit == "auto":
+        return AUTO_MEMORY_FACTOR * np.maximum(own, own.mean())
+    return np.full(own.size, float(options.memory_limit) * 1e6)
+
+
+def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backward: bool, element_size: int,
+                           wire: str) -> PassSchedule:
+    """Schedule a pass with ``options.num_stages`` stages, then give the devices over the memory limit more
+    stages (smaller per-stage receive budgets, so fewer received blocks are held at once) and receive
+    their partial results over more keys (at most two blocks' rows per key) until every device fits. An explicit limit that cannot be met raises :class:`CPError` naming the device; "auto" keeps
+    the best schedule found."""
+    bs, pl = scheduler.bs, scheduler.pl
+    stages = np.full(pl.num_devices, options.num_stages, dtype=np.int64)
+    sched = scheduler.schedule(stages)
+    own = own_memory_bytes(bs, pl, backward, element_size)
+    limit = memory_limits(options, own)
+    if limit is None:
+        return sched
+    cap = np.full(pl.num_devices, np.inf)  # rows of partial results a device receives under one key
+    for _ in range(8):
+        mem = pass_memory_bytes(bs, pl, sched, backward, element_size, wire)
+        over = mem > limit * (1 + 1e-9)
+        if not over.any():
+            return sched
+        room = np.maximum(limit - own, 1.0)
+        grow = np.ceil(stages * np.minimum(4.0, 1.25 * (mem - own) / room)).astype(np.int64)
+        new = np.where(over, np.minimum(np.maximum(grow, stages + 1), MAX_STAGES), stages)
+        new_cap = np.where(over, np.minimum(cap, 2.0 * bs.block_size), cap)
+        if np.array_equal(new, stages) and np.array_equal(new_cap, cap):
+            break
+        stages, cap = new, new_cap
+        sched = scheduler.schedule(stages, cap)
+    mem = pass_memory_bytes(bs, pl, sched, backward, element_size, wire)
+    over = mem > limit * (1 + 1e-9)
+    if over.any() and options.memory_limit != "auto":
+        d = int(np.argmax(mem - limit))
+        raise CPError(f"dcp: memory_limit={options.memory_limit} MB cannot be met: device {d} needs "
+                      f"{mem[d] / 1e6:.1f} MB in the {'backward' if backward else 'forward'} pass with "
+                      f"{int(stages[d])} stages (its own rows alone take {own[d] / 1e6:.1f} MB); raise "
+                      f"memory_limit, use a smaller block_size or more devices")
+    return sched
+
+
 def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, topology: Topology, options: DCPOptions,
                         bs: BlockSet, cost: np.ndarray, pl: Placement, timings: dict, element_size: int = 2,
                         compile_all: bool = False) -> DCPPlan:
     """Schedule both passes of a placement and wrap it as a plan (programs compiled lazily unless
     ``compile_all``); every placement strategy ends here."""
     t0 = time.perf_counter()
-    tok = bs.tb_tokens.astype(np.float64)
-    heads = bs.heads
-    e = element_size
-    q_fwd = np.repeat(bs.q_bytes_per_token(e) * tok, heads.n_q_blocks)
-    kv_b = np.repeat(bs.kv_bytes_per_token(e) * tok, heads.n_kv_blocks)
-    q_bwd = np.repeat((3 * bs.q_bytes_per_token(e) + bs.lse_bytes_per_token()) * tok, heads.n_q_blocks)
-    fwd = schedule_pass(bs, pl, cost, q_fwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=False)
-    bwd = schedule_pass(bs, pl, cost, q_bwd, kv_b, options.num_stages, options.inter_node_cost, kv_outputs=True)
+    b = block_bytes(bs, element_size, options.partial_dtype)
+    hier = options.communication == "hierarchical"
+    wire = partial_wire(options)
+    passes = {}
+    for backward, q_in, outs in ((False, b["q_fwd"], {KIND_Q: b["out_fwd"]}),
+                                 (True, b["q_bwd"], {KIND_Q: b["dq"], KIND_KV: b["dkv"]})):
+        scheduler = PassScheduler(bs, pl, cost, q_in, b["kv"], options.inter_node_cost, kv_outputs=backward,
+                                  out_bytes=outs, hierarchical=hier)
+        passes[backward] = schedule_within_memory(scheduler, options, backward, element_size, wire)
+    fwd, bwd = passes[False], passes[True]
     timings["schedule"] = time.perf_counter() - t0
-    layouts, fp, bp = compile_programs(bs, pl, fwd, bwd, eager=compile_all)
+    layouts, fp, bp = compile_programs(bs, pl, fwd, bwd, eager=compile_all, partial_wire=wire)
     return DCPPlan(batch, spec, topology, options, blocks=bs, placement=pl, fwd=fwd, bwd=bwd, layouts=layouts,
                    fwd_programs=fp, bwd_programs=bp, timings=timings,
                    comp_cost=cost if options.cost_model is None else pair_cost(bs))  # stats: pair-heads

@@ -13,9 +13,9 @@ import time
 from dcp_backend.batch import PackedBatch
 from dcp_backend.contract import Planner
 from dcp_backend.dcp.blocks import HeadBlocks, auto_block_size, build_blocks
-from dcp_backend.dcp.candidates import head_parallel_degree, zigzag_blocks, zigzag_placement
+from dcp_backend.dcp.candidates import head_parallel_degree, seeded_placement, zigzag_blocks, zigzag_placement
 from dcp_backend.dcp.config import DCPOptions
-from dcp_backend.dcp.partition import place
+from dcp_backend.dcp.partition import build_hypergraph, place
 from dcp_backend.dcp.plan import DCPPlan, pair_cost, plan_from_placement
 from dcp_backend.spec import AttentionSpec
 from dcp_backend.topology import Topology
@@ -41,9 +41,12 @@ def placement_of(strategy: str, batch: PackedBatch, spec: AttentionSpec, topolog
     t1 = time.perf_counter()
     timings["blocks"] = t1 - t0
     if strategy == "hypergraph":
+        hg = build_hypergraph(bs, element_size, options.partial_dtype) if n > 1 else None
         pl = place(bs, cost, n, dpn, compute_imbalance=options.compute_imbalance,
                    memory_imbalance=options.memory_imbalance, inter_node_factor=options.inter_node_imbalance_factor,
-                   seed=options.seed, partitioner=options.partitioner, element_size=element_size)
+                   seed=options.seed, partitioner=options.partitioner, element_size=element_size, hg=hg)
+        if n > 1 and options.placement_seeds == "structured":
+            pl = seeded_placement(bs, cost, hg, pl, spec, topology, options)
     else:
         pl = zigzag_placement(bs, n, dpn, hp)
     timings["partition"] = time.perf_counter() - t1

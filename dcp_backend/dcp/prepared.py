@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from dcp_backend.dcp.instructions import Attention, Comm, DeviceProgram, Fill, Reduce, Wait
+from dcp_backend.dcp.instructions import (Attention, Comm, DeviceProgram, Fill, Reduce, Wait, message_parts,
+                                          store_groups)
 from dcp_backend.host_tables import HostTables
 from dcp_backend.kernels import BlockKernel
 
 
 class Message:
-    """One peer's parts, split by dtype class: [(store, rows, numel)] per class (rows: a table handle,
-    resolved to a device tensor by the runner)."""
+    """One peer's parts, split by the dtype class they travel in: [(store, rows, numel)] per class (rows: a
+    table handle, resolved to a device tensor by the runner)."""
 
     def __init__(self, peer: int, by_class: dict):
         self.peer = peer
@@ -36,19 +37,20 @@ class PreparedProgram:
                 kernel.prepare(ins.work)
 
     def _message(self, op) -> Message:
-        """Group a peer's parts by dtype class and then by store (rows concatenated in part order), so a
-        message is packed with one gather per store straight into the send buffer (and unpacked with one
-        scatter per store). Both sides group identically, so the layouts match."""
-        by_store: dict = {}
-        for name, rows in op.parts:
-            spec = self.program.stores[name]
-            by_store.setdefault((spec.dtype, name), []).append(rows)
+        """A peer's parts as the executor moves them (:func:`message_parts`): per dtype class, one gather
+        per store or store group straight into the send buffer (one per class when a whole group travels),
+        and one ``index_copy_`` each when unpacking. Both sides group identically, so the layouts match."""
         by_class: dict = {}
-        for (cls, name), rows_list in by_store.items():
-            spec = self.program.stores[name]
-            rows = np.concatenate(rows_list)
-            by_class.setdefault(cls, []).append((name, self.tables.add(rows), int(rows.size) * spec.row_elements(self.head_dim)))
+        stores = self.program.stores
+        for cls, parts in message_parts(stores, op.parts).items():
+            by_class[cls] = [(name, self.tables.add(rows), int(rows.size) * self._row_elements(name))
+                             for name, rows in parts]
         return Message(op.peer, by_class)
+
+    def _row_elements(self, name: str) -> int:
+        groups = store_groups(self.program.stores)
+        members = groups[name][1] if name in groups else (name,)
+        return sum(self.program.stores[m].row_elements(self.head_dim) for m in members)
 
     def _prepare(self, ins):
         t = self.tables.add

@@ -7,13 +7,20 @@ inputs are received while the previous stage computes.
   pending computation that unlocks the most compute per byte still missing. The last stage takes the
   rest, so every computation is scheduled.
 * An input needed by several devices of one node crosses the network once: it goes to the device of
-  that node that needs it first (the *gateway*), which forwards it inside the node as an ordinary
-  transfer of the stage that needs it, launched before the previous stage computes. When a node-mate
-  needs the block in the gateway's own stage s >= 2, the gateway receives it in stage s - 1 so that the
-  forward still overlaps compute; only stage-1 relays go as a second phase right after the first
-  arrives (nothing computes before stage 0 to hide them behind).
+  that node that needs it first (the *gateway*; of several, the one receiving the fewest inter-node
+  bytes in that stage), which forwards it inside the node as an ordinary transfer of the stage that
+  needs it, launched before the previous stage computes. When a node-mate needs the block in the
+  gateway's own stage s >= 2, the gateway receives it in stage s - 1 so that the forward still overlaps
+  compute; only stage-1 forwards go as a second phase right after the first arrives (nothing computes
+  before stage 0 to hide them behind).
+* A crossing leaves its source node from the device with the fewest inter-node bytes to send in that
+  stage among the owner, node-mates that already hold the block, and (stage >= 2) any node-mate as a
+  relay that receives it from the owner a stage before; so a node's traffic uses all its devices' NICs.
 * Partial results (forward out/lse; backward dq, dk/dv) go back to the owner after the last stage that
-  touches them on the computing device.
+  touches them on the computing device. Partials of one block computed on several devices of a node
+  other than the owner's are first reduced inside that node (on the contributor that finishes last),
+  so one partial per (block, node) crosses the network; a reducer sends one stage after the others'
+  partials arrived (key ``out{S+1}`` when that is past the last stage).
 
 Forward and backward get their own schedules (backward moves q, out, dout and lse for a query block,
 and returns dq and dk/dv), over the same placement.
@@ -62,7 +69,7 @@ class Transfers:
 class PassSchedule:
     comp_stage: np.ndarray  # stage of every computation block
     inputs: Transfers  # input transfers
-    outputs: Transfers  # partial results returned to owners (phase 1, after `stage`)
+    outputs: Transfers  # partial results to owners or in-node reducers (sent after stage `stage`, 0..S+1)
     num_stages: int  # S (stages are 0..S)
 
 
@@ -75,26 +82,82 @@ def comp_inputs(bs: BlockSet):
 
 
 def schedule_pass(bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: np.ndarray, kv_bytes: np.ndarray,
-                  num_stages: int, inter_node_cost: float, kv_outputs: bool) -> PassSchedule:
-    """Schedule one pass. ``q_bytes``/``kv_bytes``: bytes of each q-side / kv input block in this pass;
-    ``kv_outputs``: whether kv-side partial results return to owners (backward dk/dv)."""
-    h = bs.heads
-    qid, kvid = comp_inputs(bs)
-    q_owner = pl.owner[qid // h.n_q_blocks]
-    kv_owner = pl.owner[kvid // h.n_kv_blocks]
-    dev = pl.comp_device
-    dpn = pl.devices_per_node
-    q_remote = q_owner != dev
-    kv_remote = kv_owner != dev
-    comp_stage = np.zeros(bs.n_comp, dtype=np.int64)
-    S = num_stages
-    # stage at which each (device, input) is needed: filled per device
-    need_kind, need_block, need_dev, need_stage = [], [], [], []
-    for p in range(pl.num_devices):  # loop over devices; the work inside is vectorised
-        mine = np.nonzero(dev == p)[0]
+                  num_stages: int, inter_node_cost: float, kv_outputs: bool, out_bytes: dict | None = None,
+                  hierarchical: bool = True) -> PassSchedule:
+    """Schedule one pass with ``num_stages`` communication stages on every device (see
+    :class:`PassScheduler` for the arguments)."""
+    return PassScheduler(bs, pl, comp_cost, q_bytes, kv_bytes, inter_node_cost, kv_outputs, out_bytes,
+                         hierarchical).schedule(np.full(pl.num_devices, num_stages))
+
+
+class PassScheduler:
+    """Schedules one pass; a device's stage assignment depends only on its own stage count, so
+    :meth:`schedule` with new counts for some devices reuses the others' (the memory limit raises the
+    counts of the devices over it, :func:`dcp_backend.dcp.plan.plan_from_placement`).
+
+    ``q_bytes``/``kv_bytes``: bytes of each q-side / kv input block in this pass; ``kv_outputs``: whether
+    kv-side partial results return to owners (backward dk/dv); ``out_bytes``: {kind: bytes of each block's
+    partial result} (balances the reducers' sends); ``hierarchical``: spread crossings over the node's
+    devices and reduce partial results inside a node (else every crossing leaves from the owner and every
+    partial goes straight to the owner)."""
+
+    def __init__(self, bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: np.ndarray,
+                 kv_bytes: np.ndarray, inter_node_cost: float, kv_outputs: bool, out_bytes: dict | None = None,
+                 hierarchical: bool = True):
+        self.bs, self.pl, self.comp_cost = bs, pl, comp_cost
+        self.in_bytes = {KIND_Q: q_bytes, KIND_KV: kv_bytes}
+        self.out_bytes = out_bytes if out_bytes is not None else dict(self.in_bytes)
+        self.inter_node_cost, self.kv_outputs, self.hierarchical = inter_node_cost, kv_outputs, hierarchical
+        h = bs.heads
+        self.qid, self.kvid = comp_inputs(bs)
+        dev = pl.comp_device
+        self.q_remote = pl.owner[self.qid // h.n_q_blocks] != dev
+        self.kv_remote = pl.owner[self.kvid // h.n_kv_blocks] != dev
+        order = np.argsort(dev, kind="stable")
+        bounds = np.searchsorted(dev[order], np.arange(pl.num_devices + 1))
+        self.mine = [order[bounds[p]:bounds[p + 1]] for p in range(pl.num_devices)]
+        self._cache: dict = {}  # (device, stages) -> (remote comps, their stages, need kinds, blocks, stages)
+
+    def schedule(self, device_stages: np.ndarray, arrival_cap: np.ndarray | None = None) -> PassSchedule:
+        """Stages ``1..device_stages[p]`` for device ``p`` (its last one takes the rest); the pass has
+        ``max(device_stages)`` stages. ``arrival_cap``: per device, the most rows of partial results it
+        receives under one key (later ones are sent a key later; None: no cap)."""
+        bs, pl = self.bs, self.pl
+        S = int(np.max(device_stages))
+        comp_stage = np.zeros(bs.n_comp, dtype=np.int64)
+        need_kind, need_block, need_dev, need_stage = [], [], [], []
+        for p in range(pl.num_devices):  # loop over devices; the work inside is vectorised
+            key = (p, int(device_stages[p]))
+            if key not in self._cache:
+                self._cache[key] = self._device(p, int(device_stages[p]))
+            got = self._cache[key]
+            if got is None:
+                continue
+            remote, stage_of, kinds, blocks, first = got
+            comp_stage[remote] = stage_of
+            need_kind.append(kinds)
+            need_block.append(blocks)
+            need_dev.append(np.full(kinds.size, p))
+            need_stage.append(first)
+        inputs = _route(pl, bs.heads, need_kind, need_block, need_dev, need_stage, self.in_bytes, S,
+                        self.hierarchical)
+        outputs = _outputs(bs, pl, comp_stage, self.qid, self.kvid, self.kv_outputs, self.out_bytes, S,
+                           self.hierarchical, inputs)
+        if arrival_cap is not None:
+            outputs = _spread_arrivals(bs, pl, outputs, arrival_cap)
+        return PassSchedule(comp_stage, inputs, outputs, S)
+
+    def _device(self, p: int, S: int):
+        """Stages of device ``p``'s computations with remote inputs, in ``S`` stages: each stage receives
+        about 1/S of its receive cost; a greedy picks the pending computation that unlocks the most
+        compute per byte still missing."""
+        h, pl = self.bs.heads, self.pl
+        dpn = pl.devices_per_node
+        qid, kvid, q_remote, kv_remote = self.qid, self.kvid, self.q_remote, self.kv_remote
+        mine = self.mine[p]
         remote = mine[q_remote[mine] | kv_remote[mine]]
         if remote.size == 0:
-            continue
+            return None
         # Local input index space for this device: q-side inputs, then kv inputs.
         qi = np.where(q_remote[remote], qid[remote], -1)
         ki = np.where(kv_remote[remote], kvid[remote], -1)
@@ -105,10 +168,11 @@ def schedule_pass(bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: n
         k_loc = np.where(ki >= 0, nq + np.searchsorted(uk, np.maximum(ki, 0)), -1)
         inter_q = pl.node_of(pl.owner[uq // h.n_q_blocks]) != p // dpn
         inter_k = pl.node_of(pl.owner[uk // h.n_kv_blocks]) != p // dpn
-        cost = np.concatenate([q_bytes[uq] * np.where(inter_q, inter_node_cost, 1.0),
-                               kv_bytes[uk] * np.where(inter_k, inter_node_cost, 1.0)])
+        inc = self.inter_node_cost
+        cost = np.concatenate([self.in_bytes[KIND_Q][uq] * np.where(inter_q, inc, 1.0),
+                               self.in_bytes[KIND_KV][uk] * np.where(inter_k, inc, 1.0)])
         ready_at = np.full(cost.size, -1, dtype=np.int64)  # stage an input arrives (-1: not scheduled)
-        work = comp_cost[remote]
+        work = self.comp_cost[remote]
         stage_of = np.full(remote.size, -1, dtype=np.int64)
         budget = cost.sum() / S
         for s in range(1, S + 1):
@@ -119,13 +183,22 @@ def schedule_pass(bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: n
                     break
                 miss_q = (q_loc >= 0) & (ready_at[np.maximum(q_loc, 0)] < 0)
                 miss_k = (k_loc >= 0) & (ready_at[np.maximum(k_loc, 0)] < 0)
-                missing = np.where(miss_q, cost[np.maximum(q_loc, 0)], 0.0) + np.where(miss_k, cost[np.maximum(k_loc, 0)], 0.0)
+                missing = (np.where(miss_q, cost[np.maximum(q_loc, 0)], 0.0)
+                           + np.where(miss_k, cost[np.maximum(k_loc, 0)], 0.0))
                 ready = pend & (missing == 0)
                 if ready.any():
                     stage_of[ready] = s
                     continue
                 if s < S:
-                    score = np.where(pend, missing / np.maximum(work, 1e-30), np.inf)
+                    # an input's bytes are shared by the pending computations that read it (a remote query
+                    # block fetched once serves all its key blocks), so blocks enter in a sweep rather than
+                    # all at the last stage
+                    users = np.bincount(np.concatenate([q_loc[pend & miss_q], k_loc[pend & miss_k]]),
+                                        minlength=cost.size).astype(np.float64)
+                    share = cost / np.maximum(users, 1.0)
+                    amort = (np.where(miss_q, share[np.maximum(q_loc, 0)], 0.0)
+                             + np.where(miss_k, share[np.maximum(k_loc, 0)], 0.0))
+                    score = np.where(pend, amort / np.maximum(work, 1e-30), np.inf)
                     i = int(np.argmin(score))
                     if spent > 0 and spent + missing[i] > budget:
                         break
@@ -136,23 +209,35 @@ def schedule_pass(bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: n
                     ready_at[q_loc[i]] = s
                 if miss_k[i]:
                     ready_at[k_loc[i]] = s
-        comp_stage[remote] = stage_of
         # first stage each input is needed (the stage it was scheduled for)
         used = np.concatenate([q_loc[q_loc >= 0], k_loc[k_loc >= 0]])
         used_stage = np.concatenate([stage_of[q_loc >= 0], stage_of[k_loc >= 0]])
         first = np.full(cost.size, S + 1, dtype=np.int64)
         np.minimum.at(first, used, used_stage)
-        need_kind.append(np.concatenate([np.full(nq, KIND_Q), np.full(uk.size, KIND_KV)]))
-        need_block.append(np.concatenate([uq, uk]))
-        need_dev.append(np.full(cost.size, p))
-        need_stage.append(first)
-    inputs = _route(pl, h, need_kind, need_block, need_dev, need_stage)
-    outputs = _outputs(bs, pl, comp_stage, qid, kvid, kv_outputs)
-    return PassSchedule(comp_stage, inputs, outputs, S)
+        kinds = np.concatenate([np.full(nq, KIND_Q), np.full(uk.size, KIND_KV)])
+        return remote, stage_of, kinds, np.concatenate([uq, uk]), first
 
 
-def _route(pl: Placement, h, need_kind, need_block, need_dev, need_stage) -> Transfers:
-    """Turn (input, device, stage) needs into transfers; one inter-node crossing per (input, node)."""
+class _Loads:
+    """Inter-node bytes each device sends and receives per stage (the routing choices balance them)."""
+
+    def __init__(self, num_devices: int, num_stages: int):
+        self.egress = np.zeros((num_devices, num_stages + 2))
+        self.ingress = np.zeros((num_devices, num_stages + 2))
+
+
+def _route(pl: Placement, h, need_kind, need_block, need_dev, need_stage, in_bytes: dict, S: int,
+           hierarchical: bool = True) -> Transfers:
+    """Turn (input, device, stage) needs into transfers: one inter-node crossing per (input, node).
+
+    Inside the destination node the crossing lands on a *gateway* (a device that needs the input first;
+    hierarchical: of those, the one receiving the fewest inter-node bytes in that stage), which forwards
+    it to its node-mates. On the source side the crossing leaves from the owner, or (hierarchical) from
+    the node-mate with the fewest inter-node bytes to send in that stage among the owner, the node-mates
+    that already hold the input (they need it earlier) and, for crossings of stage 2 or later, any
+    node-mate as a *relay* that receives it from the owner one stage before; so a node's traffic is
+    spread over its devices (and their NICs) rather than carried by the few owners.
+    """
     if not need_kind:
         return Transfers.empty()
     kind = np.concatenate(need_kind)
@@ -160,45 +245,115 @@ def _route(pl: Placement, h, need_kind, need_block, need_dev, need_stage) -> Tra
     dst = np.concatenate(need_dev)
     stage = np.concatenate(need_stage)
     tb = np.where(kind == KIND_Q, block // h.n_q_blocks, block // h.n_kv_blocks)
-    src = pl.owner[tb]
+    src = pl.owner[tb].copy()
     dpn = pl.devices_per_node
     inter = (src // dpn) != (dst // dpn)
     phase = np.ones(kind.size, dtype=np.int64)
+    extra: list[tuple] = []  # relay receipts (kind, block, src, dst, stage)
     if inter.any():
+        nbytes = np.where(kind == KIND_Q, in_bytes[KIND_Q][np.where(kind == KIND_Q, block, 0)],
+                          in_bytes[KIND_KV][np.where(kind == KIND_KV, block, 0)])
+        loads = _Loads(pl.num_devices, S)
+        # holders in the owner's node: (kind, block) -> {device: index of its intra-node need}
+        holders: dict = {}
+        for i in np.nonzero(~inter)[0].tolist():
+            holders.setdefault((int(kind[i]), int(block[i])), {})[int(dst[i])] = i
         idx = np.nonzero(inter)[0]
-        # group by (kind, block, destination node); gateway = earliest stage, then lowest device id
-        key_node = dst[idx] // dpn
-        order = np.lexsort((dst[idx], stage[idx], key_node, block[idx], kind[idx]))
-        idx = idx[order]
-        k_, b_, n_ = kind[idx], block[idx], dst[idx] // dpn
+        node = dst[idx] // dpn
+        order = np.lexsort((dst[idx], stage[idx], node, block[idx], kind[idx]))
+        idx, node = idx[order], node[order]
+        k_, b_ = kind[idx], block[idx]
         first = np.ones(idx.size, dtype=bool)
-        first[1:] = (k_[1:] != k_[:-1]) | (b_[1:] != b_[:-1]) | (n_[1:] != n_[:-1])
-        group = np.cumsum(first) - 1
-        gate_pos = np.nonzero(first)[0]
-        gateway = dst[idx[gate_pos]][group]
-        gate_stage = stage[idx[gate_pos]][group]
-        follower = ~first
-        fi = idx[follower]
-        src[fi] = gateway[follower]  # forwarded from the gateway inside the node
-        same = stage[fi] == gate_stage[follower]
+        first[1:] = (k_[1:] != k_[:-1]) | (b_[1:] != b_[:-1]) | (node[1:] != node[:-1])
+        starts = np.nonzero(first)[0]
+        ends = np.append(starts[1:], idx.size)
+        s0 = stage[idx[starts]]
         # A follower that needs the block in the gateway's own stage: when that stage is 2 or later, the
         # gateway receives the block one stage early, so the forward is an ordinary transfer launched
         # before the previous stage computes (overlapped), not a relay behind that compute. Only stage-1
-        # relays remain second-phase transfers (nothing computes before stage 0 to hide them behind).
-        early = np.zeros(idx.size, dtype=bool)
-        early_groups = np.unique(group[follower][same & (gate_stage[follower] >= 2)])
-        early[np.isin(group, early_groups) & first] = True
-        stage[idx[early]] -= 1
-        phase[fi] = np.where(same & (gate_stage[follower] < 2), 2, 1)
-    return Transfers(kind, block, src, dst, stage, phase)
+        # forwards remain second-phase transfers (nothing computes before stage 0 to hide them behind).
+        same = np.zeros(starts.size, dtype=bool)
+        multi = ends - starts > 1
+        same[multi] = stage[idx[starts[multi] + 1]] == s0[multi]
+        crossing = np.where(same & (s0 >= 2), s0 - 1, s0)
+        # groups in crossing order (then larger first), so that a relay chosen for an earlier crossing is
+        # a holder for later ones
+        for g in np.lexsort((-nbytes[idx[starts]], crossing)).tolist():
+            members = idx[starts[g]:ends[g]]
+            c, g_stage, nb = int(crossing[g]), int(s0[g]), float(nbytes[members[0]])
+            cand = members[stage[members] == g_stage]
+            gate = int(cand[np.argmin(loads.ingress[dst[cand], c])]) if hierarchical else int(cand[0])
+            gateway = int(dst[gate])
+            key = (int(kind[gate]), int(block[gate]))
+            owner = int(src[gate])
+            sender = owner
+            if hierarchical:
+                sender = _pick_sender(key, owner, c, nb, dpn, loads, holders, stage)
+                if sender != owner:
+                    held = holders.setdefault(key, {})
+                    i = held.get(sender)
+                    if i is None:  # a relay: receives the block from the owner one stage before it sends
+                        extra.append((key[0], key[1], owner, sender, c - 1))
+                        held[sender] = -len(extra)
+                    elif i >= 0 and stage[i] > c - 1:  # a node-mate needing it later receives it earlier
+                        stage[i] = c - 1
+            src[gate] = sender
+            stage[gate] = c
+            loads.egress[sender, c] += nb
+            loads.ingress[gateway, c] += nb
+            fol = members[members != gate]
+            src[fol] = gateway  # forwarded from the gateway inside the node
+            phase[fol] = np.where((stage[fol] == g_stage) & (g_stage < 2), 2, 1)
+    tr = Transfers(kind, block, src, dst, stage, phase)
+    if extra:
+        e = np.array(extra, dtype=np.int64)
+        tr = Transfers.concat([tr, Transfers(e[:, 0], e[:, 1], e[:, 2], e[:, 3], e[:, 4],
+                                             np.ones(len(extra), dtype=np.int64))])
+    return tr
 
 
-def _outputs(bs: BlockSet, pl: Placement, comp_stage, qid, kvid, kv_outputs: bool) -> Transfers:
-    """Partial q-side results (out/lse or dq) and kv-side results (dk/dv) that must reach the owner."""
+def _pick_sender(key, owner: int, c: int, nb: float, dpn: int, loads: _Loads, holders: dict, stage) -> int:
+    """The device of the owner's node that sends a crossing of stage ``c``: the owner, a node-mate that
+    holds the block by then, or (c >= 2) a relay; the least loaded in that stage, the owner on ties, and
+    a relay only when it is lighter by more than half the block."""
+    base = (owner // dpn) * dpn
+    held = holders.get(key, {})
+    best, best_load = owner, loads.egress[owner, c]
+    for d in range(base, base + dpn):
+        if d == owner:
+            continue
+        i = held.get(d)  # an intra-node need, or (negative) an earlier relay receipt, at stage <= c - 1
+        ready = i is not None and (i < 0 or stage[i] <= c - 1)
+        if not ready and c < 2:
+            continue
+        load = loads.egress[d, c] + (0.0 if ready else 0.5 * nb)
+        if load < best_load:
+            best, best_load = d, load
+    return best
+
+
+def _outputs(bs: BlockSet, pl: Placement, comp_stage, qid, kvid, kv_outputs: bool, out_bytes: dict,
+             S: int, hierarchical: bool = True, inputs: Transfers | None = None) -> Transfers:
+    """Partial q-side results (out/lse or dq) and kv-side results (dk/dv) that must reach the owner.
+
+    A device sends its partial of a block after the last stage that touches it. Hierarchical: the
+    partials of one block computed on several devices of a node other than the owner's are first
+    reduced inside that node, on the contributor that finishes last (the least loaded of those), so
+    one partial per (block, node) crosses the network; the reducer sends after its own last stage and
+    one stage after the others' (key ``out{S+1}`` when that is past the last stage).
+    """
     h = bs.heads
     dev = pl.comp_device
+    dpn = pl.devices_per_node
     parts = []
     sides = ((KIND_Q, qid, h.n_q_blocks), (KIND_KV, kvid, h.n_kv_blocks)) if kv_outputs else ((KIND_Q, qid, h.n_q_blocks),)
+    loads = _Loads(pl.num_devices, S)
+    arrival: dict = {}  # (device, kind, block) -> stage its input arrives for
+    if hierarchical and inputs is not None and len(inputs):
+        for d_, k_, b_, s_ in zip(inputs.dst.tolist(), inputs.kind.tolist(), inputs.block.tolist(),
+                                  inputs.stage.tolist()):
+            key = (d_, k_, b_)
+            arrival[key] = min(arrival.get(key, s_), s_)
     for kind, ids, per in sides:
         owner = pl.owner[ids // per]
         rem = owner != dev
@@ -212,6 +367,74 @@ def _outputs(bs: BlockSet, pl: Placement, comp_stage, qid, kvid, kv_outputs: boo
         starts = np.nonzero(first)[0]
         last_stage = np.maximum.reduceat(st, starts)
         d, b = key_dev[starts], key_blk[starts]
-        parts.append(Transfers(np.full(d.size, kind), b, d, pl.owner[b // per], last_stage,
-                               np.ones(d.size, dtype=np.int64)))
+        o = pl.owner[b // per]
+        dst = o.copy()
+        stage = last_stage.copy()
+        if hierarchical:  # arrival: every contributor received the block (it is remote to it)
+            remote = (d // dpn) != (o // dpn)
+            ri = np.nonzero(remote)[0]
+            if ri.size:
+                node = d[ri] // dpn
+                order = np.lexsort((d[ri], -last_stage[ri], node, b[ri]))
+                ri, node = ri[order], node[order]
+                gfirst = np.ones(ri.size, dtype=bool)
+                gfirst[1:] = (b[ri][1:] != b[ri][:-1]) | (node[1:] != node[:-1])
+                gs = np.nonzero(gfirst)[0]
+                ge = np.append(gs[1:], ri.size)
+                for g in np.nonzero(ge - gs > 1)[0].tolist():
+                    members = ri[gs[g]:ge[g]]
+                    # the reducer: the contributor that holds the block first (so every other partial, sent
+                    # after its own receipt, finds the reducer's rows ready), then the one finishing last,
+                    # then the least loaded
+                    arr = np.array([arrival[(int(d[i]), kind, int(b[i]))] for i in members])
+                    top = members[arr == arr.min()]
+                    top = top[last_stage[top] == last_stage[top].max()]
+                    t_guess = min(int(last_stage[members].max()) + 1, S + 1)
+                    red = int(top[np.argmin(loads.egress[d[top], t_guess])])
+                    others = members[members != red]
+                    t = max(int(last_stage[red]), int(last_stage[others].max()) + 1)
+                    dst[others] = d[red]
+                    stage[red] = t
+                    loads.egress[d[red], t] += float(out_bytes[kind][b[red]])
+        parts.append(Transfers(np.full(d.size, kind), b, d, dst, stage, np.ones(d.size, dtype=np.int64)))
     return Transfers.concat(parts)
+
+
+def _spread_arrivals(bs: BlockSet, pl: Placement, outputs: Transfers, cap: np.ndarray) -> Transfers:
+    """Send partial results later so that no device receives more than ``cap[device]`` rows under one
+    key (a received partial is held in temp rows until the wait of its key). The earliest senders keep
+    their key; a deferred partial to an in-node reducer delays the reducer's own send as well."""
+    if not len(outputs):
+        return outputs
+    h = bs.heads
+    per = np.where(outputs.kind == KIND_Q, h.n_q_blocks, h.n_kv_blocks)
+    rows = bs.tb_tokens[outputs.block // per].astype(np.float64)
+    stage = outputs.stage.copy()
+    to_reducer = outputs.dst != pl.owner[outputs.block // per]
+    # the reducer's own send of each partial sent to a reducer: same (kind, block), from that reducer
+    code = lambda kind, block, dev: (dev * 2 + kind) * (bs.n_tb * max(h.n_q_blocks, h.n_kv_blocks)) + block  # noqa: E731
+    send_code = code(outputs.kind, outputs.block, outputs.src)
+    order = np.argsort(send_code, kind="stable")
+    red_send = np.full(len(outputs), -1, dtype=np.int64)
+    j = np.nonzero(to_reducer)[0]
+    pos = np.searchsorted(send_code[order], code(outputs.kind[j], outputs.block[j], outputs.dst[j]))
+    red_send[j] = order[pos]
+    s = int(stage.min())
+    while s <= int(stage.max()):
+        at = np.nonzero(stage == s)[0]
+        if at.size:
+            o = at[np.lexsort((outputs.src[at], outputs.block[at], outputs.dst[at]))]
+            d = outputs.dst[o]
+            first = np.ones(o.size, dtype=bool)
+            first[1:] = d[1:] != d[:-1]
+            start = np.maximum.accumulate(np.where(first, np.arange(o.size), 0))
+            csum = np.cumsum(rows[o])
+            before = csum - rows[o] - (csum[start] - rows[o[start]])  # rows of this device's earlier partials
+            late = o[(before > 0) & (before + rows[o] > cap[d])]
+            if late.size:
+                stage[late] += 1
+                r = red_send[late]
+                r = r[r >= 0]
+                stage[r] = np.maximum(stage[r], stage[late[red_send[late] >= 0]] + 1)
+        s += 1
+    return Transfers(outputs.kind, outputs.block, outputs.src, outputs.dst, stage, outputs.phase)

@@ -20,7 +20,7 @@ from dcp_backend.dcp.config import DCPOptions
 from dcp_backend.dcp.instructions import (Attention, Comm, CommOp, DeviceProgram, Fill, Reduce, StoreSpec,
                                           Wait)
 from dcp_backend.dcp.partition import Placement
-from dcp_backend.dcp.plan import DCPPlan
+from dcp_backend.dcp.plan import DCPPlan, partial_wire
 from dcp_backend.dcp.schedule import PassSchedule, Transfers
 from dcp_backend.kernels.work import AttnWork
 from dcp_backend.topology import Topology
@@ -28,7 +28,9 @@ from dcp_backend.spec import AttentionSpec
 from dcp_backend.errors import CPError
 
 MAGIC = b"DCPPLAN\0"
-VERSION = 1
+VERSION = 2  # 2: a store's wire class (partial results in the model dtype), the placement's source; version 1
+# files still load
+READABLE = (1, 2)
 _TRANSFER_FIELDS = ("kind", "block", "src", "dst", "stage", "phase")
 
 
@@ -66,7 +68,7 @@ def _program(w: _Writer, p: DeviceProgram) -> dict:
                         "src_rows": w.add(i.src_rows), "dst_rows": w.add(i.dst_rows)})
         else:  # pragma: no cover
             raise CPError(f"cannot serialise instruction {type(i).__name__}")
-    stores = {n: [s.rows, s.heads, s.with_dim, s.dtype] for n, s in p.stores.items()}
+    stores = {n: [s.rows, s.heads, s.with_dim, s.dtype, s.wire] for n, s in p.stores.items()}
     return {"device": p.device, "num_local_tokens": p.num_local_tokens, "stores": stores, "instructions": ins}
 
 
@@ -97,6 +99,7 @@ def serialize(plan: DCPPlan, ranks=None, with_timings: bool = True) -> bytes:
         "timings": {k: v for k, v in plan.timings.items() if k != "compile"} if with_timings else {},
         "owner": w.add(plan.placement.owner),
         "comp_device": w.add(plan.placement.comp_device),
+        "placement_source": plan.placement.source,
         "comp_cost": w.add(plan.comp_cost),
         "fwd": _schedule(w, plan.fwd),
         "bwd": _schedule(w, plan.bwd),
@@ -118,8 +121,8 @@ def deserialize(data: bytes) -> DCPPlan:
     if not data.startswith(MAGIC):
         raise CPError("not a serialised DCP plan (bad magic)")
     version, hlen = struct.unpack_from("<HI", data, len(MAGIC))
-    if version != VERSION:
-        raise CPError(f"serialised DCP plan has format version {version}; this build reads version {VERSION}")
+    if version not in READABLE:
+        raise CPError(f"serialised DCP plan has format version {version}; this build reads versions {READABLE}")
     start = len(MAGIC) + 6
     header = json.loads(data[start:start + hlen].decode())
     body = memoryview(data)[start + hlen:]
@@ -144,7 +147,8 @@ def deserialize(data: bytes) -> DCPPlan:
     bs = build_blocks(batch, spec, header["block_size"], options.head_block_size)
     world = header["world_size"]
     topology = Topology(world, header["devices_per_node"])
-    pl = Placement(A(header["owner"]), A(header["comp_device"]), world, header["devices_per_node"])
+    pl = Placement(A(header["owner"]), A(header["comp_device"]), world, header["devices_per_node"],
+                   source=header.get("placement_source", "hypergraph"))
 
     def sched(d):
         tr = lambda x: Transfers(*(A(x[f]) for f in _TRANSFER_FIELDS))  # noqa: E731
@@ -152,7 +156,7 @@ def deserialize(data: bytes) -> DCPPlan:
 
     def program(d) -> DeviceProgram:
         p = DeviceProgram(d["device"], d["num_local_tokens"])
-        p.stores = {n: StoreSpec(n, v[0], v[1], v[2], v[3]) for n, v in d["stores"].items()}
+        p.stores = {n: StoreSpec(n, *v[:5]) for n, v in d["stores"].items()}
         for i in d["instructions"]:
             t = i["t"]
             if t == "comm":
@@ -174,7 +178,8 @@ def deserialize(data: bytes) -> DCPPlan:
         return p
 
     fwd_s, bwd_s = sched(header["fwd"]), sched(header["bwd"])
-    layouts, fwd_p, bwd_p = compile_programs(bs, pl, fwd_s, bwd_s, eager=False)  # absent ones compile lazily
+    layouts, fwd_p, bwd_p = compile_programs(bs, pl, fwd_s, bwd_s, eager=False,  # absent ones compile lazily
+                                             partial_wire=partial_wire(options))
     for r, (fp, bp) in header["programs"].items():
         fwd_p[int(r)] = program(fp)
         bwd_p[int(r)] = program(bp)

@@ -2,7 +2,8 @@
 compute and its imbalance, memory per device, stages, instructions and planning time per phase.
 
 Bytes are counted from the compiled send instructions, exactly as the executor sends them (model
-tensors at ``element_size`` bytes per element, accumulators and log-sum-exp at 4).
+tensors at ``element_size`` bytes per element, log-sum-exp at 4, partial results at 4 or, with
+``partial_dtype="model"``, at ``element_size``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def program_send_bytes(prog, head_dim: int, element_size: int, devices_per_node:
         if not isinstance(ins, Comm):
             continue
         for op in ins.sends:
-            nbytes = sum(prog.stores[name].nbytes(rows.size, head_dim, element_size) for name, rows in op.parts)
+            nbytes = sum(prog.stores[name].wire_nbytes(rows.size, head_dim, element_size) for name, rows in op.parts)
             if op.peer // devices_per_node == prog.device // devices_per_node:
                 intra += nbytes
             else:
@@ -37,8 +38,9 @@ def plan_stats(plan, element_size: int = 2) -> PlanStats:
     bwd = np.array([program_send_bytes(p, d, element_size, dpn) for p in plan.bwd_programs])
     compute = np.bincount(plan.placement.comp_device, weights=plan.comp_cost, minlength=n)
     tokens = [plan.layouts[r].num_tokens for r in range(n)]
-    memory = [max(program_memory_bytes(f, d, element_size), program_memory_bytes(b, d, element_size))
-              for f, b in zip(plan.fwd_programs, plan.bwd_programs)]
+    fwd_mem = [program_memory_bytes(f, d, element_size) for f in plan.fwd_programs]
+    bwd_mem = [program_memory_bytes(b, d, element_size) for b in plan.bwd_programs]
+    memory = [max(f, b) for f, b in zip(fwd_mem, bwd_mem)]
     n_instr = [len(f.instructions) + len(b.instructions) for f, b in zip(plan.fwd_programs, plan.bwd_programs)]
     attn_calls = sum(isinstance(i, Attention) for p in plan.fwd_programs for i in p.instructions)
     extra = {
@@ -53,6 +55,9 @@ def plan_stats(plan, element_size: int = 2) -> PlanStats:
         "planning_seconds_by_phase": dict(plan.timings),
         "fwd_bytes_per_rank": fwd.sum(1).tolist(),
         "bwd_bytes_per_rank": bwd.sum(1).tolist(),
+        "fwd_memory_bytes_per_rank": fwd_mem,
+        "bwd_memory_bytes_per_rank": bwd_mem,
+        "placement": plan.placement.source,
         "fwd_inter_node_bytes_per_rank": fwd[:, 1].tolist(),
         "bwd_inter_node_bytes_per_rank": bwd[:, 1].tolist(),
     }

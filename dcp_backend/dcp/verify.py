@@ -144,7 +144,7 @@ def verify_pass(plan, backward: bool) -> None:
                         if len(snap) != len(op.parts):
                             _fail(dev, i, f"{ins.key!r} from {op.peer}: {len(snap)} parts sent, {len(op.parts)} expected")
                         for (name, rows), (sname, n, ident, accs) in zip(op.parts, snap):
-                            if n != rows.size or progs[op.peer].stores[sname].dtype != dev.prog.stores[name].dtype:
+                            if n != rows.size or progs[op.peer].stores[sname].wire_class != dev.prog.stores[name].wire_class:
                                 _fail(dev, i, f"{ins.key!r} from {op.peer}: part {sname}->{name} size or dtype differs")
                             dev.ident[name][rows] = ident
                             dev.valid[name][rows] = True

@@ -3,10 +3,12 @@
 Every instruction of ``plan.fwd_programs[r]`` / ``plan.bwd_programs[r]`` becomes what the executor does
 with it (:mod:`dcp_backend.dcp.executor`), in the same order:
 
-* ``Comm``: pack each peer's rows (one gather per store, straight into the send buffer) on the compute
-  stream, then launch one message per (peer, dtype class);
+* ``Comm``: pack each peer's rows (one gather per store group, straight into the send buffer: k/v,
+  q/o/do, dk/dv and an fp32 output with its lse are each one tensor, so usually one gather per message;
+  :func:`~dcp_backend.dcp.instructions.message_parts`) on the compute stream, then launch one message per
+  (peer, dtype class);
 * ``Wait``: wait for the launch's messages, then scatter the received rows into their stores (one
-  scatter per store);
+  ``index_copy_`` per store group);
 * ``Attention``: gather q/k/v (and out, dout, lse backward), run the block kernel over the stage's
   ``AttnWork`` (``heads`` = the head block's query heads), merge (out, lse) or accumulate dq/dk/dv;
 * ``Fill`` / ``Reduce``: memory operations on the rows they name.
@@ -18,7 +20,7 @@ A pass starts with the executor's prologue (copy the local q/k/v into the stores
 """
 from __future__ import annotations
 
-from dcp_backend.dcp.instructions import Attention, Comm, Fill, Reduce, Wait
+from dcp_backend.dcp.instructions import Attention, Comm, Fill, Reduce, Wait, message_parts
 from dcp_backend.sim.op_costs import Costs
 from dcp_backend.sim.engine import Compute, Launch
 from dcp_backend.sim.engine import Wait as SimWait
@@ -26,6 +28,10 @@ from dcp_backend.sim.engine import Wait as SimWait
 
 def _part_bytes(prog, name: str, rows, c: Costs) -> float:
     return float(prog.stores[name].nbytes(rows.size, c.head_dim, c.element_size))
+
+
+def _wire_bytes(prog, name: str, rows, c: Costs) -> float:
+    return float(prog.stores[name].wire_nbytes(rows.size, c.head_dim, c.element_size))
 
 
 def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
@@ -45,20 +51,21 @@ def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
             for op in ins.sends:
                 by_cls: dict = {}
                 for name, rows in op.parts:
-                    cls = prog.stores[name].dtype
-                    by_cls[cls] = by_cls.get(cls, 0.0) + _part_bytes(prog, name, rows, c)
-                parts += len({name for name, _ in op.parts})  # one gather per store into the send buffer
+                    cls = prog.stores[name].wire_class
+                    by_cls[cls] = by_cls.get(cls, 0.0) + _wire_bytes(prog, name, rows, c)
+                # one gather per store or store group into the send buffer (dcp.instructions.message_parts)
+                parts += sum(len(p) for p in message_parts(prog.stores, op.parts).values())
                 for cls, nbytes in sorted(by_cls.items()):
                     sends.append(((tag, ins.key, rank, op.peer, cls), op.peer, nbytes))
                     pack += nbytes
             for op in ins.recvs:
-                for cls in sorted({prog.stores[name].dtype for name, _ in op.parts}):
+                for cls in sorted({prog.stores[name].wire_class for name, _ in op.parts}):
                     recvs.append(((tag, ins.key, op.peer, rank, cls), op.peer))
             if pack:
                 ops.append(Compute(c.copy(pack, parts), f"pack {ins.key}"))
             ops.append(Launch(ins.key, sends, recvs))
             ops.append(("unpack", ins.key, sum(_part_bytes(prog, nm, r, c) for o in ins.recvs for nm, r in o.parts),
-                        sum(len({nm for nm, _ in o.parts}) for o in ins.recvs)))
+                        sum(len(p) for o in ins.recvs for p in message_parts(prog.stores, o.parts).values())))
         elif isinstance(ins, Wait):
             ops.append(SimWait(ins.key, f"wait {ins.key}"))
             ops.append(("unpacked", ins.key))

@@ -19,10 +19,11 @@ gradient sums are memory operations charged by bytes moved plus a per-operation 
 (:meth:`CostModel.copy_seconds`). Byte sizes follow the executors: model tensors at the run's element
 size, accumulators (outputs, log-sum-exp, gradient partials) in fp32.
 
-Operation counts follow the executors as built (e.g. DCP packs a message with one gather per block part
-plus a concatenation). ``fused_copies=True`` charges one operation per instruction instead: a what-if for
-an executor with fused multi-block copy kernels (as the published DCP executor has), used to separate
-the algorithm from our executor's launch overheads.
+Operation counts follow the executors as built (DCP packs a message with one gather per store group per
+dtype class, usually one: its executor holds k/v, q/o/do, dk/dv and an fp32 output with its lse in one
+tensor each). ``fused_copies=True`` charges at most one operation per instruction instead: a what-if for
+an executor whose every memory instruction is one fused kernel (a message of two dtype classes, a
+merge's gather, scale, add and scatter), used to separate the algorithm from launch overheads.
 """
 from __future__ import annotations
 

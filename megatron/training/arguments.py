@@ -56,6 +56,13 @@ def _int_or_auto(text: str):
     return text if text == "auto" else int(text)
 
 
+def _float_or_word(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _str_or_none(text: str):
     return None if text.lower() == "none" else text
 
@@ -63,7 +70,7 @@ def _str_or_none(text: str):
 # Flag value types from the annotations of option fields (string annotations: the option modules use
 # ``from __future__ import annotations``).
 _FIELD_TYPES = {"int": int, "int | None": int, "float": float, "str": str, "str | None": _str_or_none,
-                "int | str": _int_or_auto}
+                "int | str": _int_or_auto, "float | str": _float_or_word}
 
 
 def _field_parser(annotation: str):

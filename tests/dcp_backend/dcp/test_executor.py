@@ -10,7 +10,8 @@ import torch
 
 import dcp_backend as cp
 from dcp_backend import CommunicationError
-from tests.cp_check import Case, check_results, random_seqlens, worker
+from dcp_backend.dcp.compile import own_memory_bytes
+from tests.cp_check import Case, case_errors, check_results, random_seqlens, rel_err, rms_err, worker
 from tests.dcp_backend.baselines.test_ring_family import MASKS
 from tests.distributed import run_ranks
 
@@ -23,7 +24,9 @@ def _dcp_cases(world, dpn, seed, n_cases=None):
             seqlens = random_seqlens(rng, int(rng.integers(2, 8)), 90, world)
             cases.append(Case("dcp", seqlens, num_heads=heads[0], num_kv_heads=heads[1], mask=mask, mask_args=args,
                               options={"devices_per_node": dpn, "block_size": int(rng.choice([16, 32, 64])),
-                                       "head_block_size": hbs, "num_stages": int(rng.choice([1, 4]))},
+                                       "head_block_size": hbs, "num_stages": int(rng.choice([1, 4])),
+                                       "communication": str(rng.choice(["hierarchical", "direct"])),
+                                       "partial_dtype": str(rng.choice(["fp32", "model"]))},
                               seed=int(rng.integers(1 << 30))))
     if n_cases:
         cases = [cases[i] for i in rng.choice(len(cases), n_cases, replace=False)]
@@ -38,9 +41,34 @@ def test_dcp_matches_reference(world, dpn):
 
 def test_dcp_eight_ranks_four_nodes():
     cases = _dcp_cases(8, 2, seed=8, n_cases=6)
-    cases.append(Case("dcp", [1, 300, 17, 64, 2], mask="causal", options={"devices_per_node": 2, "block_size": 16,
-                                                                          "num_stages": 4}, seed=3))
-    check_results(cases, run_ranks(worker, 8, cases))
+    # long documents over 4 nodes: relays, gateways and in-node reducers, each communication and partial dtype,
+    # fp32 and bf16 (the bf16 cases check that partials sent in bf16 stay within the bf16 tolerance)
+    for comm in ("hierarchical", "direct"):
+        for partial in ("fp32", "model"):
+            for dtype in ("fp32", "bf16"):
+                cases.append(Case("dcp", [1, 300, 17, 64, 2], mask="causal", dtype=dtype,
+                                  options={"devices_per_node": 2, "block_size": 16, "num_stages": 4,
+                                           "communication": comm, "partial_dtype": partial}, seed=3))
+    # a memory limit well below what the unlimited plan needs: more stages, partials spread over more keys
+    opts = {"devices_per_node": 2, "block_size": 16, "num_stages": 2}
+    free = cp.get_backend("dcp", world_size=8, **opts).plan([900], cp.AttentionSpec(4, 2, 8))
+    own = max(own_memory_bytes(free.blocks, free.placement, True))
+    limit = (own + 0.75 * (max(free.stats().memory_bytes) - own)) / 1e6
+    limited = cp.get_backend("dcp", world_size=8, memory_limit=limit, **opts).plan([900], cp.AttentionSpec(4, 2, 8))
+    assert limited.bwd.num_stages > free.bwd.num_stages
+    cases.append(Case("dcp", [900], options={**opts, "memory_limit": limit}, seed=4))
+    # bf16 partials against fp32 partials on a long document (many partials per block, reduced in nodes)
+    pair = [Case("dcp", [1500, 200], mask="causal", dtype="bf16", seed=5,
+                 options={"devices_per_node": 2, "block_size": 32, "num_stages": 3, "partial_dtype": p,
+                          "placement_seeds": "none"}) for p in ("fp32", "model")]
+    cases += pair
+    per_rank = run_ranks(worker, 8, cases)
+    check_results(cases, per_rank)
+    for metric in (rel_err, rms_err):
+        errs = [case_errors(c, per_rank, len(cases) - 2 + i, metric=metric) for i, c in enumerate(pair)]
+        print(f"bf16 run, {metric.__name__} with fp32 / bf16 partials:", errs)
+        for key in errs[0]:  # bf16 partials cost at most a few bf16 roundings more than fp32 partials
+            assert errs[1][key] <= 3 * errs[0][key] + 1e-3, (metric.__name__, key, errs)
 
 
 # A tiny plan whose bytes are computed by hand. One causal document of 64 tokens, 2 query heads and 1 KV
@@ -57,7 +85,7 @@ def test_dcp_eight_ranks_four_nodes():
 #             accumulation dtype whatever the model dtype: 2 x 128 x 4 = 1024; in all 256 + 1024 = 1280
 #             device 1 sends kv(b1), kv(b2) again (512) and dk/dv of b0 (128 x 4 = 512); in all 1024
 TINY = Case("dcp", [64], num_heads=2, num_kv_heads=1, head_dim=4, dtype="bf16",
-            options={"placement": "zigzag", "num_stages": 1}, seed=9)
+            options={"placement": "zigzag", "num_stages": 1, "partial_dtype": "fp32"}, seed=9)
 TINY_FWD_BYTES, TINY_BWD_BYTES = [256, 512], [1280, 1024]
 
 
@@ -114,19 +142,24 @@ def _count_worker(rank, world, seqlens, options, dtypes=(torch.float32,)):
 def test_counted_bytes_equal_plan_statistics():
     """fp32 and bf16: in bf16 the model tensors travel at 2 bytes but lse and the partial out/dq/dk/dv
     accumulators at 4, so only bf16 tells a wrong element size of those apart."""
-    opts = {"devices_per_node": 2, "block_size": 16, "num_stages": 3}
-    res = run_ranks(_count_worker, 4, [5, 200, 64, 90, 1, 33], opts, (torch.float32, torch.bfloat16))
-    for dtype in ("torch.float32", "torch.bfloat16"):
-        assert sum(r[dtype]["total"] for r in res) > 0
-        for rank, per_dtype in enumerate(res):
-            r = per_dtype[dtype]
-            assert r["fwd"] == r["plan_fwd"], (dtype, rank)
-            assert r["total"] == r["plan_fwd"] + r["plan_bwd"], (dtype, rank)
-            assert r["split"][1] == r["plan_fwd_inter"] + r["plan_bwd_inter"], (dtype, rank)
-    # bf16 moves fewer bytes than fp32 but more than half of them (the accumulators stay fp32)
-    f32 = sum(r["torch.float32"]["total"] for r in res)
-    b16 = sum(r["torch.bfloat16"]["total"] for r in res)
+    totals = {}
+    for partial in ("fp32", "model"):
+        opts = {"devices_per_node": 2, "block_size": 16, "num_stages": 3, "partial_dtype": partial}
+        res = run_ranks(_count_worker, 4, [5, 200, 64, 90, 1, 33], opts, (torch.float32, torch.bfloat16))
+        for dtype in ("torch.float32", "torch.bfloat16"):
+            assert sum(r[dtype]["total"] for r in res) > 0
+            for rank, per_dtype in enumerate(res):
+                r = per_dtype[dtype]
+                assert r["fwd"] == r["plan_fwd"], (partial, dtype, rank)
+                assert r["total"] == r["plan_fwd"] + r["plan_bwd"], (partial, dtype, rank)
+                assert r["split"][1] == r["plan_fwd_inter"] + r["plan_bwd_inter"], (partial, dtype, rank)
+            totals[partial, dtype] = sum(r[dtype]["total"] for r in res)
+    # bf16 moves fewer bytes than fp32 but more than half of them when partials (and lse) stay fp32; with
+    # partials in the model dtype only lse stays fp32
+    f32, b16 = totals["fp32", "torch.float32"], totals["fp32", "torch.bfloat16"]
     assert f32 / 2 < b16 < f32
+    assert totals["model", "torch.float32"] == f32  # fp32 runs: the model dtype is fp32
+    assert f32 / 2 < totals["model", "torch.bfloat16"] < b16
 
 
 def test_batch_that_fits_moves_nothing():
