@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 
-from dcp_backend.batch import concat_aranges
 from dcp_backend.dtypes import acc_element_size
 from dcp_backend.dcp.blocks import BlockSet
 from dcp_backend.dcp.instructions import (ACC, MODEL, Attention, Comm, CommOp, DeviceProgram, Fill, Reduce,

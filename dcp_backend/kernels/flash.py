@@ -206,7 +206,7 @@ class FlashKernel(BlockKernel):
             if not flash_attn_installed():
                 raise CPError(_MISSING)
             try:
-                import flash_attn  # noqa: F401 - a broken build fails here, not in the first attention call
+                importlib.import_module("flash_attn")  # a broken build fails here, not in the first call
             except Exception as exc:  # noqa: BLE001 - any import failure (missing CUDA symbols, ...)
                 raise CPError(f"kernel 'flash': flash-attn is installed but does not import ({exc}); use "
                               "kernel='flex'") from exc
