@@ -23,6 +23,7 @@
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -41,17 +42,51 @@ class IndexedDocuments:
     """Documents of a megatron.core ``IndexedDataset`` (``<prefix>.bin/.idx``, as written by Megatron-LM's
     ``tools/preprocess_data.py``, ours, or ``IndexedDatasetBuilder``); opened lazily. A document is the
     range of sequences between two ``document_indices`` (one sequence per document unless the data was
-    split into sentences), its tokens their concatenation."""
+    split into sentences), its tokens their concatenation.
 
-    def __init__(self, path_prefix: str):
+    Opening checks what would otherwise fail mid-run (each a ``ValueError`` naming the file and the fix):
+    the ``.idx`` must be readable, the ``.bin`` exactly as long as the index says (a truncated or
+    mismatched pair is refused), and, given ``vocab_size``, every token id below it (a scan of the
+    ``.bin``, about 1 GB/s)."""
+
+    def __init__(self, path_prefix: str, vocab_size: int | None = None):
         self.path_prefix = path_prefix
         self._ds = None
-        ds = self._dataset()
+        try:
+            ds = self._dataset()
+        except (AssertionError, OSError, ValueError, IndexError, KeyError) as exc:
+            raise ValueError(f"{path_prefix}.idx: not a readable megatron-core index ({type(exc).__name__}: "
+                             f"{exc}); rebuild the dataset with tools/preprocess_data.py") from None
         seq_lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
+        self._check_bin_size(ds, seq_lengths)
         self.doc_bounds = np.asarray(ds.document_indices, dtype=np.int64)  # sequences of document d
         self._seq_start = np.concatenate([[0], np.cumsum(seq_lengths)])
         self.lengths = self._seq_start[self.doc_bounds[1:]] - self._seq_start[self.doc_bounds[:-1]]
         self._one_sequence_per_document = bool(np.all(np.diff(self.doc_bounds) == 1))
+        if vocab_size:
+            self._check_token_ids(ds, int(vocab_size))
+
+    def _check_bin_size(self, ds, seq_lengths: np.ndarray) -> None:
+        bin_path = f"{self.path_prefix}.bin"
+        itemsize = np.dtype(ds.index.dtype).itemsize
+        pointers = np.asarray(ds.index.sequence_pointers, dtype=np.int64)
+        expected = int(pointers[-1] + seq_lengths[-1] * itemsize) if seq_lengths.size else 0
+        actual = os.path.getsize(bin_path)
+        if actual != expected:
+            what = "truncated" if actual < expected else "longer than its index describes"
+            raise ValueError(f"{bin_path} is {actual:,} bytes but {self.path_prefix}.idx describes {expected:,}: "
+                             f"the .bin is {what} (an interrupted copy, or .bin and .idx from different runs); "
+                             "rebuild the dataset with tools/preprocess_data.py")
+
+    def _check_token_ids(self, ds, vocab_size: int, chunk: int = 1 << 26) -> None:
+        tokens = np.memmap(f"{self.path_prefix}.bin", dtype=ds.index.dtype, mode="r")
+        largest = -1
+        for start in range(0, tokens.size, chunk):
+            largest = max(largest, int(tokens[start:start + chunk].max()))
+        if largest >= vocab_size:
+            raise ValueError(f"{self.path_prefix}.bin holds token id {largest} but the tokenizer's vocabulary has "
+                             f"{vocab_size} entries: the data was written with another tokenizer; give the one "
+                             "it was preprocessed with (--tokenizer-model / --vocab-file / --vocab-size)")
 
     def _dataset(self):
         if self._ds is None:

@@ -44,7 +44,7 @@ class PackedDocumentDatasetConfig(BlendedMegatronDatasetConfig):
     mock_lengths: str = "uniform"  # --mock-data: the synthetic document-length distribution
     mock_num_documents: int = 2000
     mock_length_scale: float = 1.0
-    mock_vocab_size: int = 0
+    vocab_size: int = 0  # the tokenizer's: mock tokens are drawn below it; indexed data is checked against it
 
 
 class PackedDocumentDataset(MegatronDataset):
@@ -76,8 +76,8 @@ class PackedDocumentDataset(MegatronDataset):
     def build_low_level_dataset(dataset_path, config: PackedDocumentDatasetConfig):
         if dataset_path is None:  # megatron's mock mode
             return MockDocuments(config.mock_lengths, config.mock_num_documents, config.random_seed,
-                                 config.sequence_length, config.mock_vocab_size, config.mock_length_scale)
-        return IndexedDocuments(dataset_path)
+                                 config.sequence_length, config.vocab_size, config.mock_length_scale)
+        return IndexedDocuments(dataset_path, vocab_size=config.vocab_size)
 
     @staticmethod
     def _key_config_attributes() -> list[str]:
@@ -111,7 +111,7 @@ def build_datasets(args, vocab_size: int) -> dict:
         split=args.split if blend is not None else None, path_to_cache=None, mmap_bin_files=True,
         split_long_documents=args.split_long_documents, mock_lengths=args.mock_data or "uniform",
         mock_num_documents=args.mock_num_documents, mock_length_scale=args.mock_length_scale,
-        mock_vocab_size=vocab_size)
+        vocab_size=vocab_size)
     sizes = num_samples(args)
     built = BlendedMegatronDatasetBuilder(PackedDocumentDataset, sizes, lambda: True, config).build()
     out = {}

@@ -105,6 +105,7 @@ class Trainer:
         args = self.args
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         validate_args(args, world)
+        check_output_paths(args)
         for line in getattr(args, "ignored_flags", []):
             if int(os.environ.get("RANK", "0")) == 0:
                 self._print(f"> ignoring {line}", flush=True)
@@ -481,7 +482,7 @@ class Trainer:
 
     def save(self) -> None:
         path = checkpointing.save_checkpoint(self.args.save, self.iteration, self.consumed, self.gpt, self.optimizer,
-                                             self.scheduler, self.args, self.env)
+                                             self.scheduler, self.args, self.env, log=self.print_rank0)
         self.print_rank0(f"> saved checkpoint {path}")
 
     def close(self) -> None:
@@ -489,6 +490,29 @@ class Trainer:
         if getattr(self, "logger", None) is not None:
             self.logger.close()
         initialize.teardown(self.env)
+
+
+def check_output_paths(args) -> None:
+    """``--save``, ``--log-dir`` and ``--tensorboard-dir`` must be directories this process can write (or
+    creatable in one): found at setup, not after the run. Writing
+    is probed with a temporary file (permission bits alone say nothing for root or read-only mounts)."""
+    import tempfile
+
+    for flag, path in (("--save", args.save), ("--log-dir", args.log_dir), ("--tensorboard-dir", args.tensorboard_dir)):
+        if not path:
+            continue
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            where = "is a file" if existing == os.path.abspath(path) else f"is under {existing}, which is a file"
+            raise ConfigError(f"{flag} {path} {where}, not a directory; give a directory path")
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{flag} {path}: cannot write in {existing} ({exc.strerror}); give a writable "
+                              "directory") from None
 
 
 def _as_comm_error(exc: RuntimeError, args) -> Exception:

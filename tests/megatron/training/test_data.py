@@ -92,6 +92,37 @@ def test_worker_processes_deliver_the_same_batches(tmp_path):
         assert a.attention_pairs == b.attention_pairs and b.plan_stats["comm_bytes_planned"] > 0
 
 
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGSTOP"])
+def test_a_dead_or_hung_planning_worker_ends_the_loader_with_a_message(signal_name):
+    """A killed worker is reported at the next batch; a stopped one by the loader's timeout (never a hang)."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    source = MockDocuments("uniform", 60, seed=3, max_len=100, vocab_size=50)
+    sched = build_schedule(source.lengths, seq_length=100, seed=2, split_long=False, num_micro_batches=8)
+    ds = PlannedBatches(Packs(source, sched), PlannerConfig("ring", {}, cp.AttentionSpec(2, 1, 8), 0, cp.Topology(2)))
+    it = iter(build_loader(ds, list(range(8)), num_workers=1, prefetch=1, timeout=15))
+    next(it)
+    workers = multiprocessing.active_children()
+    assert workers
+    for w in workers:
+        os.kill(w.pid, getattr(signal, signal_name))
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError) as info:
+            for _ in range(7):
+                next(it)
+    finally:
+        for w in workers:
+            if w.is_alive():
+                os.kill(w.pid, signal.SIGKILL)
+    assert time.monotonic() - t0 < 40
+    text = str(info.value)
+    assert ("worker" in text and "exited unexpectedly" in text) if signal_name == "SIGKILL" else "timed out" in text
+
+
 def test_padding_for_sequence_parallelism_is_masked(tmp_path):
     """Local rows padded to a multiple of the TP size: the plan's tokens first, then zeros with loss mask 0."""
     source = MockDocuments("uniform", 40, seed=1, max_len=60, vocab_size=50)

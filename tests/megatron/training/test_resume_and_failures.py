@@ -141,3 +141,31 @@ def test_training_reduces_the_loss(tmp_path):
     losses = run_ranks(learn, 1, prefix)[0]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, losses
+
+
+
+def stop_at_iteration_two(rank, world_size, prefix):
+    import signal
+
+    def hook(iteration, metrics):
+        if iteration == 2 and rank == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)  # a hung rank: alive, never answers
+
+    t0 = time.monotonic()
+    try:
+        pretrain(_args(prefix, 50, ["--context-parallel-size", "2"]), hooks=TrainHooks(on_iteration=hook),
+                 printer=_quiet)
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return type(exc).__name__, str(exc), time.monotonic() - t0
+    return "no error", "", time.monotonic() - t0
+
+
+def test_a_stopped_rank_ends_the_job_with_a_message(tmp_path):
+    """SIGSTOP: the live rank times out in a collective and says so (the stopped one is killed by the harness,
+    as torchrun would take the job down). Data-loader workers: tests/megatron/training/test_data.py."""
+    prefix = write_indexed(str(tmp_path / "docs"), documents(60, 2, 200, seed=2))
+    out = run_ranks(stop_at_iteration_two, 2, prefix, allow_failures=True, pg_timeout=20, timeout=75)
+    status, (kind, message, seconds) = out[0]
+    assert status == "ok" and kind == "CommunicationError", (kind, message)
+    assert "rank 0" in message and seconds < 60
+    assert out[1][0] == "error"  # never reported: still stopped when the harness killed it
