@@ -9,7 +9,7 @@
 #
 # DATA_PATH is the prefix of a megatron.core indexed dataset (<DATA_PATH>.bin/.idx, e.g. my-gpt2_text_document
 # from Megatron-LM's tools/preprocess_data.py). Run it again and it resumes from CHECKPOINT_PATH.
-# tests/examples/test_megatron_lm_script.py runs it end to end on a dataset written by IndexedDatasetBuilder.
+# tests/test_megatron_lm_script.py runs it end to end on a dataset written by IndexedDatasetBuilder.
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
