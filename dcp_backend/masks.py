@@ -247,14 +247,16 @@ register_mask(
 register_mask("causal_blockwise", _causal_blockwise, {"block": 256, "k_local": 2}, _check_blockwise)
 
 
-def parse_mask_args(items) -> dict[str, Any]:
+def parse_key_values(items, what: str = "arguments") -> dict[str, Any]:
     """``["window=512", "question_fraction=0.25"]`` -> ``{"window": 512, "question_fraction": 0.25}``
-    (ints, then floats, else the string); raises :class:`CPError` for an item without ``=``."""
+    (ints, then floats, else the string; dashes in keys become underscores); raises :class:`CPError` naming
+    ``what`` for an item without ``=``. Mask arguments and tools' ``--dcp-option`` use it."""
     out: dict[str, Any] = {}
     for item in items or ():
         if "=" not in item:
-            raise CPError(f"mask arguments take KEY=VALUE, got {item!r}")
+            raise CPError(f"{what} take KEY=VALUE, got {item!r}")
         key, value = (x.strip() for x in item.split("=", 1))
+        key = key.replace("-", "_")
         for cast in (int, float):
             try:
                 out[key] = cast(value)
@@ -264,6 +266,11 @@ def parse_mask_args(items) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def parse_mask_args(items) -> dict[str, Any]:
+    """Mask arguments from ``KEY=VALUE`` strings (:func:`parse_key_values`)."""
+    return parse_key_values(items, "mask arguments")
 
 
 def mask_arg_names(name: str) -> list[str]:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import json
 import os
@@ -51,8 +52,8 @@ import numpy as np
 import dcp_backend as cp
 from dcp_backend.batch import PackedBatch
 from dcp_backend.dcp.config import DCPOptions
-from dcp_backend.registry import plan_each
-from dcp_backend.masks import count_pairs, parse_mask_args, resolve_mask_args
+from dcp_backend.registry import make_options, plan_each
+from dcp_backend.masks import count_pairs, parse_key_values, parse_mask_args, resolve_mask_args
 from dcp_backend.workloads import DATASETS, checked_batch, dataset_batches, read_seqlens_file
 
 BASELINES = ("ring", "zigzag", "loongtrain", "te", "hybrid")
@@ -136,6 +137,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--num-stages", type=int, default=_DEFAULTS.num_stages)
     d.add_argument("--partitioner", default=_DEFAULTS.partitioner, choices=["mtkahypar", "greedy"])
     d.add_argument("--inter-node-cost", type=float, default=_DEFAULTS.inter_node_cost)
+    d.add_argument("--dcp-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other DCP option, repeatable (e.g. memory_limit=150, communication=direct, "
+                   "partial_dtype=fp32, placement_seeds=none; see dcp_backend/dcp/config.py); overrides the "
+                   "flags above")
     d.add_argument("--verify", action="store_true", help="also check every DCP plan with the symbolic verifier")
     o = p.add_argument_group("output")
     o.add_argument("--baselines", default=",".join(BASELINES),
@@ -179,11 +184,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         args.spec = make_spec(args, args.mask, args.mask_args)
         args.topology = cp.Topology.grid(args.nodes, args.devices_per_node)
-        args.options = DCPOptions(
+        options = dict(
             block_size=args.block_size, head_block_size=args.head_block_size,
             compute_imbalance=args.compute_imbalance, memory_imbalance=args.memory_imbalance,
             inter_node_imbalance_factor=args.inter_node_factor, num_stages=args.num_stages, seed=args.seed,
             partitioner=args.partitioner, inter_node_cost=args.inter_node_cost)
+        options.update(parse_key_values(args.dcp_option, "--dcp-option values"))
+        args.options = make_options("dcp", **options)
     except cp.CPError as exc:
         p.error(str(exc))
     try:
@@ -286,6 +293,7 @@ def _baseline_figures(st, seconds: float) -> dict:
               "group_sizes"):
         if k in d:
             out[k] = d[k]
+    out["memory_bytes"] = d["memory_bytes"]  # each device's peak, as DCP's record has it
     out["fwd_bytes_per_rank"] = d.get("fwd_bytes_per_rank")
     out["bwd_bytes_per_rank"] = d.get("bwd_bytes_per_rank")
     return out
@@ -299,6 +307,7 @@ def batch_record(index: int, seqlens: list[int], args, spec: cp.AttentionSpec, o
            "mask": spec.mask, "mask_args": dict(spec.mask_args),
            "mask_sparsity": mask_sparsity(batch, spec.mask, spec.mask_args)}
     rec.update(plan_dcp(batch, spec, args.topology, options, args.element_size, args.verify))
+    rec["dcp_options"] = dataclasses.asdict(options)  # every option the plan was made with
     rec["baselines"] = plan_baselines(args.baselines, seqlens, spec, args.topology, args.element_size)
     return rec
 
@@ -531,8 +540,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.sweep:
         run_sweep(args)
-    else:
+        return 0
+    try:
         run_batches(args)
+    except cp.CPError as exc:  # a plan the options cannot make (e.g. a memory_limit below what fits)
+        print(f"dry_run.py: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

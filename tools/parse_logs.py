@@ -73,7 +73,8 @@ class Run:
     mask: str = "unknown"
     dataset: str = "unknown"
     world_size: int | None = None
-    records: list = field(default_factory=list)
+    records: list = field(default_factory=list)  # training iterations
+    evaluations: list = field(default_factory=list)  # validation / test records ({"split": ...})
 
     @property
     def label(self) -> str:
@@ -134,6 +135,9 @@ def load_run(path: str) -> Run:
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{lineno}: not a JSON record ({exc.msg}); a run killed while writing "
                                      "leaves a partial last line: delete that line") from None
+        # Validation and test results (Megatron's validation line) carry a "split"; the rest are iterations.
+        run.evaluations = [r for r in run.records if "split" in r]
+        run.records = [r for r in run.records if "split" not in r]
         if run.records:
             last = run.records[-1]
             run.backend = last.get("backend", run.backend)
@@ -271,8 +275,8 @@ def loss_curves_figure(runs: list[Run]):
 
 def summary_table(runs: list[Run], warmup: int) -> str:
     lines = ["| dataset | mask | backend | ranks | iterations | iteration time (ms) | speedup vs ring | tokens/s | "
-             "TFLOP/s/GPU | first loss | last loss | plan wait (ms) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "TFLOP/s/GPU | first loss | last loss | validation loss | plan wait (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = {(r.dataset, r.mask) for r in runs}
     common = {g: common_iterations([r for r in runs if (r.dataset, r.mask) == g]) for g in groups}
     ring = {}
@@ -288,10 +292,12 @@ def summary_table(runs: list[Run], warmup: int) -> str:
         base = ring.get((r.dataset, r.mask))
         speed = f"{base / t.mean():.2f}x" if base is not None and t.size else ""
         wait_ms = f"{wait.mean():.1f}" if wait.size else ""
+        valid = [e["lm_loss"] for e in r.evaluations if e.get("split") == "validation" and "lm_loss" in e]
+        valid_loss = f"{valid[-1]:.4f}" if valid else ""
         lines.append(
             f"| {r.dataset} | {r.mask} | {r.label} | {r.world_size or ''} | {len(r.records)} | "
             f"{t.mean():.1f} +- {t.std():.1f} | {speed} | {tok.mean():.0f} | {tf.mean():.4f} | "
-            f"{loss[0]:.4f} | {loss[-1]:.4f} | {wait_ms} |")
+            f"{loss[0]:.4f} | {loss[-1]:.4f} | {valid_loss} | {wait_ms} |")
     return "\n".join(lines) + "\n"
 
 

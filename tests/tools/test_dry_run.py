@@ -138,11 +138,30 @@ def test_seqlens_file_errors_name_the_problem(dry, capsys, tmp_path):
     (["--seqlens", "3", "--mask", "lambda", "--mask-arg", "windw=3"], "unknown argument"),
     (["--seqlens", "3", "--block-size", "big"], "--block-size"),
     (["--seqlens", "3", "--nodes", "0"], "--nodes"),
+    (["--seqlens", "3", "--dcp-option", "bogus=1"], "unknown option(s) ['bogus']"),
+    (["--seqlens", "3", "--dcp-option", "communication=smoke"], "communication must be one of"),
+    (["--seqlens", "3", "--dcp-option", "memory_limit"], "--dcp-option values take KEY=VALUE"),
 ])
 def test_bad_arguments(dry, capsys, argv, message):
     with pytest.raises(SystemExit):
         dry.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_dcp_options_reach_the_plan_and_every_device_peak_is_reported(dry, capsys):
+    """--dcp-option sets any DCP option (here direct communication and fp32 partials, then a memory limit
+    below what fits: one line, exit 2); baselines report each device's peak as DCP does."""
+    argv = ["--seqlens", "300,17,129,64,1,250", *TINY, "--baselines", "zigzag"]
+    default = _json_records(dry, capsys, *argv)[0]
+    direct = _json_records(dry, capsys, *argv, "--dcp-option", "communication=direct",
+                           "--dcp-option", "partial-dtype=fp32")[0]
+    assert default["dcp_options"]["communication"] == "hierarchical"
+    assert default["dcp_options"]["partial_dtype"] == "model" and default["dcp_options"]["block_size"] == 64
+    assert direct["dcp_options"]["communication"] == "direct" and direct["dcp_options"]["partial_dtype"] == "fp32"
+    zig = default["baselines"]["zigzag"]
+    assert len(zig["memory_bytes"]) == 4 and max(zig["memory_bytes"]) == zig["max_device_memory_bytes"]
+    assert dry.main([*argv, "--dcp-option", "memory_limit=0.001", "--no-progress"]) == 2
+    assert "dry_run.py: error: dcp: memory_limit=0.001 MB cannot be met" in capsys.readouterr().err
 
 
 def test_mask_sparsity(dry):

@@ -8,13 +8,18 @@ from megatron.training.training_log import format_line
 from tools import parse_logs
 
 
-def _write_run(path, backend, mask, times_ms, dataset="mock-ldc"):
+def _write_run(path, backend, mask, times_ms, dataset="mock-ldc", validations=()):
+    """A train_log.jsonl as the trainer writes it: one record per iteration, then (at the end) validation
+    records of the same iteration number with a "split"."""
     path.mkdir(parents=True)
     with open(path / "train_log.jsonl", "w") as f:
         for i, t in enumerate(times_ms, 1):
             f.write(json.dumps({"iteration": i, "elapsed_ms": t, "lm_loss": 5.0 - 0.1 * i, "tokens_per_second": 100.0,
                                 "tflops_per_gpu": 0.01, "plan_wait_ms": 1.0, "backend": backend, "mask": mask,
                                 "dataset": dataset, "world_size": 4}) + "\n")
+        for loss in validations:
+            f.write(json.dumps({"iteration": len(times_ms), "split": "validation", "lm_loss": loss, "tokens": 9,
+                                "seconds": 0.1}) + "\n")
     return str(path)
 
 
@@ -38,7 +43,7 @@ def test_parse_line_reads_named_fields_in_any_order():
 def test_figures_and_summary(tmp_path, capsys):
     runs = [_write_run(tmp_path / "r1", "ring", "causal", [900, 500, 400, 400]),
             # Longer run: only the iterations every causal run has are compared (5000 ms ones are not).
-            _write_run(tmp_path / "r2", "dcp", "causal", [900, 300, 200, 200, 5000, 5000]),
+            _write_run(tmp_path / "r2", "dcp", "causal", [900, 300, 200, 200, 5000, 5000], validations=(4.75, 4.5)),
             _write_run(tmp_path / "r3", "zigzag", "lambda", [900, 300, 300, 300])]
     # A text log with args.json beside it.
     text = tmp_path / "r4"
@@ -60,6 +65,9 @@ def test_figures_and_summary(tmp_path, capsys):
     assert "| 400.0 +- 0.0 | 1.00x |" in rows["ring"]
     assert "| 200.0 +- 0.0 | 2.00x |" in rows["dcp"]  # warm-up iterations 1-2 dropped
     assert "| dcp | 4 | 6 |" in rows["dcp"]
+    # validation records (the same iteration number, a "split") neither replace iteration 6 nor hide the
+    # run's backend: the last training loss is iteration 6's, the validation loss its own column
+    assert "| 4.9000 | 4.4000 | 4.5000 |" in rows["dcp"] and "| 4.6000 |  |" in rows["ring"]
     assert "| 250.0 +- 0.0 | 1.60x |" in rows["loongtrain"]
     assert "| lambda | zigzag |" in rows["zigzag"] and "x |" not in rows["zigzag"].split("|")[7]
 
