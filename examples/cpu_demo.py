@@ -12,7 +12,10 @@ Steps, all local (no download):
 3. ``torchrun --nproc_per_node 4 pretrain_gpt.py --cp-backend dcp`` for ``--iters`` iterations: 4 layers,
    hidden 256, 8 heads, 2 KV groups, SwiGLU, RoPE, 4,096-token packed batches of whole documents (longer ones
    split), 2 simulated nodes x 2 ranks; progress and the Megatron log lines are printed;
-4. short runs of the baselines (ring, zigzag, loongtrain) on the same data;
+4. short runs of the baselines (ring, zigzag, loongtrain) on the same data; they plan inline
+   (``--num-workers 0``: their plans take milliseconds, and four more worker processes importing
+   megatron-core would cost the 2-core machine more start-up time than they save), dcp in one planning
+   worker per rank;
 5. ``tools/parse_logs.py`` over all runs: iteration-time bars, loss curves, summary table.
 
 If the dcp backend is missing from the checkout or its run fails, the main run uses ``--fallback-backend``
@@ -143,7 +146,7 @@ def train(backend: str, iters: int, a, data: str, tokenizer: str, run_dir: str) 
            "--train-iters", str(iters), "--lr-decay-iters", str(a.iters), "--lr", "1e-3", "--min-lr", "1e-4",
            "--lr-warmup-iters", "4", "--lr-decay-style", "cosine", "--seed", "1234",
            "--data-path", data, "--tokenizer-model", tokenizer, "--split-long-documents",
-           "--attention-mask", a.mask, "--num-workers", "1", "--plan-prefetch", "2",
+           "--attention-mask", a.mask, "--num-workers", "1" if backend == "dcp" else "0", "--plan-prefetch", "2",
            "--log-interval", str(a.log_interval), "--log-dir", out,
            "--split", "98,2,0", "--eval-interval", str(iters), "--eval-iters", "1"]
     say(f"training {backend}: {iters} iterations on {a.nproc} CPU ranks")
