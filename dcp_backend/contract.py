@@ -105,6 +105,22 @@ class PlanStats:
     # larger of the forward and the backward pass (both in extra["fwd/bwd_memory_bytes_per_rank"] where known)
     extra: dict | None = None
 
+    @classmethod
+    def from_traffic(cls, backend_name: str, world_size: int, devices_per_node: int, fwd, bwd, compute, tokens,
+                     memory, extra: dict | None = None) -> "PlanStats":
+        """Statistics from the bytes each rank sends, ``fwd`` / ``bwd`` of shape [ranks, 2] (column 0 inside its
+        node, column 1 across nodes); each rank's totals also go to ``extra["fwd/bwd_bytes_per_rank"]``."""
+        fwd, bwd = np.asarray(fwd), np.asarray(bwd)
+        extra = {**(extra or {}), "fwd_bytes_per_rank": fwd.sum(1).astype(np.int64).tolist(),
+                 "bwd_bytes_per_rank": bwd.sum(1).astype(np.int64).tolist()}
+        return cls(
+            backend_name=backend_name, world_size=world_size, nodes=world_size // devices_per_node,
+            devices_per_node=devices_per_node,
+            fwd_inter_node_bytes=int(fwd[:, 1].sum()), fwd_intra_node_bytes=int(fwd[:, 0].sum()),
+            bwd_inter_node_bytes=int(bwd[:, 1].sum()), bwd_intra_node_bytes=int(bwd[:, 0].sum()),
+            compute_pair_heads=tuple(int(c) for c in compute), tokens=tuple(int(t) for t in tokens),
+            memory_bytes=tuple(int(m) for m in memory), extra=extra)
+
     @property
     def compute_imbalance(self) -> float:
         c = np.asarray(self.compute_pair_heads, dtype=np.float64)

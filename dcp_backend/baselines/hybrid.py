@@ -176,19 +176,12 @@ class HybridPlan(Plan):
                 compute[r] += st.compute_pair_heads[i]
                 memory[r] = max(memory[r], st.memory_bytes[i])
         tokens = tuple(int(self.num_local_tokens(r)) for r in range(n))
-        return PlanStats(
-            backend_name="hybrid", world_size=n, nodes=n // dpn, devices_per_node=dpn,
-            fwd_inter_node_bytes=int(fwd[:, 1].sum()), fwd_intra_node_bytes=int(fwd[:, 0].sum()),
-            bwd_inter_node_bytes=int(bwd[:, 1].sum()), bwd_intra_node_bytes=int(bwd[:, 0].sum()),
-            compute_pair_heads=tuple(int(c) for c in compute), tokens=tokens,
-            memory_bytes=tuple(int(m) for m in memory),
+        return PlanStats.from_traffic(
+            "hybrid", n, dpn, fwd, bwd, compute, tokens, memory,
             extra={"max_seqlen_per_rank": self.max_seqlen_per_rank, "rounds": len(self.rounds),
                    "micro_batches_per_rank": [sum(len(g.docs) for rnd in self.rounds for g in rnd if r in g.ranks)
                                               for r in range(n)],
-                   "group_sizes": {str(k): v for k, v in sorted(sizes.items())},
-                   "fwd_bytes_per_rank": fwd.sum(1).astype(np.int64).tolist(),
-                   "bwd_bytes_per_rank": bwd.sum(1).astype(np.int64).tolist()},
-        )
+                   "group_sizes": {str(k): v for k, v in sorted(sizes.items())}})
 
 
 class HybridPlanner(Planner):

@@ -160,16 +160,10 @@ class RingFamilyPlan(Plan):
             fwd_mem.append(act + ring_bufs)
             bwd_mem.append(act_b + bufs_b)
             memory.append(max(act + ring_bufs, act_b + bufs_b))
-        return PlanStats(
-            backend_name=self.backend_name, world_size=n, nodes=n // dpn, devices_per_node=dpn,
-            fwd_inter_node_bytes=int(fwd[:, 1].sum()), fwd_intra_node_bytes=int(fwd[:, 0].sum()),
-            bwd_inter_node_bytes=int(bwd[:, 1].sum()), bwd_intra_node_bytes=int(bwd[:, 0].sum()),
-            compute_pair_heads=tuple(compute), tokens=tuple(tokens), memory_bytes=tuple(memory),
+        return PlanStats.from_traffic(
+            self.backend_name, n, dpn, fwd, bwd, compute, tokens, memory,
             extra={"window": w, "head_parallel": hp, "fwd_memory_bytes_per_rank": fwd_mem,
-                   "bwd_memory_bytes_per_rank": bwd_mem,
-                   "fwd_bytes_per_rank": fwd.sum(1).astype(np.int64).tolist(),
-                   "bwd_bytes_per_rank": bwd.sum(1).astype(np.int64).tolist()},
-        )
+                   "bwd_memory_bytes_per_rank": bwd_mem})
 
 
 class RingFamilyPlanner(Planner):

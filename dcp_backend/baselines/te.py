@@ -168,18 +168,12 @@ class TEPlan(Plan):
         act = local * (2 * H + 2 * Hkv) * D * element_size  # q, k, v, out (padded buffers)
         ring = 2 * kv_bytes + local * H * D * acc_size  # two K/V receive buffers + fp32 out accumulator
         memory = tuple(act + ring for _ in range(n))
-        return PlanStats(
-            backend_name="te", world_size=n, nodes=n // dpn, devices_per_node=dpn,
-            fwd_inter_node_bytes=int(fwd[:, 1].sum()), fwd_intra_node_bytes=int(fwd[:, 0].sum()),
-            bwd_inter_node_bytes=int(bwd[:, 1].sum()), bwd_intra_node_bytes=int(bwd[:, 0].sum()),
-            compute_pair_heads=tuple(compute), tokens=tokens, memory_bytes=memory,
+        return PlanStats.from_traffic(
+            "te", n, dpn, fwd, bwd, compute, tokens, memory,
             extra={"cp_comm_type": self.comm_type, "head_parallel": A,
                    "passes_per_layer": len(lay.length_groups) if self.comm_type == "a2a+p2p" else 1,
                    "padded_tokens": int(lay.cu_seqlens_padded[-1]),
-                   "padding_fraction": 1.0 - self.batch.total_tokens / float(lay.cu_seqlens_padded[-1]),
-                   "fwd_bytes_per_rank": fwd.sum(1).astype(np.int64).tolist(),
-                   "bwd_bytes_per_rank": bwd.sum(1).astype(np.int64).tolist()},
-        )
+                   "padding_fraction": 1.0 - self.batch.total_tokens / float(lay.cu_seqlens_padded[-1])})
 
 
 class TEPlanner(Planner):

@@ -53,18 +53,10 @@ def plan_stats(plan, element_size: int = 2) -> PlanStats:
         "forward_attention_calls": int(attn_calls),
         "planning_seconds": plan.planning_seconds,
         "planning_seconds_by_phase": dict(plan.timings),
-        "fwd_bytes_per_rank": fwd.sum(1).tolist(),
-        "bwd_bytes_per_rank": bwd.sum(1).tolist(),
         "fwd_memory_bytes_per_rank": fwd_mem,
         "bwd_memory_bytes_per_rank": bwd_mem,
         "placement": plan.placement.source,
         "fwd_inter_node_bytes_per_rank": fwd[:, 1].tolist(),
         "bwd_inter_node_bytes_per_rank": bwd[:, 1].tolist(),
     }
-    return PlanStats(
-        backend_name="dcp", world_size=n, nodes=n // dpn, devices_per_node=dpn,
-        fwd_inter_node_bytes=int(fwd[:, 1].sum()), fwd_intra_node_bytes=int(fwd[:, 0].sum()),
-        bwd_inter_node_bytes=int(bwd[:, 1].sum()), bwd_intra_node_bytes=int(bwd[:, 0].sum()),
-        compute_pair_heads=tuple(int(c) for c in compute), tokens=tuple(tokens), memory_bytes=tuple(memory),
-        extra=extra,
-    )
+    return PlanStats.from_traffic("dcp", n, dpn, fwd, bwd, compute, tokens, memory, extra=extra)
