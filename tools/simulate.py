@@ -27,7 +27,7 @@ import numpy as np
 
 import dcp_backend as cp
 from dcp_backend.cost_model import load_cost_model
-from dcp_backend.masks import parse_mask_args
+from dcp_backend.masks import parse_key_values, parse_mask_args
 from dcp_backend.sim.benchmark_batches import describe, paper_batches
 from dcp_backend.sim.compare import ALL_BACKENDS, BASELINES, compare_batch
 from dcp_backend.sim.network import PRESETS, Topology, get_network
@@ -69,6 +69,8 @@ def parse_args(argv=None):
                    help="dcp placements to try (hypergraph per block size, the static zigzag candidate)")
     k.add_argument("--dcp-plan-cost-model", default="table",
                    help="cost model for DCP's planning weights: 'table' (same as --cost-model) or 'none'")
+    k.add_argument("--dcp-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other DCP option, repeatable (e.g. memory_limit=auto, communication=direct)")
     k.add_argument("--lt-windows", default=None, help="LoongTrain windows to try (default: powers of two)")
     o = p.add_argument_group("output")
     o.add_argument("--csv", help="write one row per (batch, backend)")
@@ -82,6 +84,7 @@ def parse_args(argv=None):
         p.error("pass exactly one of --dataset or --seqlens")
     try:
         args.mask_args = parse_mask_args(args.mask_arg)
+        args.dcp_options = parse_key_values(args.dcp_option, "--dcp-option values")
     except cp.CPError as exc:
         p.error(str(exc))
     return args
@@ -112,7 +115,12 @@ def main(argv=None) -> int:
         batches = paper_batches(args.dataset, args.num_batches, args.tokens_per_batch, args.scale, args.seed)
     from dcp_backend.dcp.config import DCPOptions
 
-    dcp_opts = DCPOptions(cost_model=cm.spec if args.dcp_plan_cost_model == "table" else None)
+    try:
+        dcp_opts = DCPOptions(**{"cost_model": cm.spec if args.dcp_plan_cost_model == "table" else None,
+                                 **args.dcp_options})
+    except (cp.CPError, TypeError) as exc:
+        print(f"simulate.py: error: --dcp-option: {exc}", file=sys.stderr)
+        return 2
     from dcp_backend.sim.op_costs import flash_companion
 
     fl = flash_companion(cm, args.kernel)

@@ -419,6 +419,7 @@ class Programs:
         self._args = (bs, pl, sched, layouts, backward, partial_wire)
         self._progs: list = [None] * pl.num_devices
         self.compile_seconds = 0.0
+        self.device_seconds = [0.0] * pl.num_devices  # compile time of each device's program
 
     def __len__(self) -> int:
         return len(self._progs)
@@ -428,7 +429,8 @@ class Programs:
             t0 = time.perf_counter()
             bs, pl, sched, layouts, backward, wire = self._args
             self._progs[d] = _pass_program(bs, pl, sched, d, layouts[d], backward, wire)
-            self.compile_seconds += time.perf_counter() - t0
+            self.device_seconds[d] = time.perf_counter() - t0
+            self.compile_seconds += self.device_seconds[d]
         return self._progs[d]
 
     def __setitem__(self, d: int, prog: DeviceProgram) -> None:
@@ -455,7 +457,7 @@ def compile_programs(bs: BlockSet, pl: Placement, fwd: PassSchedule, bwd: PassSc
     return layouts, fwd_progs, bwd_progs
 
 
-def _row_bytes(bs: BlockSet, backward: bool, element_size: int) -> dict:
+def row_bytes(bs: BlockSet, backward: bool, element_size: int) -> dict:
     """Bytes of one row of all stores of a side together, per kind."""
     h, d = bs.heads, bs.spec.head_dim
     size = {MODEL: element_size, ACC: acc_element_size(element_size)}
@@ -467,7 +469,7 @@ def _row_bytes(bs: BlockSet, backward: bool, element_size: int) -> dict:
 def own_memory_bytes(bs: BlockSet, pl: Placement, backward: bool, element_size: int = 2) -> np.ndarray:
     """Bytes of every device's own rows (its tokens in every store) in one pass."""
     h = bs.heads
-    row = _row_bytes(bs, backward, element_size)
+    row = row_bytes(bs, backward, element_size)
     tokens = np.bincount(pl.owner, weights=bs.tb_tokens, minlength=pl.num_devices)
     return tokens * (h.n_q_blocks * row[KIND_Q] + h.n_kv_blocks * row[KIND_KV])
 
@@ -484,7 +486,7 @@ def pass_memory_bytes(bs: BlockSet, pl: Placement, sched: PassSchedule, backward
     size = {MODEL: element_size, ACC: acc_element_size(element_size)}
     d_ = bs.spec.head_dim
     per = {KIND_Q: h.hb, KIND_KV: h.khb}
-    row = _row_bytes(bs, backward, element_size)
+    row = row_bytes(bs, backward, element_size)
     results = BWD_RESULT if backward else FWD_RESULT
     temp_row = {kind: sum(per[kind] * (d_ if name != "lse" else 1) * size[ACC if name == "lse" else partial_wire]
                           for name in names) for kind, (names, _) in results.items()}

@@ -15,6 +15,17 @@ SEEDS = ("structured", "none")
 PARTIAL_DTYPES = ("model", "fp32")
 
 
+def own_rows_factor(memory_limit) -> float | None:
+    """The N of a ``memory_limit`` of the form ``"Nx"`` (N > 1: a multiple of a device's own rows), else None."""
+    if not isinstance(memory_limit, str) or not memory_limit.endswith("x"):
+        return None
+    try:
+        factor = float(memory_limit[:-1])
+    except ValueError:
+        return None
+    return factor if factor > 1 else None
+
+
 @dataclass(frozen=True)
 class DCPOptions(KernelOptions):
     """Options of the ``dcp`` backend (see each field's help)."""
@@ -56,11 +67,12 @@ class DCPOptions(KernelOptions):
                                          "dtype, e.g. bf16: half the bytes of fp32; they are computed and reduced "
                                          "in fp32, lse travels in fp32) or fp32")
     memory_limit: float | str = option("none", "attention memory per device and pass, in MB (own rows, received "
-                                               "blocks, partial results): the scheduler gives the devices over it "
-                                               "more stages and spreads the partial results they receive over more "
-                                               "keys until they fit (an error if they cannot); auto = 4x the "
-                                               "device's own rows (best effort: memory stays flat as the cluster "
-                                               "grows); none = no limit (fastest)")
+                                               "blocks, partial results): the devices over it receive fewer blocks "
+                                               "per stage, in an order that finishes with a block before the next, "
+                                               "over more stages, until they fit (an error if they cannot); Nx "
+                                               "(e.g. 2.5x) = N times the device's own rows, best effort (memory "
+                                               "stays flat as the cluster grows); auto = 2x; none = no limit "
+                                               "(fastest)")
 
     def validate(self) -> None:
         super().validate()
@@ -89,11 +101,11 @@ class DCPOptions(KernelOptions):
             load_cost_model(self.cost_model)  # raises CPError naming the problem
         if self.placement not in PLACEMENTS:
             raise CPError(f"dcp option placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        if not (self.memory_limit in ("auto", "none") or (isinstance(self.memory_limit, (int, float))
-                                                           and not isinstance(self.memory_limit, bool)
-                                                           and self.memory_limit > 0)):
-            raise CPError(f"dcp option memory_limit must be a positive number of MB, 'auto' or 'none', "
-                          f"got {self.memory_limit!r}")
+        if not (self.memory_limit in ("auto", "none") or own_rows_factor(self.memory_limit) is not None
+                or (isinstance(self.memory_limit, (int, float)) and not isinstance(self.memory_limit, bool)
+                    and self.memory_limit > 0)):
+            raise CPError(f"dcp option memory_limit must be a positive number of MB, 'auto', a multiple of a "
+                          f"device's own rows above 1 such as '2.5x', or 'none', got {self.memory_limit!r}")
         if self.placement_seeds not in SEEDS:
             raise CPError(f"dcp option placement_seeds must be one of {SEEDS}, got {self.placement_seeds!r}")
         if self.communication not in COMMUNICATIONS:

@@ -13,8 +13,8 @@ from dcp_backend.batch import PackedBatch
 from dcp_backend.contract import Plan, PlanStats
 from dcp_backend.errors import CPError
 from dcp_backend.dcp.blocks import BlockSet, block_bytes
-from dcp_backend.dcp.compile import DeviceLayout, compile_programs, own_memory_bytes, pass_memory_bytes
-from dcp_backend.dcp.config import DCPOptions
+from dcp_backend.dcp.compile import DeviceLayout, compile_programs, own_memory_bytes, pass_memory_bytes, row_bytes
+from dcp_backend.dcp.config import DCPOptions, own_rows_factor
 from dcp_backend.dcp.instructions import ACC, MODEL, DeviceProgram
 from dcp_backend.dcp.partition import Placement
 from dcp_backend.dcp.prepared import PreparedProgram
@@ -110,6 +110,14 @@ class DCPPlan(Plan):
         return float(sum(self.timings.values()))
 
     @property
+    def rank_planning_seconds(self) -> float:
+        """What one training rank spends on this plan: blocks, partition and schedules, plus compiling its
+        own programs (the slowest rank among those compiled; a rank's loader worker compiles only its own)."""
+        per = [getattr(p, "device_seconds", None) for p in (self.fwd_programs, self.bwd_programs)]
+        own = [f + b for f, b in zip(*per)] if all(x is not None for x in per) else []
+        return float(sum(self.phase_seconds.values()) + max(own, default=0.0))
+
+    @property
     def timings(self) -> dict[str, float]:
         t = dict(self.phase_seconds)
         progs = (self.fwd_programs, self.bwd_programs)
@@ -131,55 +139,69 @@ class DCPPlan(Plan):
         return plan_stats(self, element_size)
 
 
-AUTO_MEMORY_FACTOR = 4.0  # memory_limit="auto": a device's stores at most this times its own rows
-MAX_STAGES = 64
+AUTO_MEMORY_FACTOR = 2.0  # memory_limit="auto": a device's stores at most this times its own rows
+
+
+def memory_limit_is_strict(options: DCPOptions) -> bool:
+    """An explicit limit in MB is met or refused; "auto" and "Nx" are best effort."""
+    return options.memory_limit != "auto" and own_rows_factor(options.memory_limit) is None
 
 
 def memory_limits(options: DCPOptions, own: np.ndarray) -> np.ndarray | None:
     """Per-device byte limit of one pass (``DCPOptions.memory_limit``), or None."""
     if options.memory_limit == "none":
         return None
-    if options.memory_limit == "auto":
-        return AUTO_MEMORY_FACTOR * np.maximum(own, own.mean())
+    factor = AUTO_MEMORY_FACTOR if options.memory_limit == "auto" else own_rows_factor(options.memory_limit)
+    if factor is not None:
+        return factor * np.maximum(own, own.mean())
     return np.full(own.size, float(options.memory_limit) * 1e6)
 
 
 def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backward: bool, element_size: int,
                            wire: str) -> PassSchedule:
-    """Schedule a pass with ``options.num_stages`` stages, then give the devices over the memory limit more
-    stages (smaller per-stage receive budgets, so fewer received blocks are held at once) and receive
-    their partial results over more keys (at most two blocks' rows per key) until every device fits. An explicit limit that cannot be met raises :class:`CPError` naming the device; "auto" keeps
-    the best schedule found."""
+    """Schedule a pass with ``options.num_stages`` stages; under a memory limit, give the devices over it a
+    slot budget (the slot bytes of blocks they receive for one stage; a received block is held from the
+    stage before it is needed until its result is sent, so about three stages' blocks are held at once),
+    tightened until every device fits, and receive their partial results over more keys (at most two
+    blocks' rows per key). An explicit limit that cannot be met raises :class:`CPError` naming the device;
+    "auto" keeps the best schedule found."""
     bs, pl = scheduler.bs, scheduler.pl
-    stages = np.full(pl.num_devices, options.num_stages, dtype=np.int64)
+    n = pl.num_devices
+    stages = np.full(n, options.num_stages, dtype=np.int64)
     sched = scheduler.schedule(stages)
     own = own_memory_bytes(bs, pl, backward, element_size)
     limit = memory_limits(options, own)
     if limit is None:
         return sched
-    cap = np.full(pl.num_devices, np.inf)  # rows of partial results a device receives under one key
-    for _ in range(8):
+    smallest = max(scheduler.slot_bytes.values())  # one computation's inputs always fit a stage
+    budget = np.full(n, np.inf)
+    cap = np.full(n, np.inf)  # rows of partial results a device receives under one key
+    best, best_excess = sched, np.inf
+    for _ in range(12):
         mem = pass_memory_bytes(bs, pl, sched, backward, element_size, wire)
+        excess = float(np.max(mem - limit))
+        if excess < best_excess:
+            best, best_excess = sched, excess
         over = mem > limit * (1 + 1e-9)
         if not over.any():
             return sched
         room = np.maximum(limit - own, 1.0)
-        grow = np.ceil(stages * np.minimum(4.0, 1.25 * (mem - own) / room)).astype(np.int64)
-        new = np.where(over, np.minimum(np.maximum(grow, stages + 1), MAX_STAGES), stages)
+        shrink = np.minimum(budget, room / 3) * np.minimum(0.8, room / np.maximum(mem - own, 1.0))
+        new = np.where(over, np.maximum(shrink, smallest), budget)
         new_cap = np.where(over, np.minimum(cap, 2.0 * bs.block_size), cap)
-        if np.array_equal(new, stages) and np.array_equal(new_cap, cap):
+        if np.array_equal(new, budget) and np.array_equal(new_cap, cap):
             break
-        stages, cap = new, new_cap
-        sched = scheduler.schedule(stages, cap)
-    mem = pass_memory_bytes(bs, pl, sched, backward, element_size, wire)
+        budget, cap = new, new_cap
+        sched = scheduler.schedule(stages, cap, budget)
+    mem = pass_memory_bytes(bs, pl, best, backward, element_size, wire)
     over = mem > limit * (1 + 1e-9)
-    if over.any() and options.memory_limit != "auto":
+    if over.any() and memory_limit_is_strict(options):
         d = int(np.argmax(mem - limit))
         raise CPError(f"dcp: memory_limit={options.memory_limit} MB cannot be met: device {d} needs "
                       f"{mem[d] / 1e6:.1f} MB in the {'backward' if backward else 'forward'} pass with "
-                      f"{int(stages[d])} stages (its own rows alone take {own[d] / 1e6:.1f} MB); raise "
+                      f"{best.num_stages} stages (its own rows alone take {own[d] / 1e6:.1f} MB); raise "
                       f"memory_limit, use a smaller block_size or more devices")
-    return sched
+    return best
 
 
 def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, topology: Topology, options: DCPOptions,
@@ -194,8 +216,10 @@ def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, topology: Topol
     passes = {}
     for backward, q_in, outs in ((False, b["q_fwd"], {KIND_Q: b["out_fwd"]}),
                                  (True, b["q_bwd"], {KIND_Q: b["dq"], KIND_KV: b["dkv"]})):
+        row = row_bytes(bs, backward, element_size)
         scheduler = PassScheduler(bs, pl, cost, q_in, b["kv"], options.inter_node_cost, kv_outputs=backward,
-                                  out_bytes=outs, hierarchical=hier)
+                                  out_bytes=outs, hierarchical=hier,
+                                  slot_bytes={kind: bs.block_size * row[kind] for kind in (KIND_Q, KIND_KV)})
         passes[backward] = schedule_within_memory(scheduler, options, backward, element_size, wire)
     fwd, bwd = passes[False], passes[True]
     timings["schedule"] = time.perf_counter() - t0

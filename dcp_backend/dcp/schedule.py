@@ -99,12 +99,14 @@ class PassScheduler:
     kv-side partial results return to owners (backward dk/dv); ``out_bytes``: {kind: bytes of each block's
     partial result} (balances the reducers' sends); ``hierarchical``: spread crossings over the node's
     devices and reduce partial results inside a node (else every crossing leaves from the owner and every
-    partial goes straight to the owner)."""
+    partial goes straight to the owner); ``slot_bytes``: {kind: bytes of the slot a received block of that
+    kind occupies} (what a device's slot budget counts, :meth:`schedule`)."""
 
     def __init__(self, bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: np.ndarray,
                  kv_bytes: np.ndarray, inter_node_cost: float, kv_outputs: bool, out_bytes: dict | None = None,
-                 hierarchical: bool = True):
+                 hierarchical: bool = True, slot_bytes: dict | None = None):
         self.bs, self.pl, self.comp_cost = bs, pl, comp_cost
+        self.slot_bytes = slot_bytes or {KIND_Q: 0.0, KIND_KV: 0.0}
         self.in_bytes = {KIND_Q: q_bytes, KIND_KV: kv_bytes}
         self.out_bytes = out_bytes if out_bytes is not None else dict(self.in_bytes)
         self.inter_node_cost, self.kv_outputs, self.hierarchical = inter_node_cost, kv_outputs, hierarchical
@@ -118,22 +120,28 @@ class PassScheduler:
         self.mine = [order[bounds[p]:bounds[p + 1]] for p in range(pl.num_devices)]
         self._cache: dict = {}  # (device, stages) -> (remote comps, their stages, need kinds, blocks, stages)
 
-    def schedule(self, device_stages: np.ndarray, arrival_cap: np.ndarray | None = None) -> PassSchedule:
-        """Stages ``1..device_stages[p]`` for device ``p`` (its last one takes the rest); the pass has
-        ``max(device_stages)`` stages. ``arrival_cap``: per device, the most rows of partial results it
-        receives under one key (later ones are sent a key later; None: no cap)."""
+    def schedule(self, device_stages: np.ndarray, arrival_cap: np.ndarray | None = None,
+                 slot_budget: np.ndarray | None = None) -> PassSchedule:
+        """Stages ``1..device_stages[p]`` for device ``p`` (its last one takes the rest); the pass has as many
+        stages as its busiest device. ``arrival_cap``: per device, the most rows of partial results it
+        receives under one key (later ones are sent a key later; None: no cap). ``slot_budget``: per device,
+        the most slot bytes (``slot_bytes``) of blocks it receives for one stage (inf: no budget); a device
+        whose budget is finite takes as many stages as its budget needs (at least ``device_stages[p]``)."""
         bs, pl = self.bs, self.pl
-        S = int(np.max(device_stages))
+        if slot_budget is None:
+            slot_budget = np.full(pl.num_devices, np.inf)
         comp_stage = np.zeros(bs.n_comp, dtype=np.int64)
         need_kind, need_block, need_dev, need_stage = [], [], [], []
+        S = int(np.max(device_stages))
         for p in range(pl.num_devices):  # loop over devices; the work inside is vectorised
-            key = (p, int(device_stages[p]))
+            key = (p, int(device_stages[p]), float(slot_budget[p]))
             if key not in self._cache:
-                self._cache[key] = self._device(p, int(device_stages[p]))
+                self._cache[key] = self._device(p, int(device_stages[p]), float(slot_budget[p]))
             got = self._cache[key]
             if got is None:
                 continue
             remote, stage_of, kinds, blocks, first = got
+            S = max(S, int(stage_of.max()))
             comp_stage[remote] = stage_of
             need_kind.append(kinds)
             need_block.append(blocks)
@@ -142,15 +150,17 @@ class PassScheduler:
         inputs = _route(pl, bs.heads, need_kind, need_block, need_dev, need_stage, self.in_bytes, S,
                         self.hierarchical)
         outputs = _outputs(bs, pl, comp_stage, self.qid, self.kvid, self.kv_outputs, self.out_bytes, S,
-                           self.hierarchical, inputs)
+                           self.hierarchical, inputs, brief=np.isfinite(slot_budget))
         if arrival_cap is not None:
             outputs = _spread_arrivals(bs, pl, outputs, arrival_cap)
         return PassSchedule(comp_stage, inputs, outputs, S)
 
-    def _device(self, p: int, S: int):
+    def _device(self, p: int, S: int, slot_budget: float = np.inf):
         """Stages of device ``p``'s computations with remote inputs, in ``S`` stages: each stage receives
         about 1/S of its receive cost; a greedy picks the pending computation that unlocks the most
-        compute per byte still missing."""
+        compute per byte still missing. With a finite ``slot_budget`` a stage also receives at most that
+        many slot bytes (at least one computation's inputs), and stages continue past ``S`` until every
+        computation is scheduled."""
         h, pl = self.bs.heads, self.pl
         dpn = pl.devices_per_node
         qid, kvid, q_remote, kv_remote = self.qid, self.kvid, self.q_remote, self.kv_remote
@@ -171,12 +181,23 @@ class PassScheduler:
         inc = self.inter_node_cost
         cost = np.concatenate([self.in_bytes[KIND_Q][uq] * np.where(inter_q, inc, 1.0),
                                self.in_bytes[KIND_KV][uk] * np.where(inter_k, inc, 1.0)])
+        slot = np.concatenate([np.full(nq, float(self.slot_bytes[KIND_Q])),
+                               np.full(uk.size, float(self.slot_bytes[KIND_KV]))])
+        limited = np.isfinite(slot_budget)
         ready_at = np.full(cost.size, -1, dtype=np.int64)  # stage an input arrives (-1: not scheduled)
         work = self.comp_cost[remote]
         stage_of = np.full(remote.size, -1, dtype=np.int64)
         budget = cost.sum() / S
-        for s in range(1, S + 1):
-            spent = 0.0
+        s = 0
+        while (stage_of < 0).any():
+            s += 1
+            spent = held = 0.0
+            if limited:  # blocks received earlier that pending computations still read stay held
+                pend = stage_of < 0
+                users = np.concatenate([q_loc[pend], k_loc[pend]])
+                open_ = np.zeros(cost.size, dtype=bool)
+                open_[users[users >= 0]] = True
+                held = float(slot[open_ & (ready_at >= 0)].sum())
             while True:
                 pend = stage_of < 0
                 if not pend.any():
@@ -189,7 +210,7 @@ class PassScheduler:
                 if ready.any():
                     stage_of[ready] = s
                     continue
-                if s < S:
+                if s < S or limited:
                     # an input's bytes are shared by the pending computations that read it (a remote query
                     # block fetched once serves all its key blocks), so blocks enter in a sweep rather than
                     # all at the last stage
@@ -199,9 +220,14 @@ class PassScheduler:
                     amort = (np.where(miss_q, share[np.maximum(q_loc, 0)], 0.0)
                              + np.where(miss_k, share[np.maximum(k_loc, 0)], 0.0))
                     score = np.where(pend, amort / np.maximum(work, 1e-30), np.inf)
-                    i = int(np.argmin(score))
-                    if spent > 0 and spent + missing[i] > budget:
+                    if limited:
+                        i = _fewest_held_pick(pend, q_loc, k_loc, miss_q, miss_k, slot, score)
+                    else:
+                        i = int(np.argmin(score))
+                    new_slots = ((slot[q_loc[i]] if miss_q[i] else 0.0) + (slot[k_loc[i]] if miss_k[i] else 0.0))
+                    if spent > 0 and ((s < S and spent + missing[i] > budget) or held + new_slots > slot_budget):
                         break
+                    held += new_slots
                 else:
                     i = int(np.argmax(pend))
                 spent += missing[i]
@@ -212,10 +238,49 @@ class PassScheduler:
         # first stage each input is needed (the stage it was scheduled for)
         used = np.concatenate([q_loc[q_loc >= 0], k_loc[k_loc >= 0]])
         used_stage = np.concatenate([stage_of[q_loc >= 0], stage_of[k_loc >= 0]])
-        first = np.full(cost.size, S + 1, dtype=np.int64)
+        first = np.full(cost.size, s + 1, dtype=np.int64)
         np.minimum.at(first, used, used_stage)
         kinds = np.concatenate([np.full(nq, KIND_Q), np.full(uk.size, KIND_KV)])
         return remote, stage_of, kinds, np.concatenate([uq, uk]), first
+
+
+def _fewest_held_pick(pend, q_loc, k_loc, miss_q, miss_k, slot, score) -> int:
+    """The pending computation to fetch inputs for next under a slot budget: the one leaving the fewest
+    slot bytes held afterwards (inputs it brings that other pending computations still read with another
+    missing input, minus held inputs whose pending computations all wait for an input it brings), then
+    the lowest ``score``. So a device finishes with a received block before it opens the next."""
+    n_in = slot.size
+    big = np.iinfo(np.int64).max
+
+    def single_partner(of, partner):
+        """Per input: its partner if every pair (input, partner) names the same one, else -1."""
+        lo = np.full(n_in, big)
+        hi = np.full(n_in, -1)
+        np.minimum.at(lo, of, partner)
+        np.maximum.at(hi, of, partner)
+        return np.where((hi >= 0) & (lo == hi), lo, -1), hi >= 0
+
+    # held inputs (arrived, remote) whose pending computations wait for one other input each
+    one_q = pend & miss_k & ~miss_q & (q_loc >= 0)
+    one_k = pend & miss_q & ~miss_k & (k_loc >= 0)
+    closer, _ = single_partner(np.concatenate([q_loc[one_q], k_loc[one_k]]),
+                               np.concatenate([k_loc[one_q], q_loc[one_k]]))
+    c = closer >= 0
+    gain = np.bincount(closer[c], weights=slot[c], minlength=n_in)
+    # missing inputs read by pending computations with another missing input (they stay held once fetched,
+    # unless that other input is the one fetched with them)
+    two = pend & miss_q & miss_k
+    partner, lingers = single_partner(np.concatenate([q_loc[two], k_loc[two]]),
+                                      np.concatenate([k_loc[two], q_loc[two]]))
+    mq, mk = np.maximum(q_loc, 0), np.maximum(k_loc, 0)
+    other_q = np.where(miss_k, k_loc, -1)  # for a missing q input, the kv input fetched with it
+    other_k = np.where(miss_q, q_loc, -1)
+    opened = (np.where(miss_q & lingers[mq] & (partner[mq] != other_q), slot[mq], 0.0)
+              + np.where(miss_k & lingers[mk] & (partner[mk] != other_k), slot[mk], 0.0))
+    net = opened - np.where(miss_q, gain[mq], 0.0) - np.where(miss_k, gain[mk], 0.0)
+    net = np.where(pend, net, np.inf)
+    best = np.nonzero(net <= net.min() + 1e-9 * max(abs(float(net.min())), 1.0))[0]
+    return int(best[np.argmin(score[best])])
 
 
 class _Loads:
@@ -333,14 +398,17 @@ def _pick_sender(key, owner: int, c: int, nb: float, dpn: int, loads: _Loads, ho
 
 
 def _outputs(bs: BlockSet, pl: Placement, comp_stage, qid, kvid, kv_outputs: bool, out_bytes: dict,
-             S: int, hierarchical: bool = True, inputs: Transfers | None = None) -> Transfers:
+             S: int, hierarchical: bool = True, inputs: Transfers | None = None,
+             brief: np.ndarray | None = None) -> Transfers:
     """Partial q-side results (out/lse or dq) and kv-side results (dk/dv) that must reach the owner.
 
     A device sends its partial of a block after the last stage that touches it. Hierarchical: the
     partials of one block computed on several devices of a node other than the owner's are first
     reduced inside that node, on the contributor that finishes last (the least loaded of those), so
     one partial per (block, node) crosses the network; the reducer sends after its own last stage and
-    one stage after the others' (key ``out{S+1}`` when that is past the last stage).
+    one stage after the others' (key ``out{S+1}`` when that is past the last stage). ``brief``: devices
+    that hold received blocks as briefly as they can (under a slot budget); a group whose reducer would be
+    one of them and would hold the block more than one stage past its own last use is not reduced.
     """
     h = bs.heads
     dev = pl.comp_device
@@ -393,6 +461,8 @@ def _outputs(bs: BlockSet, pl: Placement, comp_stage, qid, kvid, kv_outputs: boo
                     red = int(top[np.argmin(loads.egress[d[top], t_guess])])
                     others = members[members != red]
                     t = max(int(last_stage[red]), int(last_stage[others].max()) + 1)
+                    if brief is not None and brief[d[red]] and t > last_stage[red] + 1:
+                        continue  # the reducer would hold the block for long: every partial goes to the owner
                     dst[others] = d[red]
                     stage[red] = t
                     loads.egress[d[red], t] += float(out_bytes[kind][b[red]])

@@ -52,6 +52,7 @@ def plan_stats(plan, element_size: int = 2) -> PlanStats:
         "instructions_per_device": n_instr,
         "forward_attention_calls": int(attn_calls),
         "planning_seconds": plan.planning_seconds,
+        "rank_planning_seconds": plan.rank_planning_seconds,
         "planning_seconds_by_phase": dict(plan.timings),
         "fwd_memory_bytes_per_rank": fwd_mem,
         "bwd_memory_bytes_per_rank": bwd_mem,

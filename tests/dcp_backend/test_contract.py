@@ -241,7 +241,7 @@ PLANNERS = [
     ("loongtrain", {"head_parallel": 2, "window": 1}), ("te", {}), ("te", {"cp_comm_type": "a2a+p2p"}),
     ("dcp", {"block_size": 16}),  # every other trial (planning is the slow part); 2 nodes: the spawned check
 ]
-TIMINGS = ("planning_seconds", "planning_seconds_by_phase")
+TIMINGS = ("planning_seconds", "rank_planning_seconds", "planning_seconds_by_phase")
 
 
 class _planner:

@@ -56,6 +56,8 @@ def test_cli_json_has_required_keys_and_sane_values():
     assert rec["planning_seconds"] > 0 and rec["planning_cpu_seconds"] > 0
     assert abs(sum(rec["planning_seconds_by_phase"].values()) - rec["planning_seconds"]) < 1e-9
     assert set(rec["planning_seconds_by_phase"]) == {"blocks", "partition", "schedule", "compile"}
+    ph = rec["planning_seconds_by_phase"]  # one rank: everything but the other ranks' programs
+    assert ph["blocks"] + ph["partition"] + ph["schedule"] < rec["rank_planning_seconds"] < rec["planning_seconds"]
     assert 1.0 <= rec["compute_imbalance"] <= 1.1 + 1e-9  # the default limit, met on this batch
     assert rec["memory_imbalance"] >= 1.0 and rec["max_device_memory_bytes"] == max(rec["memory_bytes"])
     assert sum(rec["tokens_per_device"]) == sum(seqlens)

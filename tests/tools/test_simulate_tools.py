@@ -64,3 +64,16 @@ def test_calibrate_derives_the_shipped_flash_table(tmp_path):
     assert got["kernel"] == "flash" and got["points"] == shipped["points"]
     assert got["pair_scale"] == pytest.approx(shipped["pair_scale"])
     assert "no flash-attn backward was measured" in got["source"]
+
+
+def test_simulate_takes_dcp_options(capsys, tmp_path):
+    out = tmp_path / "s.json"
+    argv = ["--seqlens", "3000,500", "--nodes", "2", "--devices-per-node", "2", "--backends", "zigzag,dcp",
+            "--dcp-block-sizes", "256", "--dcp-candidates", "hypergraph", "--quiet"]
+    assert simulate.main([*argv, "--dcp-option", "memory_limit=2x", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["args"]["dcp_options"] == {"memory_limit": "2x"}
+    capsys.readouterr()
+    assert simulate.main([*argv, "--dcp-option", "memory_limit=-1"]) == 2
+    assert "--dcp-option: dcp option memory_limit must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        simulate.main([*argv, "--dcp-option", "memory_limit"])

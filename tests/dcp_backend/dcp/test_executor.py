@@ -57,6 +57,10 @@ def test_dcp_eight_ranks_four_nodes():
     limited = cp.get_backend("dcp", world_size=8, memory_limit=limit, **opts).plan([900], cp.AttentionSpec(4, 2, 8))
     assert limited.bwd.num_stages > free.bwd.num_stages
     cases.append(Case("dcp", [900], options={**opts, "memory_limit": limit}, seed=4))
+    # a best-effort limit of twice a device's own rows over 4 nodes: slot budgets, blocks fetched in the order
+    # that finishes one before the next, partials sent to the owner where an in-node reducer would hold long
+    cases.append(Case("dcp", [1, 300, 17, 64, 2, 700], mask="causal", seed=6,
+                      options={**opts, "memory_limit": "2x"}))
     # bf16 partials against fp32 partials on a long document (many partials per block, reduced in nodes)
     pair = [Case("dcp", [1500, 200], mask="causal", dtype="bf16", seed=5,
                  options={"devices_per_node": 2, "block_size": 32, "num_stages": 3, "partial_dtype": p,
