@@ -250,15 +250,16 @@ def _fewest_held_pick(pend, q_loc, k_loc, miss_q, miss_k, slot, score) -> int:
     missing input, minus held inputs whose pending computations all wait for an input it brings), then
     the lowest ``score``. So a device finishes with a received block before it opens the next."""
     n_in = slot.size
-    big = np.iinfo(np.int64).max
 
     def single_partner(of, partner):
-        """Per input: its partner if every pair (input, partner) names the same one, else -1."""
-        lo = np.full(n_in, big)
-        hi = np.full(n_in, -1)
-        np.minimum.at(lo, of, partner)
-        np.maximum.at(hi, of, partner)
-        return np.where((hi >= 0) & (lo == hi), lo, -1), hi >= 0
+        """Per input: its partner if every pair (input, partner) names the same one, else -1; and whether
+        it has a pair at all (a zero variance of the partners: sums of small integers, exact in float64)."""
+        count = np.bincount(of, minlength=n_in).astype(np.float64)
+        s1 = np.bincount(of, weights=partner, minlength=n_in)
+        s2 = np.bincount(of, weights=partner.astype(np.float64) ** 2, minlength=n_in)
+        has = count > 0
+        same = has & (s2 * count == s1 * s1)
+        return np.where(same, (s1 / np.maximum(count, 1.0)).astype(np.int64), -1), has
 
     # held inputs (arrived, remote) whose pending computations wait for one other input each
     one_q = pend & miss_k & ~miss_q & (q_loc >= 0)
