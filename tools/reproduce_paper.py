@@ -8,7 +8,7 @@ Setup as published: LongAlign- and LDC-shaped batches of 131072 tokens at length
 (``dcp_backend.sim.benchmark_batches``), 8 query / 2 KV heads, head dim 128, bf16, 4 nodes x 8 devices; causal
 forward and backward for ring, zigzag, LoongTrain (best window), TE (a2a+p2p as published, and p2p),
 Megatron-Core's hybrid CP (not in the paper; megatron-core's scheduler, best of two max_seqlen_per_rank) and
-DCP (best of block sizes 1024/2048/4096 and its static candidates); the sparse masks (lambda, shared
+DCP (best of block sizes 1024/2048/4096 at 1x and 2x token share, as hybrid, and its static candidates); the sparse masks (lambda, shared
 question, causal blockwise) for DCP against the best baseline. Every plan is simulated under four
 settings: the H100 cost table with the H100 p5 network or the A100 p4d network (the published cluster's
 network class), each with DCP's executor copies as built or fused (one memory operation per instruction,

@@ -65,6 +65,9 @@ def parse_args(argv=None):
     k.add_argument("--all-backends", action="store_true", help=f"all of {', '.join(ALL_BACKENDS)}")
     k.add_argument("--backends", default="zigzag,loongtrain,dcp")
     k.add_argument("--dcp-block-sizes", default="1024,2048,4096", help="best kept (published grid)")
+    k.add_argument("--dcp-shares", default="1,2",
+                   help="token shares DCP's hypergraph plans are made at (2 = a device may hold twice the mean "
+                        "tokens, as hybrid's 2x share), best kept")
     k.add_argument("--dcp-candidates", default="hypergraph,zigzag,zigzag2d",
                    help="dcp placements to try (hypergraph per block size, the static zigzag candidate)")
     k.add_argument("--dcp-plan-cost-model", default="table",
@@ -141,6 +144,7 @@ def main(argv=None) -> int:
                             tuple(int(x) for x in args.dcp_block_sizes.split(",")), dcp_opts,
                             [int(x) for x in args.lt_windows.split(",")] if args.lt_windows else None,
                             tuple(args.dcp_candidates.split(",")), log, fused_copies=args.fused_copies,
+                            dcp_shares=tuple(int(x) for x in args.dcp_shares.split(",")),
                             kernel=args.kernel)
         wall = time.perf_counter() - t0
         for label, e in res.items():

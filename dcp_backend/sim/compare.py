@@ -2,7 +2,7 @@
 
 ``candidate_plans`` plans the batch with each requested backend in every configuration the published
 benchmark tries: LoongTrain at every double-ring window (powers of two up to its ring size), DCP at every
-block size (hypergraph placement) plus its static candidates (zigzag, 2D zigzag;
+block size (hypergraph placement, at 1x and 2x a device's token share as hybrid is run) plus its static candidates (zigzag, 2D zigzag;
 :mod:`dcp_backend.dcp.candidates`). ``simulate_candidates`` simulates them under one or more simulator
 settings (network, copy accounting) and keeps each backend's best configuration; for DCP that is what
 ``placement="auto"`` does, taken over block sizes, and ``dcp-hypergraph`` (the hypergraph plans only) is
@@ -42,6 +42,9 @@ BASELINES = ("ring", "zigzag", "loongtrain", "te", "te-a2a", "hybrid")
 # (1: megatron's suggested starting point, the memory every other backend uses; 2: twice the activation
 # memory per micro-batch for smaller CP groups)
 HYBRID_SEQLEN_FACTORS = (1, 2)
+# DCP's hypergraph plans at the same shares: a device holds at most (1 + memory_imbalance) x the mean tokens, so
+# 1x is the default memory_imbalance (0.2) and 2x allows twice the mean, what hybrid's 2x share allows a rank
+DCP_SHARE_FACTORS = (1, 2)
 
 
 @dataclasses.dataclass
@@ -90,8 +93,11 @@ def _te_plan(seqlens, spec, topo: Topology, comm_type):
 
 def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=ALL_BACKENDS,
                     dcp_block_sizes=(1024, 2048, 4096), dcp_options: DCPOptions | None = None, lt_windows=None,
-                    dcp_candidates=("hypergraph", "zigzag", "zigzag2d"), element_size: int = 2, log=None):
-    """Every configuration of every requested backend, planned (DCP plans compiled for all devices)."""
+                    dcp_candidates=("hypergraph", "zigzag", "zigzag2d"), element_size: int = 2, log=None,
+                    dcp_shares=DCP_SHARE_FACTORS):
+    """Every configuration of every requested backend, planned (DCP plans compiled for all devices).
+    ``dcp_shares``: the memory shares DCP's hypergraph plans are made at (:data:`DCP_SHARE_FACTORS`; a share
+    f > 1 raises ``memory_imbalance`` to at least f - 1), as hybrid is planned at 1x and 2x its share."""
     batch = PackedBatch.from_seqlens(seqlens)
     n = topo.world_size
     out: list[Candidate] = []
@@ -127,10 +133,13 @@ def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=AL
         elif name == "dcp":
             base = dataclasses.replace(dcp_options or DCPOptions(), placement="hypergraph")
             if "hypergraph" in dcp_candidates:
-                for bsz in dcp_block_sizes:
-                    o = dataclasses.replace(base, block_size=bsz)
-                    add("dcp", f"hypergraph block={bsz}",
-                        lambda o=o: make_plan(batch, spec, topo, o, element_size, compile_all=True))
+                for f in dcp_shares:
+                    shared = base if f == 1 else dataclasses.replace(
+                        base, memory_imbalance=max(base.memory_imbalance, float(f) - 1.0))
+                    for bsz in dcp_block_sizes:
+                        o = dataclasses.replace(shared, block_size=bsz)
+                        add("dcp", f"hypergraph block={bsz}" + ("" if f == 1 else f" ({f}x share)"),
+                            lambda o=o: make_plan(batch, spec, topo, o, element_size, compile_all=True))
             if n > 1 and "zigzag" in dcp_candidates:
                 add("dcp", lambda p: f"zigzag block={p.block_size}",
                     lambda: make_plan(batch, spec, topo, base, element_size, compile_all=True, strategy="zigzag"))
@@ -174,14 +183,14 @@ def simulate_candidates(cands: list[Candidate], cost_model, network, dtype="bf16
 def compare_batch(seqlens, spec: cp.AttentionSpec, topo: Topology, cost_model: CostModel | str, network,
                   dtype="bf16", backends=ALL_BACKENDS, dcp_block_sizes=(1024, 2048, 4096), dcp_options=None,
                   lt_windows=None, dcp_candidates=("hypergraph", "zigzag", "zigzag2d"), log=None,
-                  fused_copies: bool = False, kernel: str = "auto") -> dict:
+                  fused_copies: bool = False, kernel: str = "auto", dcp_shares=DCP_SHARE_FACTORS) -> dict:
     """Plan and simulate: each backend's best configuration, {label: Entry}."""
     cm = load_cost_model(cost_model) if not isinstance(cost_model, CostModel) else cost_model
     if dcp_options is None:
         dcp_options = DCPOptions(cost_model=cm.spec)
     esize = element_size(dtype)
     cands = candidate_plans(seqlens, spec, topo, backends, dcp_block_sizes, dcp_options, lt_windows, dcp_candidates,
-                            esize, log)
+                            esize, log, dcp_shares)
     return simulate_candidates(cands, cm, network, dtype, fused_copies, log, kernel=kernel)
 
 

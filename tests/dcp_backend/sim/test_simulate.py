@@ -5,7 +5,7 @@ import pytest
 
 import dcp_backend as cp
 from dcp_backend.sim.benchmark_batches import paper_batches
-from dcp_backend.sim.compare import compare_batch
+from dcp_backend.sim.compare import candidate_plans, compare_batch
 from dcp_backend.topology import Topology
 from dcp_backend.sim.simulator import compute_only_seconds, simulate_plan
 
@@ -73,3 +73,21 @@ def test_compare_batch_keeps_best_configurations():
     assert set(res) == {"ring", "zigzag", "loongtrain", "te", "te-a2a", "hybrid", "dcp", "dcp-hypergraph"}
     assert res["dcp"].total_ms <= res["dcp-hypergraph"].total_ms
     assert all(e.fwd_ms > 0 and e.bwd_ms > 0 for e in res.values())
+
+
+def test_dcp_is_planned_at_the_shares_hybrid_gets():
+    # hybrid runs at 1x and 2x a rank's token share; DCP's hypergraph plans at the same two shares, the 2x
+    # one allowed to hold up to twice the mean tokens on a device (memory_imbalance 1.0)
+    seqlens = [5000, 3000, 2000, 1500, 600]
+    cands = candidate_plans(seqlens, SPEC, Topology.grid(2, 4), backends=("hybrid", "dcp"), dcp_block_sizes=(512,),
+                            dcp_candidates=("hypergraph",))
+    assert sorted(c.config.split(" (")[1] for c in cands if c.label == "hybrid") == ["1x share)", "2x share)"]
+    dcp = {c.config: c.plan for c in cands if c.label == "dcp"}
+    assert set(dcp) == {"hypergraph block=512", "hypergraph block=512 (2x share)"}
+    one, two = dcp["hypergraph block=512"], dcp["hypergraph block=512 (2x share)"]
+    assert one.options.memory_imbalance == 0.2 and two.options.memory_imbalance == 1.0
+    mean = sum(seqlens) / 8
+    assert max(one.stats().tokens) <= 1.2 * mean + 512 and max(two.stats().tokens) <= 2.0 * mean + 512
+    only = candidate_plans(seqlens, SPEC, Topology.grid(2, 4), backends=("dcp",), dcp_block_sizes=(512,),
+                           dcp_candidates=("hypergraph",), dcp_shares=(1,))
+    assert [c.config for c in only] == ["hypergraph block=512"]
