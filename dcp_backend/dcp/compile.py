@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from dcp_backend.dtypes import acc_element_size
-from dcp_backend.dcp.blocks import BlockSet
+from dcp_backend.dcp.blocks import BlockSet, block_bytes
 from dcp_backend.dcp.instructions import (ACC, MODEL, Attention, Comm, CommOp, DeviceProgram, Fill, Reduce,
                                           StoreSpec, Wait)
 from dcp_backend.dcp.partition import Placement
@@ -532,3 +532,39 @@ def pass_memory_bytes(bs: BlockSet, pl: Placement, sched: PassSchedule, backward
         for kind, b in temp_row.items():
             total = total + temp[:, kind] * b
     return total
+
+
+def pass_buffer_bytes(bs: BlockSet, pl: Placement, sched: PassSchedule, backward: bool, element_size: int = 2,
+                      partial_dtype: str = "fp32") -> np.ndarray:
+    """Peak bytes of every device's transfer buffers in one pass, from the schedule alone (equal to the compiled
+    programs', :func:`dcp_backend.dcp.stats.program_buffer_bytes`). The executor packs each launch's sends
+    into buffers and receives into buffers that live until the launch's wait; the program (``stages``) keeps
+    two launches open at once: stage s's inputs ``in{s+1}`` (then their forwards ``in{s+1}p2``) beside the
+    previous stage's partial results ``out{s-1}``; a key's bytes are what the device sends plus receives."""
+    b = block_bytes(bs, element_size, partial_dtype)
+    in_b = {KIND_Q: b["q_bwd"] if backward else b["q_fwd"], KIND_KV: b["kv"]}
+    out_b = {KIND_Q: b["dq"] if backward else b["out_fwd"], KIND_KV: b["dkv"]}
+    n = pl.num_devices
+    inputs, outputs = sched.inputs, sched.outputs
+    S = sched.num_stages
+    last = max(S + 1, int(outputs.stage.max(initial=0)))
+
+    def per_key(tr: Transfers, nbytes: dict, sel: np.ndarray, width: int) -> np.ndarray:
+        grid = np.zeros((n, width + 1))
+        if sel.any():
+            kind, block, stage = tr.kind[sel], tr.block[sel], tr.stage[sel]
+            nb = np.where(kind == KIND_Q, nbytes[KIND_Q][np.where(kind == KIND_Q, block, 0)],
+                          nbytes[KIND_KV][np.where(kind == KIND_KV, block, 0)])
+            np.add.at(grid, (tr.src[sel], stage), nb)
+            np.add.at(grid, (tr.dst[sel], stage), nb)
+        return grid
+
+    in1 = per_key(inputs, in_b, inputs.phase == 1, S + 1)
+    in2 = per_key(inputs, in_b, inputs.phase == 2, S + 1)
+    out = per_key(outputs, out_b, np.ones(len(outputs), dtype=bool), last)
+    peak = out.max(axis=1)
+    for s in range(S):  # at stage s: in{s+1} (then in{s+1}p2) open beside out{s-1}
+        prev = out[:, s - 1] if s > 0 else 0.0
+        peak = np.maximum(peak, np.maximum(in1[:, s + 1], in2[:, s + 1]) + prev)
+    return peak
+

@@ -13,7 +13,8 @@ from dcp_backend.batch import PackedBatch
 from dcp_backend.contract import Plan, PlanStats
 from dcp_backend.errors import CPError
 from dcp_backend.dcp.blocks import BlockSet, block_bytes
-from dcp_backend.dcp.compile import DeviceLayout, compile_programs, own_memory_bytes, pass_memory_bytes, row_bytes
+from dcp_backend.dcp.compile import (DeviceLayout, compile_programs, own_memory_bytes, pass_buffer_bytes,
+                                     pass_memory_bytes, row_bytes)
 from dcp_backend.dcp.config import DCPOptions, own_rows_factor
 from dcp_backend.dcp.instructions import ACC, MODEL, DeviceProgram
 from dcp_backend.dcp.partition import Placement
@@ -174,11 +175,16 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
     if limit is None:
         return sched
     smallest = max(scheduler.slot_bytes.values())  # one computation's inputs always fit a stage
+
+    def pass_memory(sched: PassSchedule) -> np.ndarray:  # stores and transfer buffers, as plan.stats() counts
+        return (pass_memory_bytes(bs, pl, sched, backward, element_size, wire)
+                + pass_buffer_bytes(bs, pl, sched, backward, element_size, options.partial_dtype))
+
     budget = np.full(n, np.inf)
     cap = np.full(n, np.inf)  # rows of partial results a device receives under one key
     best, best_excess = sched, np.inf
     for _ in range(12):
-        mem = pass_memory_bytes(bs, pl, sched, backward, element_size, wire)
+        mem = pass_memory(sched)
         excess = float(np.max(mem - limit))
         if excess < best_excess:
             best, best_excess = sched, excess
@@ -193,7 +199,7 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
             break
         budget, cap = new, new_cap
         sched = scheduler.schedule(stages, cap, budget)
-    mem = pass_memory_bytes(bs, pl, best, backward, element_size, wire)
+    mem = pass_memory(best)
     over = mem > limit * (1 + 1e-9)
     if over.any() and memory_limit_is_strict(options):
         d = int(np.argmax(mem - limit))

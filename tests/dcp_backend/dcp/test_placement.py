@@ -1,19 +1,20 @@
 """DCP planning properties without running anything: the seeded placement never crosses the network more
 than the structured placements repaired under the same limits (and its predicted inter-node bytes are
 exactly the compiled plan's); hierarchical routing crosses each input once per node and reduces partials
-inside a node; the memory estimate equals the compiled stores; an explicit memory limit is met or refused."""
+inside a node; the memory estimate equals the compiled stores and transfer buffers; an explicit memory limit
+is met or refused."""
 import numpy as np
 import pytest
 
 import dcp_backend as cp
 from dcp_backend.batch import PackedBatch
 from dcp_backend.dcp.candidates import structured_placements
-from dcp_backend.dcp.compile import own_memory_bytes, pass_memory_bytes
+from dcp_backend.dcp.compile import own_memory_bytes, pass_buffer_bytes, pass_memory_bytes
 from dcp_backend.dcp.config import DCPOptions
 from dcp_backend.dcp.partition import Placement, build_hypergraph, placement_costs, rebalance
 from dcp_backend.dcp.plan import pair_cost, partial_wire, plan_from_placement
 from dcp_backend.dcp.planner import make_plan
-from dcp_backend.dcp.stats import program_memory_bytes
+from dcp_backend.dcp.stats import program_buffer_bytes, program_memory_bytes
 from dcp_backend.dcp.verify import verify_plan
 from tests.cp_check import random_seqlens
 
@@ -93,7 +94,7 @@ def test_hierarchical_routing_crosses_once_per_node_and_reduces_inside_nodes():
         assert max(h.extra["fwd_inter_node_bytes_per_rank"]) <= max(d.extra["fwd_inter_node_bytes_per_rank"])
 
 
-def test_memory_estimate_equals_the_compiled_stores():
+def test_memory_estimate_equals_the_compiled_stores_and_buffers():
     rng = np.random.default_rng(5)
     for trial in range(8):
         world, dpn = [(4, 2), (8, 4), (8, 2), (3, 3)][trial % 4]
@@ -107,6 +108,10 @@ def test_memory_estimate_equals_the_compiled_stores():
                 est = pass_memory_bytes(plan.blocks, plan.placement, sched, backward, esize,
                                         partial_wire(plan.options))
                 assert np.array_equal(est, [program_memory_bytes(p, SPEC.head_dim, esize) for p in progs])
+                buf = pass_buffer_bytes(plan.blocks, plan.placement, sched, backward, esize,
+                                        plan.options.partial_dtype)
+                assert np.array_equal(buf, [program_buffer_bytes(p, SPEC.head_dim, esize) for p in progs])
+                assert buf.max() > 0
 
 
 @pytest.mark.parametrize("seqlens", [[3000], [1500, 900, 700, 300]])
