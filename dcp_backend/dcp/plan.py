@@ -140,7 +140,7 @@ class DCPPlan(Plan):
         return plan_stats(self, element_size)
 
 
-AUTO_MEMORY_FACTOR = 2.0  # memory_limit="auto": a device's stores at most this times its own rows
+AUTO_MEMORY_FACTOR = 2.0  # memory_limit="auto": a device's stores and buffers at most this times its own rows
 
 
 def memory_limit_is_strict(options: DCPOptions) -> bool:
@@ -164,8 +164,8 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
     slot budget (the slot bytes of blocks they receive for one stage; a received block is held from the
     stage before it is needed until its result is sent, so about three stages' blocks are held at once),
     tightened until every device fits, and receive their partial results over more keys (at most two
-    blocks' rows per key). An explicit limit that cannot be met raises :class:`CPError` naming the device;
-    "auto" keeps the best schedule found."""
+    blocks' rows per key). Memory is the stores and the transfer buffers. An explicit limit that cannot be met
+    raises :class:`CPError` naming the device; "auto" and "Nx" keep the schedule with the smallest excess."""
     bs, pl = scheduler.bs, scheduler.pl
     n = pl.num_devices
     stages = np.full(n, options.num_stages, dtype=np.int64)
@@ -199,6 +199,9 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
             break
         budget, cap = new, new_cap
         sched = scheduler.schedule(stages, cap, budget)
+    else:  # the last schedule of the loop, not yet measured
+        if float(np.max(pass_memory(sched) - limit)) < best_excess:
+            best = sched
     mem = pass_memory(best)
     over = mem > limit * (1 + 1e-9)
     if over.any() and memory_limit_is_strict(options):
