@@ -1,5 +1,6 @@
 """Statistics of a compiled DCP plan: bytes moved (forward/backward, inter/intra node, per device),
-compute and its imbalance, memory per device (stores and transfer buffers), stages, instructions and planning time per phase.
+compute and its imbalance, memory per device (stores and transfer buffers), stages, instructions and planning
+time per phase.
 
 Bytes are counted from the compiled send instructions, exactly as the executor sends them (model
 tensors at ``element_size`` bytes per element, log-sum-exp at 4, partial results at 4 or, with
@@ -13,6 +14,11 @@ from dcp_backend.contract import PlanStats
 from dcp_backend.dcp.instructions import Attention, Comm, Wait
 
 
+def op_bytes(prog, op, head_dim: int, element_size: int) -> int:
+    """Bytes one send or receive of a device program moves (its parts, as the executor packs them)."""
+    return sum(prog.stores[name].wire_nbytes(rows.size, head_dim, element_size) for name, rows in op.parts)
+
+
 def program_send_bytes(prog, head_dim: int, element_size: int, devices_per_node: int) -> tuple[int, int]:
     """(intra-node, inter-node) bytes one device program sends."""
     intra = inter = 0
@@ -20,7 +26,7 @@ def program_send_bytes(prog, head_dim: int, element_size: int, devices_per_node:
         if not isinstance(ins, Comm):
             continue
         for op in ins.sends:
-            nbytes = sum(prog.stores[name].wire_nbytes(rows.size, head_dim, element_size) for name, rows in op.parts)
+            nbytes = op_bytes(prog, op, head_dim, element_size)
             if op.peer // devices_per_node == prog.device // devices_per_node:
                 intra += nbytes
             else:
@@ -39,8 +45,7 @@ def program_buffer_bytes(prog, head_dim: int, element_size: int) -> int:
     live, cur, peak = {}, 0, 0
     for ins in prog.instructions:
         if isinstance(ins, Comm):
-            nbytes = sum(prog.stores[name].wire_nbytes(rows.size, head_dim, element_size)
-                         for op in (*ins.sends, *ins.recvs) for name, rows in op.parts)
+            nbytes = sum(op_bytes(prog, op, head_dim, element_size) for op in (*ins.sends, *ins.recvs))
             live[ins.key] = nbytes
             cur += nbytes
             peak = max(peak, cur)
