@@ -71,8 +71,8 @@ class _Rows:
         tb, head = divmod(int(block), per)
         tokens = int(bs.tb_tokens[tb])
         offset = self.layout.tb_offset[tb]
-        if offset >= 0:
-            return (offset + np.arange(tokens, dtype=np.int64)) * per + head
+        if offset >= 0:  # own rows: head block by head block, so a block is a run
+            return head * self.layout.num_tokens + offset + np.arange(tokens, dtype=np.int64)
         slot = self.slots[(kind, int(block))]
         base = self.q_base if kind == KIND_Q else self.kv_base
         return base + slot * bs.block_size + np.arange(tokens, dtype=np.int64)
@@ -289,8 +289,8 @@ class _PassCompiler:
 
     # ------------------------------------------------------------------ instruction builders
     def comm(self, key: str, sends_idx, recvs_idx, tr: Transfers, send_parts, recv_parts) -> Comm:
-        """One op per peer; a peer's transfers in (kind, block) order on both sides, each store's rows of one
-        kind concatenated (the packing order of :func:`~dcp_backend.dcp.instructions.message_parts`)."""
+        """One op per peer; a peer's transfers in (kind, block) order on both sides, one block's parts after
+        another (each block of a store group is one segment, :func:`~dcp_backend.dcp.instructions.message_segments`)."""
         ops = {}
         for idx, peer_arr, parts_of, side in ((sends_idx, tr.dst, send_parts, "send"),
                                               (recvs_idx, tr.src, recv_parts, "recv")):
@@ -301,23 +301,22 @@ class _PassCompiler:
                 mine = idx[peer_arr[idx] == peer]
                 parts = []
                 for kind in (KIND_Q, KIND_KV):
-                    sel = mine[tr.kind[mine] == kind]
-                    if sel.size:
-                        parts.extend(parts_of(kind, sel))
+                    for i in mine[tr.kind[mine] == kind].tolist():
+                        parts.extend(parts_of(kind, i))
                 out.append(CommOp(peer, parts))
             ops[side] = out
         return Comm(key, ops["send"], ops["recv"])
 
-    def input_parts(self, kind: int, idx: np.ndarray):
-        rows = self.rows.many(kind, self.inputs.block[idx])
+    def input_parts(self, kind: int, i: int):
+        rows = self.rows.many(kind, [int(self.inputs.block[i])])
         return [(name, rows) for name in self.in_parts[kind]]
 
-    def result_parts(self, kind: int, idx: np.ndarray):
-        rows = self.rows.many(kind, self.outputs.block[idx])
+    def result_parts(self, kind: int, i: int):
+        rows = self.rows.many(kind, [int(self.outputs.block[i])])
         return [(name, rows) for name in self.results[kind][0]]
 
-    def result_recv(self, kind: int, idx: np.ndarray):
-        rows = np.concatenate([self.recv_rows[int(i)] for i in idx])
+    def result_recv(self, kind: int, i: int):
+        rows = self.recv_rows[int(i)]
         return [(name, rows) for name in self.results[kind][1]]
 
     def fills(self, received: np.ndarray) -> list:
@@ -537,34 +536,19 @@ def pass_memory_bytes(bs: BlockSet, pl: Placement, sched: PassSchedule, backward
 def pass_buffer_bytes(bs: BlockSet, pl: Placement, sched: PassSchedule, backward: bool, element_size: int = 2,
                       partial_dtype: str = "fp32") -> np.ndarray:
     """Peak bytes of every device's transfer buffers in one pass, from the schedule alone (equal to the compiled
-    programs', :func:`dcp_backend.dcp.stats.program_buffer_bytes`). The executor packs each launch's sends
-    into buffers and receives into buffers that live until the launch's wait; the program (``stages``) keeps
-    two launches open at once: stage s's inputs ``in{s+1}`` (then their forwards ``in{s+1}p2``) beside the
-    previous stage's partial results ``out{s-1}``; a key's bytes are what the device sends plus receives."""
-    b = block_bytes(bs, element_size, partial_dtype)
-    in_b = {KIND_Q: b["q_bwd"] if backward else b["q_fwd"], KIND_KV: b["kv"]}
-    out_b = {KIND_Q: b["dq"] if backward else b["out_fwd"], KIND_KV: b["dkv"]}
+    programs', :func:`dcp_backend.dcp.stats.program_buffer_bytes`). Inputs travel straight from and into the
+    stores (:func:`~dcp_backend.dcp.instructions.segment_in_place`); only partial results held in fp32 and sent
+    in the model dtype (``partial_dtype="model"``) are converted into a send buffer, alive from the launch of
+    their key ``out{s}`` to its wait (the program keeps one such key open at a time)."""
     n = pl.num_devices
-    inputs, outputs = sched.inputs, sched.outputs
-    S = sched.num_stages
-    last = max(S + 1, int(outputs.stage.max(initial=0)))
-
-    def per_key(tr: Transfers, nbytes: dict, sel: np.ndarray, width: int) -> np.ndarray:
-        grid = np.zeros((n, width + 1))
-        if sel.any():
-            kind, block, stage = tr.kind[sel], tr.block[sel], tr.stage[sel]
-            nb = np.where(kind == KIND_Q, nbytes[KIND_Q][np.where(kind == KIND_Q, block, 0)],
-                          nbytes[KIND_KV][np.where(kind == KIND_KV, block, 0)])
-            np.add.at(grid, (tr.src[sel], stage), nb)
-            np.add.at(grid, (tr.dst[sel], stage), nb)
-        return grid
-
-    in1 = per_key(inputs, in_b, inputs.phase == 1, S + 1)
-    in2 = per_key(inputs, in_b, inputs.phase == 2, S + 1)
-    out = per_key(outputs, out_b, np.ones(len(outputs), dtype=bool), last)
-    peak = out.max(axis=1)
-    for s in range(S):  # at stage s: in{s+1} (then in{s+1}p2) open beside out{s-1}
-        prev = out[:, s - 1] if s > 0 else 0.0
-        peak = np.maximum(peak, np.maximum(in1[:, s + 1], in2[:, s + 1]) + prev)
-    return peak
-
+    outputs = sched.outputs
+    if partial_dtype != "model" or not len(outputs):
+        return np.zeros(n)
+    b = block_bytes(bs, element_size, partial_dtype)
+    out_b = {KIND_Q: b["dq"] if backward else b["out_fwd"], KIND_KV: b["dkv"]}
+    kind, block = outputs.kind, outputs.block
+    nb = np.where(kind == KIND_Q, out_b[KIND_Q][np.where(kind == KIND_Q, block, 0)],
+                  out_b[KIND_KV][np.where(kind == KIND_KV, block, 0)])
+    grid = np.zeros((n, int(outputs.stage.max()) + 1))
+    np.add.at(grid, (outputs.src, outputs.stage), nb)
+    return grid.max(axis=1)

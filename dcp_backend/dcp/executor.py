@@ -1,17 +1,19 @@
 """The DCP executor: runs one device's compiled forward and backward programs over torch.distributed.
 
 Preparation is split: :class:`PreparedProgram` (host, once per plan, in the planning worker) lays out
-the messages (per peer and dtype class, one gather per store group: k/v, q/o/do, dk/dv and an fp32
-output with its lse are each one tensor, so a message is usually one gather and one ``index_copy_``) and
-packs every index array of the program into one buffer; :class:`ProgramRunner` (once
+the messages (one op per block of a store group: k/v, q/o/do, dk/dv and an fp32 output with its lse are
+each one tensor, and a block is a run of its rows, so inputs go straight from and into the stores; only
+partial results converted to the model dtype pass through a buffer) and packs every index array of the
+program into one buffer; :class:`ProgramRunner` (once
 per plan, device and dtype) uploads that buffer once and allocates the stores, which every layer of the
 iteration reuses (only their result rows are reset per call). Each stage's inputs are launched (``batch_isend_irecv``) before
 the previous stage computes; attention runs as one block-kernel call per stage; partial results are
 merged (log-sum-exp) or summed into their owners' rows.
 
-On CUDA, NCCL runs transfers on its own streams; PyTorch orders them after the packing kernels of the
-current stream at launch and makes the current stream wait at ``wait()``, so stage s's attention
-overlaps stage s+1's transfers with correct ordering. On CPU (gloo) transfers proceed in gloo's
+On CUDA, NCCL runs transfers on its own streams; PyTorch orders them after the work already queued on
+the current stream at launch and makes the current stream wait at ``wait()``, so stage s's attention
+overlaps stage s+1's transfers with correct ordering; rows sent or received in place are not written
+between a launch and its wait (the plan verifier checks it). On CPU (gloo) transfers proceed in gloo's
 threads while the kernel computes.
 """
 from __future__ import annotations
@@ -60,8 +62,8 @@ class ProgramRunner:
             self.stores[name] = torch.empty(shape, dtype=self._dtype_of(spec.dtype), device=device)
         views = prepared.tables.on(device)
 
-        def msg(m: Message)  -> Message:
-            return Message(m.peer, {c: [(n, views[h], k) for n, h, k in parts] for c, parts in m.by_class.items()})
+        def msg(m: Message) -> Message:
+            return Message(m.peer, [(c, n, a, r if a is not None else views[r], k) for c, n, a, r, k in m.segments])
 
         steps = []
         for step in prepared.steps:
@@ -91,35 +93,35 @@ class ProgramRunner:
                 _, key, sends, recvs = step
                 x = Exchange(group, f"DCP transfer {key}", counters=counters)
                 for m in sends:
-                    for cls, parts in m.by_class.items():
-                        buf = torch.empty(sum(p[2] for p in parts), dtype=self._dtype_of(cls), device=self.device)
-                        off = 0
-                        for name, rows, numel in parts:
-                            st = S[name]
-                            view = buf[off:off + numel].view((rows.numel(),) + tuple(st.shape[1:]))
-                            if st.dtype == buf.dtype:
-                                torch.index_select(st, 0, rows, out=view)
-                            else:  # a partial held in fp32, sent in the model dtype
-                                view.copy_(st.index_select(0, rows))
-                            off += numel
+                    for cls, name, start, rows, numel in m.segments:
+                        st = S[name]
+                        if start is not None:  # straight from the store
+                            x.send(st[start:start + rows], m.peer, TAGS[cls])
+                            continue
+                        buf = torch.empty(numel, dtype=self._dtype_of(cls), device=self.device)
+                        view = buf.view((rows.numel(),) + tuple(st.shape[1:]))
+                        if st.dtype == buf.dtype:
+                            torch.index_select(st, 0, rows, out=view)
+                        else:  # a partial held in fp32, sent in the model dtype
+                            view.copy_(st.index_select(0, rows))
                         x.send(buf, m.peer, TAGS[cls])
                 bufs = []
                 for m in recvs:
-                    for cls, parts in m.by_class.items():
-                        buf = torch.empty(sum(p[2] for p in parts), dtype=self._dtype_of(cls), device=self.device)
+                    for cls, name, start, rows, numel in m.segments:
+                        st = S[name]
+                        if start is not None:  # straight into the store
+                            x.recv(st[start:start + rows], m.peer, TAGS[cls])
+                            continue
+                        buf = torch.empty(numel, dtype=self._dtype_of(cls), device=self.device)
                         x.recv(buf, m.peer, TAGS[cls])
-                        bufs.append((buf, parts))
+                        bufs.append((buf, name, rows))
                 pending[key] = (x.launch(), bufs)
             elif kind == "wait":
                 x, bufs = pending.pop(step[1])
                 x.wait()
-                for buf, parts in bufs:
-                    off = 0
-                    for name, rows, numel in parts:
-                        st = S[name]
-                        st.index_copy_(0, rows, buf[off:off + numel].view((rows.numel(),) + tuple(st.shape[1:]))
-                                       .to(st.dtype))
-                        off += numel
+                for buf, name, rows in bufs:
+                    st = S[name]
+                    st.index_copy_(0, rows, buf.view((rows.numel(),) + tuple(st.shape[1:])).to(st.dtype))
             elif kind == "attn":
                 _, backward, qr, kr, work = step
                 if not backward:
@@ -152,36 +154,38 @@ class ProgramRunner:
 
     # ------------------------------------------------------------------ passes
     def forward(self, q, k, v, kernel, scale, group, counters):
-        n = self.program.num_local_tokens
         S = self.stores
-        nq_rows, nkv_rows = q.shape[0] * (q.shape[1] // S["q"].shape[1]), k.shape[0] * (k.shape[1] // S["k"].shape[1])
-        S["q"][:nq_rows].copy_(q.reshape(nq_rows, *S["q"].shape[1:]))
-        S["k"][:nkv_rows].copy_(k.reshape(nkv_rows, *S["k"].shape[1:]))
-        S["v"][:nkv_rows].copy_(v.reshape(nkv_rows, *S["v"].shape[1:]))
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            _own_in(S[name], t)
         S["o"].zero_()
         S["lse"].fill_(float("-inf"))
         self.run(kernel, scale, group, counters)
         # copies: the stores are reused by the next layer, autograd keeps these
-        out = S["o"][:nq_rows].reshape(n, q.shape[1], q.shape[2]).to(q.dtype, copy=True)
-        lse = S["lse"][:nq_rows].reshape(n, q.shape[1]).clone()
-        return out, lse
+        return _own_out(S["o"], q.shape, q.dtype), _own_out(S["lse"], q.shape[:2], S["lse"].dtype)
 
     def backward(self, dout, q, k, v, out, lse, kernel, scale, group, counters):
-        n = self.program.num_local_tokens
         S = self.stores
-        nq_rows, nkv_rows = q.shape[0] * (q.shape[1] // S["q"].shape[1]), k.shape[0] * (k.shape[1] // S["k"].shape[1])
-        for name, t in (("q", q), ("o", out), ("do", dout)):
-            S[name][:nq_rows].copy_(t.reshape(nq_rows, *S[name].shape[1:]))
-        S["lse"][:nq_rows].copy_(lse.reshape(nq_rows, *S["lse"].shape[1:]))
-        S["k"][:nkv_rows].copy_(k.reshape(nkv_rows, *S["k"].shape[1:]))
-        S["v"][:nkv_rows].copy_(v.reshape(nkv_rows, *S["v"].shape[1:]))
+        for name, t in (("q", q), ("o", out), ("do", dout), ("lse", lse), ("k", k), ("v", v)):
+            _own_in(S[name], t)
         for name in ("dq", "dk", "dv"):
             S[name].zero_()
         self.run(kernel, scale, group, counters)
-        dq = S["dq"][:nq_rows].reshape(n, q.shape[1], q.shape[2]).to(q.dtype, copy=True)
-        dk = S["dk"][:nkv_rows].reshape(n, k.shape[1], k.shape[2]).to(k.dtype, copy=True)
-        dv = S["dv"][:nkv_rows].reshape(n, v.shape[1], v.shape[2]).to(v.dtype, copy=True)
-        return dq, dk, dv
+        return _own_out(S["dq"], q.shape, q.dtype), _own_out(S["dk"], k.shape, k.dtype), _own_out(S["dv"], v.shape, v.dtype)
+
+
+def _own_in(store: torch.Tensor, t: torch.Tensor) -> None:
+    """Copy a local tensor [tokens, heads(, head_dim)] into a store's own rows, which hold the tokens head block
+    by head block (row ``k * tokens + t``, :mod:`dcp_backend.dcp.instructions`)."""
+    n, per = t.shape[0], t.shape[1] // store.shape[1]
+    store[:n * per].unflatten(0, (per, n)).copy_(t.unflatten(1, (per, store.shape[1])).transpose(0, 1))
+
+
+def _own_out(store: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor [tokens, heads(, head_dim)] of ``dtype`` from a store's own rows (see :func:`_own_in`)."""
+    n, per = shape[0], shape[1] // store.shape[1]
+    out = torch.empty(tuple(shape), dtype=dtype, device=store.device)
+    out.unflatten(1, (per, store.shape[1])).copy_(store[:n * per].unflatten(0, (per, n)).transpose(0, 1))
+    return out
 
 
 class DCPAttentionFn(torch.autograd.Function):

@@ -3,7 +3,8 @@
 Stores are row tables that one pass of one device uses (all rows of a store have the same shape):
 
 * q-side stores (``q``, ``o``, ``do``, ``lse``, ``dq``) have one row per (token, query head block):
-  the device's own tokens first (row ``t * n_q + k``), then received blocks in ``block_size``-row slots;
+  the device's own tokens first, head block by head block (row ``k * n_tokens + t``, so every block is a
+  run of rows), then received blocks in ``block_size``-row slots;
 * kv-side stores (``k``, ``v``, ``dk``, ``dv``) likewise per (token, KV head block);
 * ``ro``/``rlse``/``rdq``/``rdk``/``rdv`` receive partial results from other devices before they are
   merged (forward, log-sum-exp) or summed (backward) into the owner's rows.
@@ -11,10 +12,12 @@ Stores are row tables that one pass of one device uses (all rows of a store have
 Instructions (one list per pass and device; every device runs the same sequence of communication keys,
 so point-to-point messages between any two ranks are posted in the same order on both sides):
 
-* ``Comm(key, sends, recvs)`` launches a batch of point-to-point transfers; an op is a peer and the
-  (store, rows) parts packed into one message per dtype class (a store's ``wire`` class: partial
-  results may travel in the model dtype while held in fp32, ``DCPOptions.partial_dtype``);
-* ``Wait(key)`` waits for it and unpacks received rows into their stores;
+* ``Comm(key, sends, recvs)`` launches a batch of point-to-point transfers; an op is a peer and its
+  (store, rows) parts, one block at a time; each block of a store group travels as one segment
+  (:func:`message_segments`), straight from and into the stores where it can (:func:`segment_in_place`),
+  else through a buffer (partial results held in fp32 may travel in the model dtype,
+  ``DCPOptions.partial_dtype``);
+* ``Wait(key)`` waits for it (and copies buffered segments into their stores);
 * ``Attention(stage, q_rows, kv_rows, work, comps, backward)`` runs the block kernel once over all
   computation blocks of a stage (forward: merges (out, lse) into ``o``/``lse`` at ``q_rows``; backward:
   accumulates ``dq`` at ``q_rows`` and ``dk``/``dv`` at ``kv_rows``);
@@ -64,8 +67,8 @@ def _bytes(cls: str, elements: int, element_size: int) -> int:
     return int(elements) * (acc_element_size(element_size) if cls == ACC else element_size)
 
 
-# Stores held together in one tensor by the executor, so that a message carrying all of them for the same
-# rows is packed with one gather and unpacked with one index_copy_: "stack" groups (same dtype class and
+# Stores held together in one tensor by the executor, so that one block of all of them travels as one
+# segment (a run of the group tensor's rows, sent and received in place): "stack" groups (same dtype class and
 # row shape) are [rows, members, heads, head_dim]; the "column" group is an fp32 output with its lse as one
 # more column, [rows, heads, head_dim + 1].
 STACK_GROUPS = (("q", "o", "do"), ("k", "v"), ("dk", "dv"), ("rdk", "rdv"))
@@ -88,24 +91,12 @@ def store_groups(stores: dict) -> dict:
     return out
 
 
-def message_parts(stores: dict, parts: list) -> dict:
-    """How the executor moves one peer's parts [(store, rows)] of a ``Comm``: {wire class: [(store or group,
-    rows)]}. Per class, a store's rows are concatenated in part order (stores in first-appearance order);
-    then a group whose members all appear with the same rows, in group order, becomes one part (one gather
-    when packing, one ``index_copy_`` when unpacking). Both sides of a message fuse alike: the receiving
-    stores form the matching groups (k/v -> k/v, q/o/do -> q/o/do, o/lse -> ro/rlse, dk/dv -> rdk/rdv), so
-    the packed layouts agree."""
-    by_store: dict = {}
-    for name, rows in parts:
-        by_store.setdefault((stores[name].wire_class, name), []).append(rows)
-    out: dict = {}
-    for (cls, name), rows_list in by_store.items():
-        out.setdefault(cls, []).append((name, np.concatenate(rows_list)))
-    return {cls: fused_parts(stores, lst) for cls, lst in out.items()}
-
-
-def fused_parts(stores: dict, parts: list) -> list:
-    """Parts [(store, rows)] of one class with every complete group (see :func:`message_parts`) fused."""
+def message_segments(stores: dict, parts: list) -> list:
+    """How the executor moves one peer's parts [(store, rows)] of a ``Comm``: segments (store or group, rows),
+    one point-to-point op each, in part order. Consecutive parts with the same rows that make up a whole group
+    (in group order, one wire class) are one segment. The compiler lists parts per block (one block's rows of
+    each input or result store), so a segment is one block of one store group on both sides; both sides fuse
+    alike (k/v -> k/v, q/o/do -> q/o/do, o/lse -> ro/rlse, dk/dv -> rdk/rdv) and the verifier checks it."""
     groups = store_groups(stores)
     member_of = {m: g for g, (_, ms) in groups.items() for m in ms}
     out, i = [], 0
@@ -115,13 +106,51 @@ def fused_parts(stores: dict, parts: list) -> list:
         if g is not None:
             members = groups[g][1]
             span = parts[i:i + len(members)]
-            if tuple(n for n, _ in span) == members and all(np.array_equal(r, rows) for _, r in span):
+            if (tuple(n for n, _ in span) == members and all(np.array_equal(r, rows) for _, r in span)
+                    and len({stores[m].wire_class for m in members}) == 1):
                 out.append((g, rows))
                 i += len(members)
                 continue
         out.append((name, rows))
         i += 1
     return out
+
+
+def segment_wire_class(stores: dict, name: str) -> str:
+    """The dtype class a segment (a store or a group of them) travels in."""
+    groups = store_groups(stores)
+    return stores[groups[name][1][0] if name in groups else name].wire_class
+
+
+def segment_in_place(stores: dict, name: str, rows: np.ndarray) -> bool:
+    """Whether the executor sends a segment straight from its store, or receives it straight into it, with no
+    buffer: its rows are one ascending run, the store (or group) is a tensor of its own (not a member of a
+    group's tensor) and it travels in the dtype it is held in. Inputs always are (own rows are kept head
+    block by head block, so a block's rows are a run; received blocks fill slots); partial results held in
+    fp32 and sent in the model dtype are converted through a buffer."""
+    if rows.size == 0 or int(rows[-1]) - int(rows[0]) + 1 != rows.size or (rows.size > 1 and np.any(np.diff(rows) != 1)):
+        return False
+    groups = store_groups(stores)
+    if name in groups:
+        members = groups[name][1]
+    elif any(name in ms for _, ms in groups.values()):
+        return False
+    else:
+        members = (name,)
+    return all(stores[m].wire_class == stores[m].dtype for m in members)
+
+
+def segment_wire_nbytes(stores: dict, name: str, rows: np.ndarray, head_dim: int, element_size: int) -> int:
+    """Bytes of a segment on the wire (and in its buffer, when it has one)."""
+    return _bytes(segment_wire_class(stores, name), rows.size * segment_row_elements(stores, name, head_dim),
+                  element_size)
+
+
+def segment_row_elements(stores: dict, name: str, head_dim: int) -> int:
+    """Elements of one row of a segment's store or group."""
+    groups = store_groups(stores)
+    members = groups[name][1] if name in groups else (name,)
+    return sum(stores[m].row_elements(head_dim) for m in members)
 
 
 @dataclass(eq=False)

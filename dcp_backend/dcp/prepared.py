@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from dcp_backend.dcp.instructions import (Attention, Comm, DeviceProgram, Fill, Reduce, Wait, message_parts,
-                                          store_groups)
+from dcp_backend.dcp.instructions import (Attention, Comm, DeviceProgram, Fill, Reduce, Wait, message_segments,
+                                          segment_in_place, segment_row_elements, segment_wire_class)
 from dcp_backend.host_tables import HostTables
 from dcp_backend.kernels import BlockKernel
 
 
 class Message:
-    """One peer's parts, split by the dtype class they travel in: [(store, rows, numel)] per class (rows: a
-    table handle, resolved to a device tensor by the runner)."""
+    """One peer's segments, one point-to-point op each, in order: ``(wire class, store, start, rows, numel)``:
+    ``start`` is the first row of a segment moved straight from or into its store (``rows`` then its row
+    count), or None for one moved through a buffer (``rows``: a table handle of its rows, resolved to a
+    device tensor by the runner)."""
 
-    def __init__(self, peer: int, by_class: dict):
+    def __init__(self, peer: int, segments: list):
         self.peer = peer
-        self.by_class = by_class
+        self.segments = segments
 
 
 class PreparedProgram:
@@ -37,20 +39,19 @@ class PreparedProgram:
                 kernel.prepare(ins.work)
 
     def _message(self, op) -> Message:
-        """A peer's parts as the executor moves them (:func:`message_parts`): per dtype class, one gather
-        per store or store group straight into the send buffer (one per class when a whole group travels),
-        and one ``index_copy_`` each when unpacking. Both sides group identically, so the layouts match."""
-        by_class: dict = {}
+        """A peer's parts as the executor moves them: one op per segment (:func:`message_segments`), straight
+        from / into the store where :func:`segment_in_place` allows, else gathered into / copied out of a
+        buffer of its own. Both sides segment identically, so the ops match one to one."""
         stores = self.program.stores
-        for cls, parts in message_parts(stores, op.parts).items():
-            by_class[cls] = [(name, self.tables.add(rows), int(rows.size) * self._row_elements(name))
-                             for name, rows in parts]
-        return Message(op.peer, by_class)
-
-    def _row_elements(self, name: str) -> int:
-        groups = store_groups(self.program.stores)
-        members = groups[name][1] if name in groups else (name,)
-        return sum(self.program.stores[m].row_elements(self.head_dim) for m in members)
+        segments = []
+        for name, rows in message_segments(stores, op.parts):
+            cls = segment_wire_class(stores, name)
+            numel = int(rows.size) * segment_row_elements(stores, name, self.head_dim)
+            if segment_in_place(stores, name, rows):
+                segments.append((cls, name, int(rows[0]), int(rows.size), numel))
+            else:
+                segments.append((cls, name, None, self.tables.add(rows), numel))
+        return Message(op.peer, segments)
 
     def _prepare(self, ins):
         t = self.tables.add

@@ -147,12 +147,13 @@ class PassScheduler:
             need_block.append(blocks)
             need_dev.append(np.full(kinds.size, p))
             need_stage.append(first)
+        brief = np.isfinite(slot_budget)
         inputs = _route(pl, bs.heads, need_kind, need_block, need_dev, need_stage, self.in_bytes, S,
-                        self.hierarchical)
+                        self.hierarchical, brief)
         outputs = _outputs(bs, pl, comp_stage, self.qid, self.kvid, self.kv_outputs, self.out_bytes, S,
-                           self.hierarchical, inputs, brief=np.isfinite(slot_budget))
+                           self.hierarchical, inputs, brief=brief)
         if arrival_cap is not None:
-            outputs = _spread_arrivals(bs, pl, outputs, arrival_cap)
+            outputs = _spread_arrivals(bs, pl, outputs, arrival_cap, brief)
         return PassSchedule(comp_stage, inputs, outputs, S)
 
     def _device(self, p: int, S: int, slot_budget: float = np.inf):
@@ -292,8 +293,11 @@ class _Loads:
         self.ingress = np.zeros((num_devices, num_stages + 2))
 
 
+BRIEF_HOLD_STAGES = 2  # a device under a slot budget forwards a received block at most this many stages on
+
+
 def _route(pl: Placement, h, need_kind, need_block, need_dev, need_stage, in_bytes: dict, S: int,
-           hierarchical: bool = True) -> Transfers:
+           hierarchical: bool = True, brief: np.ndarray | None = None) -> Transfers:
     """Turn (input, device, stage) needs into transfers: one inter-node crossing per (input, node).
 
     Inside the destination node the crossing lands on a *gateway* (a device that needs the input first;
@@ -331,6 +335,8 @@ def _route(pl: Placement, h, need_kind, need_block, need_dev, need_stage, in_byt
         k_, b_ = kind[idx], block[idx]
         first = np.ones(idx.size, dtype=bool)
         first[1:] = (k_[1:] != k_[:-1]) | (b_[1:] != b_[:-1]) | (node[1:] != node[:-1])
+        if brief is not None and brief.any():
+            first = _split_brief_groups(first, stage[idx], dst[idx], brief)
         starts = np.nonzero(first)[0]
         ends = np.append(starts[1:], idx.size)
         s0 = stage[idx[starts]]
@@ -354,7 +360,7 @@ def _route(pl: Placement, h, need_kind, need_block, need_dev, need_stage, in_byt
             owner = int(src[gate])
             sender = owner
             if hierarchical:
-                sender = _pick_sender(key, owner, c, nb, dpn, loads, holders, stage)
+                sender = _pick_sender(key, owner, c, nb, dpn, loads, holders, stage, brief)
                 if sender != owner:
                     held = holders.setdefault(key, {})
                     i = held.get(sender)
@@ -378,10 +384,29 @@ def _route(pl: Placement, h, need_kind, need_block, need_dev, need_stage, in_byt
     return tr
 
 
-def _pick_sender(key, owner: int, c: int, nb: float, dpn: int, loads: _Loads, holders: dict, stage) -> int:
+def _split_brief_groups(first: np.ndarray, stage: np.ndarray, dst: np.ndarray, brief: np.ndarray) -> np.ndarray:
+    """Cut crossing groups (sorted by stage inside a group) whose first needer is under a slot budget into
+    windows of at most ``BRIEF_HOLD_STAGES`` stages: each window crosses the network on its own, so a
+    budgeted gateway does not hold a block for a node-mate that needs it much later."""
+    first = first.copy()
+    s0, lead_brief = 0, False
+    for j in range(first.size):
+        if not first[j] and lead_brief and stage[j] > s0 + BRIEF_HOLD_STAGES:
+            first[j] = True
+        if first[j]:
+            s0, lead_brief = int(stage[j]), bool(brief[dst[j]])
+        elif stage[j] == s0:
+            lead_brief = lead_brief or bool(brief[dst[j]])
+    return first
+
+
+def _pick_sender(key, owner: int, c: int, nb: float, dpn: int, loads: _Loads, holders: dict, stage,
+                 brief: np.ndarray | None = None) -> int:
     """The device of the owner's node that sends a crossing of stage ``c``: the owner, a node-mate that
     holds the block by then, or (c >= 2) a relay; the least loaded in that stage, the owner on ties, and
-    a relay only when it is lighter by more than half the block."""
+    a relay only when it is lighter by more than half the block. A node-mate under a slot budget
+    (``brief``) is a holder only if it needs the block within ``BRIEF_HOLD_STAGES`` of the send (it
+    would hold the block that much longer or receive it that much earlier)."""
     base = (owner // dpn) * dpn
     held = holders.get(key, {})
     best, best_load = owner, loads.egress[owner, c]
@@ -389,6 +414,9 @@ def _pick_sender(key, owner: int, c: int, nb: float, dpn: int, loads: _Loads, ho
         if d == owner:
             continue
         i = held.get(d)  # an intra-node need, or (negative) an earlier relay receipt, at stage <= c - 1
+        if (i is not None and i >= 0 and brief is not None and brief[d]
+                and abs(int(stage[i]) - (c - 1)) > BRIEF_HOLD_STAGES):
+            continue
         ready = i is not None and (i < 0 or stage[i] <= c - 1)
         if not ready and c < 2:
             continue
@@ -471,10 +499,13 @@ def _outputs(bs: BlockSet, pl: Placement, comp_stage, qid, kvid, kv_outputs: boo
     return Transfers.concat(parts)
 
 
-def _spread_arrivals(bs: BlockSet, pl: Placement, outputs: Transfers, cap: np.ndarray) -> Transfers:
+def _spread_arrivals(bs: BlockSet, pl: Placement, outputs: Transfers, cap: np.ndarray,
+                     brief: np.ndarray | None = None) -> Transfers:
     """Send partial results later so that no device receives more than ``cap[device]`` rows under one
     key (a received partial is held in temp rows until the wait of its key). The earliest senders keep
-    their key; a deferred partial to an in-node reducer delays the reducer's own send as well."""
+    their key; a deferred partial to an in-node reducer delays the reducer's own send as well. A sender
+    under a slot budget (``brief``) is never deferred: it would hold the whole received block (inputs and
+    result) a stage longer to save the receiver only the result's temp rows."""
     if not len(outputs):
         return outputs
     h = bs.heads
@@ -490,18 +521,19 @@ def _spread_arrivals(bs: BlockSet, pl: Placement, outputs: Transfers, cap: np.nd
     j = np.nonzero(to_reducer)[0]
     pos = np.searchsorted(send_code[order], code(outputs.kind[j], outputs.block[j], outputs.dst[j]))
     red_send[j] = order[pos]
+    fixed = np.zeros(pl.num_devices, dtype=bool) if brief is None else brief
     s = int(stage.min())
     while s <= int(stage.max()):
         at = np.nonzero(stage == s)[0]
         if at.size:
-            o = at[np.lexsort((outputs.src[at], outputs.block[at], outputs.dst[at]))]
+            o = at[np.lexsort((outputs.src[at], outputs.block[at], ~fixed[outputs.src[at]], outputs.dst[at]))]
             d = outputs.dst[o]
             first = np.ones(o.size, dtype=bool)
             first[1:] = d[1:] != d[:-1]
             start = np.maximum.accumulate(np.where(first, np.arange(o.size), 0))
             csum = np.cumsum(rows[o])
             before = csum - rows[o] - (csum[start] - rows[o[start]])  # rows of this device's earlier partials
-            late = o[(before > 0) & (before + rows[o] > cap[d])]
+            late = o[(before > 0) & (before + rows[o] > cap[d]) & ~fixed[outputs.src[o]]]
             if late.size:
                 stage[late] += 1
                 r = red_send[late]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from dcp_backend.contract import PlanStats
-from dcp_backend.dcp.instructions import Attention, Comm, Wait
+from dcp_backend.dcp.instructions import Attention, Comm, Wait, message_segments, segment_in_place, segment_wire_nbytes
 
 
 def op_bytes(prog, op, head_dim: int, element_size: int) -> int:
@@ -40,12 +40,15 @@ def program_memory_bytes(prog, head_dim: int, element_size: int) -> int:
 
 
 def program_buffer_bytes(prog, head_dim: int, element_size: int) -> int:
-    """Peak bytes of one device program's transfer buffers: the executor packs a launch's sends into buffers
-    and receives into buffers, alive from the ``Comm`` to its ``Wait``."""
+    """Peak bytes of one device program's transfer buffers: the executor moves a segment through a buffer
+    (alive from the ``Comm`` to its ``Wait``) unless it goes straight from or into its store
+    (:func:`~dcp_backend.dcp.instructions.segment_in_place`)."""
     live, cur, peak = {}, 0, 0
     for ins in prog.instructions:
         if isinstance(ins, Comm):
-            nbytes = sum(op_bytes(prog, op, head_dim, element_size) for op in (*ins.sends, *ins.recvs))
+            nbytes = sum(segment_wire_nbytes(prog.stores, name, rows, head_dim, element_size)
+                         for op in (*ins.sends, *ins.recvs) for name, rows in message_segments(prog.stores, op.parts)
+                         if not segment_in_place(prog.stores, name, rows))
             live[ins.key] = nbytes
             cur += nbytes
             peak = max(peak, cur)

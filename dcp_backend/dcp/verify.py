@@ -6,8 +6,10 @@ the shared sequence of communication keys. Rows carry identities instead of numb
 count and a checksum of what was computed into them. It checks that
 
 * every device issues the same sequence of communication keys, every launch is waited exactly once,
-  and every receive has a matching send (same peer, key, dtype classes and sizes), and vice versa;
-* no instruction reads a row before it was written, or while a transfer into it is in flight;
+  and every receive has a matching send (same peer, key, dtype classes and sizes, and the same
+  segments: the executor's point-to-point ops), and vice versa;
+* no instruction reads a row before it was written, or while a transfer into it is in flight, and no
+  row sent straight from its store is written before the send's wait;
 * every attention segment pairs a query head block with its own KV head block;
 * forward: every owner's output rows end with exactly the keys the mask allows (count and sum of key
   token indices per (token, head block)), so every required (query, key, head) pair was computed
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dcp_backend.dcp.instructions import Attention, Comm, DeviceProgram, Fill, Reduce, Wait
+from dcp_backend.dcp.instructions import (Attention, Comm, DeviceProgram, Fill, Reduce, Wait, message_segments,
+                                          segment_in_place, segment_row_elements, segment_wire_class,
+                                          store_groups)
 
 Q_SIDE = ("q", "o", "do", "lse", "dq", "ro", "rlse", "rdq")
 
@@ -61,6 +65,7 @@ class _Device:
         h = bs.heads
         self.prog = prog
         self.h = h
+        self.head_dim = plan.spec.head_dim
         self.backward = backward
         tokens = plan.layouts[prog.device].global_indices()
         n = tokens.size
@@ -69,13 +74,16 @@ class _Device:
         for name, spec in prog.stores.items():
             per = h.n_q_blocks if name in Q_SIDE else h.n_kv_blocks
             ident = np.full(spec.rows, -1, dtype=np.int64)
-            local = (tokens[:, None] * per + np.arange(per)[None, :]).reshape(-1) if n else np.zeros(0, np.int64)
+            # own rows head block by head block: row k * n + t is (token t, head block k)
+            local = (tokens[None, :] * per + np.arange(per)[:, None]).reshape(-1) if n else np.zeros(0, np.int64)
             is_input = name in ("q", "k", "v") or (backward and name in ("o", "do", "lse"))
             is_result = name in (("dq", "dk", "dv") if backward else ("o", "lse"))
             if is_input or is_result:
                 ident[:local.size] = local
             self.ident[name] = ident
             self.valid[name] = ident >= 0
+        self.sending = {name: np.zeros(spec.rows, dtype=np.int64) for name, spec in prog.stores.items()}
+        self.groups = store_groups(prog.stores)
         # result accumulators: count and checksum per row
         res = ("dq", "dk", "dv", "rdq", "rdk", "rdv") if backward else ("o", "ro")
         self.acc = {k: (np.zeros(prog.stores[k].rows), np.zeros(prog.stores[k].rows)) for k in res
@@ -85,6 +93,22 @@ class _Device:
 
 def _fail(dev, i, what):
     raise PlanVerificationError(f"device {dev.prog.device}, instruction {i}: {what}")
+
+
+def _segments(dev, op):
+    """The executor's ops for one peer's parts: [(store or group, rows, wire class, elements, in place)]."""
+    st = dev.prog.stores
+    return [(name, rows, segment_wire_class(st, name), rows.size * segment_row_elements(st, name, dev.head_dim),
+             segment_in_place(st, name, rows)) for name, rows in message_segments(st, op.parts)]
+
+
+def _members(dev, name):
+    return dev.groups[name][1] if name in dev.groups else (name,)
+
+
+def _write(dev, i, name, rows, what):
+    if rows.size and (dev.sending[name][rows] > 0).any():
+        _fail(dev, i, f"{what}: writes rows of {name!r} that an unfinished transfer sends straight from the store")
 
 
 def _split_at_comms(prog: DeviceProgram):
@@ -122,25 +146,40 @@ def verify_pass(plan, backward: bool) -> None:
                 if isinstance(ins, Comm):
                     if ins.key in dev.inflight:
                         _fail(dev, i, f"key {ins.key!r} launched twice")
+                    sent = []
                     for op in ins.sends:
+                        op_segs = _segments(dev, op)
+                        for name, rows, _, _, in_place in op_segs:
+                            if in_place:
+                                for m in _members(dev, name):
+                                    dev.sending[m][rows] += 1
+                                    sent.append((m, rows))
                         snap = []
                         for name, rows in op.parts:
                             _read(dev, i, name, rows, f"send {ins.key} to {op.peer}")
                             accs = dev.acc.get(name)
                             snap.append((name, rows.size, dev.ident[name][rows].copy(),
                                          None if accs is None else (accs[0][rows].copy(), accs[1][rows].copy())))
-                        outbox[(ins.key, dev.prog.device, op.peer)] = snap
+                        outbox[(ins.key, dev.prog.device, op.peer)] = (snap, [s[2:4] for s in op_segs])
                     for op in ins.recvs:
                         for name, rows in op.parts:
+                            _write(dev, i, name, rows, f"receive {ins.key} from {op.peer}")
                             dev.valid[name][rows] = False
-                    dev.inflight[ins.key] = ins.recvs
+                    dev.inflight[ins.key] = (ins.recvs, sent)
                 elif isinstance(ins, Wait):
                     if ins.key not in dev.inflight:
                         _fail(dev, i, f"wait for {ins.key!r} which was not launched")
-                    for op in dev.inflight.pop(ins.key):
-                        snap = outbox.pop((ins.key, op.peer, dev.prog.device), None)
-                        if snap is None:
+                    recvs, sent = dev.inflight.pop(ins.key)
+                    for m, rows in sent:
+                        dev.sending[m][rows] -= 1
+                    for op in recvs:
+                        got = outbox.pop((ins.key, op.peer, dev.prog.device), None)
+                        if got is None:
                             _fail(dev, i, f"receive from {op.peer} under {ins.key!r} has no matching send")
+                        snap, sent_segs = got
+                        if sent_segs != [s[2:4] for s in _segments(dev, op)]:
+                            _fail(dev, i, f"{ins.key!r} from {op.peer}: the sender's segments (ops, their dtypes and "
+                                          f"sizes) differ from the receiver's")
                         if len(snap) != len(op.parts):
                             _fail(dev, i, f"{ins.key!r} from {op.peer}: {len(snap)} parts sent, {len(op.parts)} expected")
                         for (name, rows), (sname, n, ident, accs) in zip(op.parts, snap):
@@ -155,6 +194,7 @@ def verify_pass(plan, backward: bool) -> None:
                                 dev.acc[name][1][rows] = accs[1]
                 elif isinstance(ins, Fill):
                     for name in ins.stores:
+                        _write(dev, i, name, ins.rows, "fill")
                         if name in dev.acc:
                             dev.acc[name][0][ins.rows] = 0
                             dev.acc[name][1][ins.rows] = 0
@@ -168,6 +208,7 @@ def verify_pass(plan, backward: bool) -> None:
                     for s_name, d_name in zip(ins.src, ins.dst):
                         _read(dev, i, s_name, ins.src_rows, "reduce source")
                         _read(dev, i, d_name, ins.dst_rows, "reduce destination")
+                        _write(dev, i, d_name, ins.dst_rows, "reduce destination")
                         if not np.array_equal(dev.ident[s_name][ins.src_rows], dev.ident[d_name][ins.dst_rows]):
                             _fail(dev, i, f"reduce {s_name}->{d_name} combines rows of different blocks")
                         if ins.op == "merge" and np.unique(ins.dst_rows).size != ins.dst_rows.size:
@@ -217,12 +258,15 @@ def _attention(dev, i, ins: Attention, h, backward):
     ksum = (pk[e] - pk[s]).sum(1)
     if not backward:
         rows = ins.q_rows
+        _write(dev, i, "o", rows, "attention output")
+        _write(dev, i, "lse", rows, "attention output")
         if not np.array_equal(dev.ident["o"][rows], qid):
             _fail(dev, i, "output rows do not belong to the query block")
         dev.acc["o"][0][rows] += count
         dev.acc["o"][1][rows] += ksum
     else:
         rows = ins.q_rows
+        _write(dev, i, "dq", rows, "attention dq")
         for name in ("dq",):
             if not np.array_equal(dev.ident[name][rows], qid):
                 _fail(dev, i, "dq rows do not belong to the query block")
@@ -241,6 +285,7 @@ def _attention(dev, i, ins: Attention, h, backward):
         c_k = np.cumsum(dc)[:nk]
         s_k = np.cumsum(dsum)[:nk]
         for name in ("dk", "dv"):
+            _write(dev, i, name, ins.kv_rows, f"attention {name}")
             if not np.array_equal(dev.ident[name][ins.kv_rows], kid):
                 _fail(dev, i, f"{name} rows do not belong to the key block")
             np.add.at(dev.acc[name][0], ins.kv_rows, c_k)
@@ -257,8 +302,8 @@ def _check_totals(plan, devs, backward):
         if backward:
             checks += [("dk", h.n_kv_blocks, key_count, key_qsum), ("dv", h.n_kv_blocks, key_count, key_qsum)]
         for name, per, exp_c, exp_s in checks:
-            got_c = dev.acc[name][0][: n * per].reshape(n, per)
-            got_s = dev.acc[name][1][: n * per].reshape(n, per)
+            got_c = dev.acc[name][0][: n * per].reshape(per, n).T
+            got_s = dev.acc[name][1][: n * per].reshape(per, n).T
             want_c = np.repeat(exp_c[toks][:, None], per, 1)
             want_s = np.repeat(exp_s[toks][:, None], per, 1)
             bad = ~(np.isclose(got_c, want_c) & np.isclose(got_s, want_s, rtol=1e-12, atol=1e-6))

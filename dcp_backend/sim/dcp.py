@@ -3,12 +3,11 @@
 Every instruction of ``plan.fwd_programs[r]`` / ``plan.bwd_programs[r]`` becomes what the executor does
 with it (:mod:`dcp_backend.dcp.executor`), in the same order:
 
-* ``Comm``: pack each peer's rows (one gather per store group, straight into the send buffer: k/v,
-  q/o/do, dk/dv and an fp32 output with its lse are each one tensor, so usually one gather per message;
-  :func:`~dcp_backend.dcp.instructions.message_parts`) on the compute stream, then launch one message per
-  (peer, dtype class);
-* ``Wait``: wait for the launch's messages, then scatter the received rows into their stores (one
-  ``index_copy_`` per store group);
+* ``Comm``: gather the segments that need a buffer (partial results converted to the model dtype; inputs
+  go straight from the stores, :func:`~dcp_backend.dcp.instructions.segment_in_place`) on the compute
+  stream, then launch one message per (peer, dtype class) (its segments' ops travel together);
+* ``Wait``: wait for the launch's messages, then scatter the buffered received segments into their stores
+  (one ``index_copy_`` each; in-place ones need nothing);
 * ``Attention``: gather q/k/v (and out, dout, lse backward), run the block kernel over the stage's
   ``AttnWork`` (``heads`` = the head block's query heads), merge (out, lse) or accumulate dq/dk/dv;
 * ``Fill`` / ``Reduce``: memory operations on the rows they name.
@@ -20,7 +19,8 @@ A pass starts with the executor's prologue (copy the local q/k/v into the stores
 """
 from __future__ import annotations
 
-from dcp_backend.dcp.instructions import Attention, Comm, Fill, Reduce, Wait, message_parts
+from dcp_backend.dcp.instructions import (Attention, Comm, Fill, Reduce, Wait, message_segments, segment_in_place,
+                                          segment_wire_nbytes, store_groups)
 from dcp_backend.sim.op_costs import Costs
 from dcp_backend.sim.engine import Compute, Launch
 from dcp_backend.sim.engine import Wait as SimWait
@@ -32,6 +32,11 @@ def _part_bytes(prog, name: str, rows, c: Costs) -> float:
 
 def _wire_bytes(prog, name: str, rows, c: Costs) -> float:
     return float(prog.stores[name].wire_nbytes(rows.size, c.head_dim, c.element_size))
+
+
+def _members(prog, name: str) -> tuple:
+    groups = store_groups(prog.stores)
+    return groups[name][1] if name in groups else (name,)
 
 
 def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
@@ -53,19 +58,22 @@ def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
                 for name, rows in op.parts:
                     cls = prog.stores[name].wire_class
                     by_cls[cls] = by_cls.get(cls, 0.0) + _wire_bytes(prog, name, rows, c)
-                # one gather per store or store group into the send buffer (dcp.instructions.message_parts)
-                parts += sum(len(p) for p in message_parts(prog.stores, op.parts).values())
+                for name, rows in message_segments(prog.stores, op.parts):  # one gather per buffered segment
+                    if not segment_in_place(prog.stores, name, rows):
+                        pack += segment_wire_nbytes(prog.stores, name, rows, c.head_dim, c.element_size)
+                        parts += 1
                 for cls, nbytes in sorted(by_cls.items()):
                     sends.append(((tag, ins.key, rank, op.peer, cls), op.peer, nbytes))
-                    pack += nbytes
             for op in ins.recvs:
                 for cls in sorted({prog.stores[name].wire_class for name, _ in op.parts}):
                     recvs.append(((tag, ins.key, op.peer, rank, cls), op.peer))
             if pack:
                 ops.append(Compute(c.copy(pack, parts), f"pack {ins.key}"))
             ops.append(Launch(ins.key, sends, recvs))
-            ops.append(("unpack", ins.key, sum(_part_bytes(prog, nm, r, c) for o in ins.recvs for nm, r in o.parts),
-                        sum(len(p) for o in ins.recvs for p in message_parts(prog.stores, o.parts).values())))
+            buffered = [(nm, r) for o in ins.recvs for nm, r in message_segments(prog.stores, o.parts)
+                        if not segment_in_place(prog.stores, nm, r)]
+            ops.append(("unpack", ins.key, sum(_part_bytes(prog, m, r, c) for nm, r in buffered
+                                               for m in _members(prog, nm)), len(buffered)))
         elif isinstance(ins, Wait):
             ops.append(SimWait(ins.key, f"wait {ins.key}"))
             ops.append(("unpacked", ins.key))

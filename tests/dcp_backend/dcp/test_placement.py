@@ -111,7 +111,8 @@ def test_memory_estimate_equals_the_compiled_stores_and_buffers():
                 buf = pass_buffer_bytes(plan.blocks, plan.placement, sched, backward, esize,
                                         plan.options.partial_dtype)
                 assert np.array_equal(buf, [program_buffer_bytes(p, SPEC.head_dim, esize) for p in progs])
-                assert buf.max() > 0
+                # inputs travel in place; only partials converted to the model dtype use buffers
+                assert (buf.max() > 0) == (plan.options.partial_dtype == "model" and len(sched.outputs) > 0)
 
 
 @pytest.mark.parametrize("seqlens", [[3000], [1500, 900, 700, 300]])

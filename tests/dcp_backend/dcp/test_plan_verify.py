@@ -109,13 +109,52 @@ def _remap_head_block(plan) -> bool:
     h = plan.blocks.heads
     assert h.n_kv_blocks >= 2
     for prog in plan.fwd_programs:
-        local_rows = prog.num_local_tokens * h.n_kv_blocks  # own tokens first, row = token * n_kv + kv head block
+        n = prog.num_local_tokens
+        local_rows = n * h.n_kv_blocks  # own tokens first, head block by head block: row = kv head block * n + token
         for ins in prog.instructions:
             if isinstance(ins, Attention) and ins.kv_rows.size and (ins.kv_rows < local_rows).all():
-                tok, hb = np.divmod(ins.kv_rows, h.n_kv_blocks)
-                ins.kv_rows = tok * h.n_kv_blocks + (hb + 1) % h.n_kv_blocks
+                hb, tok = np.divmod(ins.kv_rows, n)
+                ins.kv_rows = (hb + 1) % h.n_kv_blocks * n + tok
                 return True
     return False
+
+
+def _write_rows_in_flight(plan) -> bool:
+    """Right after a launch that sends k/v rows straight from the store, write those rows (before the wait)."""
+    for prog in plan.fwd_programs:
+        for j, ins in enumerate(prog.instructions):
+            if isinstance(ins, Comm):
+                for op in ins.sends:
+                    for name, rows in op.parts:
+                        if name == "k":
+                            prog.instructions.insert(j + 1, Fill(("k",), rows))
+                            return True
+    return False
+
+
+def _split_received_group(plan) -> bool:
+    """A receiver takes one block's v rows at other rows than its k rows: k/v is no longer one op there,
+    while the sender still sends it as one."""
+    for prog in plan.fwd_programs:
+        for ins in prog.instructions:
+            if isinstance(ins, Comm):
+                for op in ins.recvs:
+                    for i, (name, rows) in enumerate(op.parts):
+                        if name == "v" and rows.size > 1:
+                            op.parts[i] = (name, rows[::-1].copy())
+                            return True
+    return False
+
+
+@pytest.mark.parametrize("mutate,message", [(_write_rows_in_flight, "sends straight from the store"),
+                                            (_split_received_group, "segments")])
+def test_verifier_catches_in_place_transfer_errors(mutate, message):
+    plan = _plan([100, 37, 64, 5, 1, 80, 200], 4, 2, block_size=16, num_stages=2, placement_seeds="none")
+    verify_plan(plan)
+    bad = copy.deepcopy(plan)
+    assert mutate(bad)
+    with pytest.raises(PlanVerificationError, match=message):
+        verify_plan(bad)
 
 
 def test_verifier_catches_remapped_head_block():
