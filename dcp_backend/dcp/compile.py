@@ -235,15 +235,16 @@ class _PassCompiler:
                 hit = sk[pos] == c
                 np.maximum.at(end, order[pos[hit]], v[hit])
 
-            has_result = np.array([1, 1 if self.backward else 0])
+            hold = result_send_hold(self.partial_wire)
+            res = np.array([1, 1 if self.backward else 0]) * hold
             st = sched.comp_stage[self.my_comps]
-            fold(code(KIND_Q, self.qid[self.my_comps]), st + has_result[KIND_Q])  # last reader (+ result send)
-            fold(code(KIND_KV, self.kvid[self.my_comps]), st + has_result[KIND_KV])
-            end = np.maximum(end, has_result[inputs.kind[recv]])  # a relay or gateway only
+            fold(code(KIND_Q, self.qid[self.my_comps]), st + res[KIND_Q])  # last reader (+ its result's send)
+            fold(code(KIND_KV, self.kvid[self.my_comps]), st + res[KIND_KV])
+            end = np.maximum(end, inputs.stage[recv] - 1)  # a relay or gateway only: at least its launch
             fwd = np.nonzero(inputs.src == dev)[0]  # gateways and relays: forwards launched at stage-1
             fold(code(inputs.kind[fwd], inputs.block[fwd]), inputs.stage[fwd] - 1)
             snd = np.nonzero(outputs.src == dev)[0]  # result sends (a reducer's after its own last stage)
-            fold(code(outputs.kind[snd], outputs.block[snd]), outputs.stage[snd] + 1)
+            fold(code(outputs.kind[snd], outputs.block[snd]), outputs.stage[snd] + hold)
             entries = list(zip(inputs.kind[recv].tolist(), inputs.block[recv].tolist(),
                                (inputs.stage[recv] - 1).tolist(), end.tolist()))
         slots, counts = _assign_slots(entries)
@@ -456,6 +457,14 @@ def compile_programs(bs: BlockSet, pl: Placement, fwd: PassSchedule, bwd: PassSc
     return layouts, fwd_progs, bwd_progs
 
 
+def result_send_hold(partial_wire: str) -> int:
+    """Stages a received block's slot stays busy after the stage whose end launches its result's send: a
+    partial converted to the model dtype is copied into a buffer at the launch, so the slot is free for a
+    block received from the next stage on (0); one sent in place (fp32) is read until that send's wait,
+    in the next stage (1)."""
+    return 0 if partial_wire == MODEL else 1
+
+
 def row_bytes(bs: BlockSet, backward: bool, element_size: int) -> dict:
     """Bytes of one row of all stores of a side together, per kind."""
     h, d = bs.heads, bs.spec.head_dim
@@ -495,16 +504,17 @@ def pass_memory_bytes(bs: BlockSet, pl: Placement, sched: PassSchedule, backward
     qid, kvid = comp_inputs(bs)
     m = int(max(h.n_q_blocks, h.n_kv_blocks) * bs.n_tb)
     code = lambda dev, kind, block: (dev * 2 + kind) * m + block  # noqa: E731
-    has_result = np.array([1, 1 if backward else 0])
+    hold = result_send_hold(partial_wire)
+    res = np.array([1, 1 if backward else 0]) * hold
     rec = code(inputs.dst, inputs.kind, inputs.block)
     keys, inv = np.unique(rec, return_inverse=True)
-    end = has_result[inputs.kind].copy()  # last use 0 by default (a relay or gateway only)
+    end = inputs.stage - 1  # at least its launch (a relay or gateway only)
     cand_code, cand_val = [], []
     for kind, ids in ((KIND_Q, qid), (KIND_KV, kvid)):
         cand_code.append(code(pl.comp_device, kind, ids))
-        cand_val.append(sched.comp_stage + has_result[kind])
+        cand_val.append(sched.comp_stage + res[kind])
     cand_code += [code(inputs.src, inputs.kind, inputs.block), code(outputs.src, outputs.kind, outputs.block)]
-    cand_val += [inputs.stage - 1, outputs.stage + 1]
+    cand_val += [inputs.stage - 1, outputs.stage + hold]
     cc, cv = np.concatenate(cand_code), np.concatenate(cand_val)
     pos = np.searchsorted(keys, cc)
     hit = (pos < keys.size) & (keys[np.minimum(pos, keys.size - 1)] == cc)
