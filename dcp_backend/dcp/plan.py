@@ -159,13 +159,15 @@ def memory_limits(options: DCPOptions, own: np.ndarray) -> np.ndarray | None:
 
 
 def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backward: bool, element_size: int,
-                           wire: str) -> PassSchedule:
+                           wire: str, floor: float = 0.0) -> PassSchedule:
     """Schedule a pass with ``options.num_stages`` stages; under a memory limit, give the devices over it a
     slot budget (the slot bytes of blocks they receive for one stage; a received block is held from the
     stage before it is needed until its result is sent, so about three stages' blocks are held at once),
     tightened until every device fits, and receive their partial results over more keys (at most two
     blocks' rows per key). Memory is the stores and the transfer buffers. An explicit limit that cannot be met
-    raises :class:`CPError` naming the device; "auto" and "Nx" keep the schedule with the smallest excess."""
+    raises :class:`CPError` naming the device; "auto" and "Nx" keep the schedule with the smallest excess.
+    ``floor``: a pass need not fit in less than this (the other pass's peak: a device needs that much anyway).
+    """
     bs, pl = scheduler.bs, scheduler.pl
     n = pl.num_devices
     stages = np.full(n, options.num_stages, dtype=np.int64)
@@ -174,6 +176,7 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
     limit = memory_limits(options, own)
     if limit is None:
         return sched
+    limit = np.maximum(limit, floor)
     smallest = max(scheduler.slot_bytes.values())  # one computation's inputs always fit a stage
 
     def pass_memory(sched: PassSchedule) -> np.ndarray:  # stores and transfer buffers, as plan.stats() counts
@@ -223,13 +226,17 @@ def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, topology: Topol
     hier = options.communication == "hierarchical"
     wire = partial_wire(options)
     passes = {}
-    for backward, q_in, outs in ((False, b["q_fwd"], {KIND_Q: b["out_fwd"]}),
-                                 (True, b["q_bwd"], {KIND_Q: b["dq"], KIND_KV: b["dkv"]})):
+    peak = 0.0  # the backward pass (larger rows) first; the forward need not fit in less than its peak
+    for backward, q_in, outs in ((True, b["q_bwd"], {KIND_Q: b["dq"], KIND_KV: b["dkv"]}),
+                                 (False, b["q_fwd"], {KIND_Q: b["out_fwd"]})):
         row = row_bytes(bs, backward, element_size)
         scheduler = PassScheduler(bs, pl, cost, q_in, b["kv"], options.inter_node_cost, kv_outputs=backward,
                                   out_bytes=outs, hierarchical=hier,
                                   slot_bytes={kind: bs.block_size * row[kind] for kind in (KIND_Q, KIND_KV)})
-        passes[backward] = schedule_within_memory(scheduler, options, backward, element_size, wire)
+        passes[backward] = schedule_within_memory(scheduler, options, backward, element_size, wire, peak)
+        if backward and options.memory_limit != "none":
+            peak = float(np.max(pass_memory_bytes(bs, pl, passes[True], True, element_size, wire)
+                                + pass_buffer_bytes(bs, pl, passes[True], True, element_size, options.partial_dtype)))
     fwd, bwd = passes[False], passes[True]
     timings["schedule"] = time.perf_counter() - t0
     layouts, fp, bp = compile_programs(bs, pl, fwd, bwd, eager=compile_all, partial_wire=wire)
