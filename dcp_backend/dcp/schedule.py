@@ -160,8 +160,11 @@ class PassScheduler:
         """Stages of device ``p``'s computations with remote inputs, in ``S`` stages: each stage receives
         about 1/S of its receive cost; a greedy picks the pending computation that unlocks the most
         compute per byte still missing. With a finite ``slot_budget`` a stage also receives at most that
-        many slot bytes (at least one computation's inputs), and stages continue past ``S`` until every
-        computation is scheduled."""
+        many slot bytes (at least one computation's inputs), stages continue past ``S`` until every
+        computation is scheduled, and the pick (:func:`_fewest_held_pick`) holds one side of the device's
+        remote-query x remote-key pairs whole and streams the other (the side whose whole bytes plus two
+        blocks of the other side peak lower; holding a block of that side costs the pick
+        ``LIGHT_SIDE_WEIGHT`` of its bytes)."""
         h, pl = self.bs.heads, self.pl
         dpn = pl.devices_per_node
         qid, kvid, q_remote, kv_remote = self.qid, self.kvid, self.q_remote, self.kv_remote
@@ -185,6 +188,14 @@ class PassScheduler:
         slot = np.concatenate([np.full(nq, float(self.slot_bytes[KIND_Q])),
                                np.full(uk.size, float(self.slot_bytes[KIND_KV]))])
         limited = np.isfinite(slot_budget)
+        pick_slot = slot
+        if limited:  # hold one side of the remote x remote pairs whole and stream the other, whichever peaks lower
+            both = (q_loc >= 0) & (k_loc >= 0)
+            bq, bk = np.unique(q_loc[both]), np.unique(k_loc[both])
+            if bq.size and bk.size:
+                q_first = slot[bq].sum() + 2 * slot[bk].max() < slot[bk].sum() + 2 * slot[bq].max()
+                light = (np.arange(cost.size) < nq) == q_first
+                pick_slot = np.where(light, slot * LIGHT_SIDE_WEIGHT, slot)
         ready_at = np.full(cost.size, -1, dtype=np.int64)  # stage an input arrives (-1: not scheduled)
         work = self.comp_cost[remote]
         stage_of = np.full(remote.size, -1, dtype=np.int64)
@@ -222,7 +233,7 @@ class PassScheduler:
                              + np.where(miss_k, share[np.maximum(k_loc, 0)], 0.0))
                     score = np.where(pend, amort / np.maximum(work, 1e-30), np.inf)
                     if limited:
-                        i = _fewest_held_pick(pend, q_loc, k_loc, miss_q, miss_k, slot, score)
+                        i = _fewest_held_pick(pend, q_loc, k_loc, miss_q, miss_k, pick_slot, score)
                     else:
                         i = int(np.argmin(score))
                     new_slots = ((slot[q_loc[i]] if miss_q[i] else 0.0) + (slot[k_loc[i]] if miss_k[i] else 0.0))
@@ -277,8 +288,9 @@ def _fewest_held_pick(pend, q_loc, k_loc, miss_q, miss_k, slot, score) -> int:
     mq, mk = np.maximum(q_loc, 0), np.maximum(k_loc, 0)
     other_q = np.where(miss_k, k_loc, -1)  # for a missing q input, the kv input fetched with it
     other_k = np.where(miss_q, q_loc, -1)
-    opened = (np.where(miss_q & lingers[mq] & (partner[mq] != other_q), slot[mq], 0.0)
-              + np.where(miss_k & lingers[mk] & (partner[mk] != other_k), slot[mk], 0.0))
+    # (a partner of -1 means several different ones: the input lingers whatever is fetched with it)
+    opened = (np.where(miss_q & lingers[mq] & ((partner[mq] < 0) | (partner[mq] != other_q)), slot[mq], 0.0)
+              + np.where(miss_k & lingers[mk] & ((partner[mk] < 0) | (partner[mk] != other_k)), slot[mk], 0.0))
     net = opened - np.where(miss_q, gain[mq], 0.0) - np.where(miss_k, gain[mk], 0.0)
     net = np.where(pend, net, np.inf)
     best = np.nonzero(net <= net.min() + 1e-9 * max(abs(float(net.min())), 1.0))[0]
@@ -293,6 +305,7 @@ class _Loads:
         self.ingress = np.zeros((num_devices, num_stages + 2))
 
 
+LIGHT_SIDE_WEIGHT = 0.1  # under a slot budget, what holding a block of the side held whole costs the pick
 BRIEF_HOLD_STAGES = 2  # a device under a slot budget forwards a received block at most this many stages on
 
 

@@ -99,3 +99,19 @@ def test_own_rows_limits_are_best_effort_and_validated():
     for bad in ("1x", "0.5x", "twox", "x"):
         with pytest.raises(cp.CPError, match="memory_limit must be"):
             cp.get_backend("dcp", memory_limit=bad, **opts)
+
+
+def test_pick_counts_a_block_that_lingers_with_several_partners():
+    """Fetching key block 4 for the held query 0 leaves it held for the queries 1 and 2 that still miss
+    (its pending partners differ, so fetching no single input frees it): that must cost its slot, so the
+    pick prefers fetching a query whose only other pairing is known (computations 3 or 5)."""
+    from dcp_backend.dcp.schedule import _fewest_held_pick
+    # inputs: q 0 (held), 1, 2, 3 | kv 4, 5 (held), 6; query 0 also waits for kv 6 (fetching 4 frees nothing)
+    q_loc = np.array([0, 1, 2, 3, 3, 1, 2, 0])
+    k_loc = np.array([4, 4, 4, 5, 6, 5, 6, 6])
+    ready = np.array([True, False, False, False, False, True, False])
+    miss_q, miss_k = ~ready[q_loc], ~ready[k_loc]
+    slot = np.array([0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 1.0])
+    score = np.array([0.1, 0.9, 0.9, 0.5, 0.9, 0.4, 0.9, 0.9])  # computation 0 is the cheapest per byte
+    pend = np.ones(q_loc.size, dtype=bool)
+    assert _fewest_held_pick(pend, q_loc, k_loc, miss_q, miss_k, slot, score) == 5
