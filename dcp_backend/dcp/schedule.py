@@ -373,7 +373,7 @@ def _route(pl: Placement, h, need_kind, need_block, need_dev, need_stage, in_byt
             owner = int(src[gate])
             sender = owner
             if hierarchical:
-                sender = _pick_sender(key, owner, c, nb, dpn, loads, holders, stage, brief)
+                sender = _pick_sender(key, owner, c, nb, dpn, loads, holders, stage, brief, extra)
                 if sender != owner:
                     held = holders.setdefault(key, {})
                     i = held.get(sender)
@@ -414,12 +414,13 @@ def _split_brief_groups(first: np.ndarray, stage: np.ndarray, dst: np.ndarray, b
 
 
 def _pick_sender(key, owner: int, c: int, nb: float, dpn: int, loads: _Loads, holders: dict, stage,
-                 brief: np.ndarray | None = None) -> int:
+                 brief: np.ndarray | None = None, relays: list | None = None) -> int:
     """The device of the owner's node that sends a crossing of stage ``c``: the owner, a node-mate that
     holds the block by then, or (c >= 2) a relay; the least loaded in that stage, the owner on ties, and
     a relay only when it is lighter by more than half the block. A node-mate under a slot budget
-    (``brief``) is a holder only if it needs the block within ``BRIEF_HOLD_STAGES`` of the send (it
-    would hold the block that much longer or receive it that much earlier)."""
+    (``brief``) is a holder only if it needs the block, or received it as a relay (``relays``: the relay
+    receipts so far), within ``BRIEF_HOLD_STAGES`` of the send (it would hold the block that much longer
+    or receive it that much earlier)."""
     base = (owner // dpn) * dpn
     held = holders.get(key, {})
     best, best_load = owner, loads.egress[owner, c]
@@ -427,9 +428,10 @@ def _pick_sender(key, owner: int, c: int, nb: float, dpn: int, loads: _Loads, ho
         if d == owner:
             continue
         i = held.get(d)  # an intra-node need, or (negative) an earlier relay receipt, at stage <= c - 1
-        if (i is not None and i >= 0 and brief is not None and brief[d]
-                and abs(int(stage[i]) - (c - 1)) > BRIEF_HOLD_STAGES):
-            continue
+        if i is not None and brief is not None and brief[d]:
+            got = int(stage[i]) if i >= 0 else int(relays[-i - 1][4])
+            if abs(got - (c - 1)) > BRIEF_HOLD_STAGES:
+                continue
         ready = i is not None and (i < 0 or stage[i] <= c - 1)
         if not ready and c < 2:
             continue
