@@ -33,6 +33,18 @@ from dcp_backend.sim.compare import ALL_BACKENDS, BASELINES, compare_batch
 from dcp_backend.sim.network import PRESETS, Topology, get_network
 
 
+def share_factors(text: str) -> tuple:
+    """``--dcp-shares``: token-share factors >= 1, comma-separated (whole numbers stay ints in the labels)."""
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        vals = ()
+    if not vals or any(not v >= 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"takes token-share factors of at least 1 separated by commas (e.g. "
+                                         f"1,1.5,2), got {text!r}")
+    return tuple(int(v) if v == int(v) else v for v in vals)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,7 +77,7 @@ def parse_args(argv=None):
     k.add_argument("--all-backends", action="store_true", help=f"all of {', '.join(ALL_BACKENDS)}")
     k.add_argument("--backends", default="zigzag,loongtrain,dcp")
     k.add_argument("--dcp-block-sizes", default="1024,2048,4096", help="best kept (published grid)")
-    k.add_argument("--dcp-shares", default="1,2",
+    k.add_argument("--dcp-shares", default=(1, 2), type=share_factors,
                    help="token shares DCP's hypergraph plans are made at (2 = a device may hold twice the mean "
                         "tokens, as hybrid's 2x share), best kept")
     k.add_argument("--dcp-candidates", default="hypergraph,zigzag,zigzag2d",
@@ -144,7 +156,7 @@ def main(argv=None) -> int:
                             tuple(int(x) for x in args.dcp_block_sizes.split(",")), dcp_opts,
                             [int(x) for x in args.lt_windows.split(",")] if args.lt_windows else None,
                             tuple(args.dcp_candidates.split(",")), log, fused_copies=args.fused_copies,
-                            dcp_shares=tuple(int(x) for x in args.dcp_shares.split(",")),
+                            dcp_shares=args.dcp_shares,
                             kernel=args.kernel)
         wall = time.perf_counter() - t0
         for label, e in res.items():

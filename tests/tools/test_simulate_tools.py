@@ -77,3 +77,11 @@ def test_simulate_takes_dcp_options(capsys, tmp_path):
     assert "--dcp-option: dcp option memory_limit must be" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         simulate.main([*argv, "--dcp-option", "memory_limit"])
+
+
+def test_simulate_dcp_shares_take_fractions_and_refuse_bad_input(capsys):
+    assert simulate.parse_args(["--seqlens", "100", "--dcp-shares", "1,1.5,2"]).dcp_shares == (1, 1.5, 2)
+    for bad in ("1,x", "0.5", ""):
+        with pytest.raises(SystemExit):
+            simulate.parse_args(["--seqlens", "100", "--dcp-shares", bad])
+        assert "token-share factors of at least 1" in capsys.readouterr().err
