@@ -67,7 +67,8 @@ class DCPOptions(KernelOptions):
                                          "dtype, e.g. bf16: half the bytes of fp32; they are computed and reduced "
                                          "in fp32, lse travels in fp32) or fp32")
     memory_limit: float | str = option("none", "attention memory per device and pass, in MB (own rows, received "
-                                               "blocks, partial results): the devices over it receive fewer blocks "
+                                               "blocks, partial results, transfer buffers): the devices over it "
+                                               "receive fewer blocks "
                                                "per stage, in an order that finishes with a block before the next, "
                                                "over more stages, until they fit (an error if they cannot); Nx "
                                                "(e.g. 2.5x) = N times the device's own rows, best effort (memory "
