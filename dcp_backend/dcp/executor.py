@@ -84,6 +84,13 @@ class ProgramRunner:
     def _dtype_of(self, cls: str) -> torch.dtype:
         return self.dtype if cls == MODEL else self.acc
 
+    def _wire(self, cls: str, name: str, start, rows, numel: int) -> torch.Tensor:
+        """The tensor a segment travels in: its rows of the store itself (``start`` given, in place), else a
+        new buffer of ``numel`` elements of its wire class."""
+        if start is not None:
+            return self.stores[name][start:start + rows]
+        return torch.empty(numel, dtype=self._dtype_of(cls), device=self.device)
+
     def run(self, kernel: BlockKernel, scale: float, group, counters: CommCounters | None):
         pending: dict[str, tuple] = {}
         S = self.stores
@@ -94,27 +101,22 @@ class ProgramRunner:
                 x = Exchange(group, f"DCP transfer {key}", counters=counters)
                 for m in sends:
                     for cls, name, start, rows, numel in m.segments:
-                        st = S[name]
-                        if start is not None:  # straight from the store
-                            x.send(st[start:start + rows], m.peer, TAGS[cls])
-                            continue
-                        buf = torch.empty(numel, dtype=self._dtype_of(cls), device=self.device)
-                        view = buf.view((rows.numel(),) + tuple(st.shape[1:]))
-                        if st.dtype == buf.dtype:
-                            torch.index_select(st, 0, rows, out=view)
-                        else:  # a partial held in fp32, sent in the model dtype
-                            view.copy_(st.index_select(0, rows))
-                        x.send(buf, m.peer, TAGS[cls])
+                        t = self._wire(cls, name, start, rows, numel)
+                        if start is None:  # gathered into its buffer (a partial held in fp32: converted)
+                            st = S[name]
+                            view = t.view((rows.numel(),) + tuple(st.shape[1:]))
+                            if st.dtype == t.dtype:
+                                torch.index_select(st, 0, rows, out=view)
+                            else:
+                                view.copy_(st.index_select(0, rows))
+                        x.send(t, m.peer, TAGS[cls])
                 bufs = []
                 for m in recvs:
                     for cls, name, start, rows, numel in m.segments:
-                        st = S[name]
-                        if start is not None:  # straight into the store
-                            x.recv(st[start:start + rows], m.peer, TAGS[cls])
-                            continue
-                        buf = torch.empty(numel, dtype=self._dtype_of(cls), device=self.device)
-                        x.recv(buf, m.peer, TAGS[cls])
-                        bufs.append((buf, name, rows))
+                        t = self._wire(cls, name, start, rows, numel)
+                        x.recv(t, m.peer, TAGS[cls])
+                        if start is None:  # copied into the store after the wait
+                            bufs.append((t, name, rows))
                 pending[key] = (x.launch(), bufs)
             elif kind == "wait":
                 x, bufs = pending.pop(step[1])
