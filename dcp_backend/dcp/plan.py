@@ -159,7 +159,7 @@ def memory_limits(options: DCPOptions, own: np.ndarray) -> np.ndarray | None:
 
 
 def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backward: bool, element_size: int,
-                           wire: str, floor: float = 0.0) -> PassSchedule:
+                           wire: str, floor: float = 0.0) -> tuple[PassSchedule, float]:
     """Schedule a pass with ``options.num_stages`` stages; under a memory limit, give the devices over it a
     slot budget (the slot bytes of blocks they receive for one stage; a received block is held from the
     stage before it is needed until its result is sent, so about three stages' blocks are held at once),
@@ -167,6 +167,7 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
     blocks' rows per key). Memory is the stores and the transfer buffers. An explicit limit that cannot be met
     raises :class:`CPError` naming the device; "auto" and "Nx" keep the schedule with the smallest excess.
     ``floor``: a pass need not fit in less than this (the other pass's peak: a device needs that much anyway).
+    Returns the schedule and its largest device's memory (0.0 without a limit, where it is not computed).
     """
     bs, pl = scheduler.bs, scheduler.pl
     n = pl.num_devices
@@ -175,7 +176,7 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
     own = own_memory_bytes(bs, pl, backward, element_size)
     limit = memory_limits(options, own)
     if limit is None:
-        return sched
+        return sched, 0.0
     limit = np.maximum(limit, floor)
     smallest = max(scheduler.slot_bytes.values())  # one computation's inputs always fit a stage
 
@@ -193,7 +194,7 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
             best, best_excess = sched, excess
         over = mem > limit * (1 + 1e-9)
         if not over.any():
-            return sched
+            return sched, float(mem.max())
         room = np.maximum(limit - own, 1.0)
         shrink = np.minimum(budget, room / 3) * np.minimum(0.8, room / np.maximum(mem - own, 1.0))
         new = np.where(over, np.maximum(shrink, smallest), budget)
@@ -213,7 +214,7 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
                       f"{mem[d] / 1e6:.1f} MB in the {'backward' if backward else 'forward'} pass with "
                       f"{best.num_stages} stages (its own rows alone take {own[d] / 1e6:.1f} MB); raise "
                       f"memory_limit, use a smaller block_size or more devices")
-    return best
+    return best, float(mem.max())
 
 
 def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, topology: Topology, options: DCPOptions,
@@ -233,10 +234,9 @@ def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, topology: Topol
         scheduler = PassScheduler(bs, pl, cost, q_in, b["kv"], options.inter_node_cost, kv_outputs=backward,
                                   out_bytes=outs, hierarchical=hier,
                                   slot_bytes={kind: bs.block_size * row[kind] for kind in (KIND_Q, KIND_KV)})
-        passes[backward] = schedule_within_memory(scheduler, options, backward, element_size, wire, peak)
-        if backward and options.memory_limit != "none":
-            peak = float(np.max(pass_memory_bytes(bs, pl, passes[True], True, element_size, wire)
-                                + pass_buffer_bytes(bs, pl, passes[True], True, element_size, options.partial_dtype)))
+        passes[backward], pass_peak = schedule_within_memory(scheduler, options, backward, element_size, wire, peak)
+        if backward:
+            peak = pass_peak
     fwd, bwd = passes[False], passes[True]
     timings["schedule"] = time.perf_counter() - t0
     layouts, fp, bp = compile_programs(bs, pl, fwd, bwd, eager=compile_all, partial_wire=wire)
