@@ -116,10 +116,15 @@ def message_segments(stores: dict, parts: list) -> list:
     return out
 
 
+def segment_members(stores: dict, name: str) -> tuple:
+    """The stores a segment (a store, or a group of them by its group name) moves."""
+    groups = store_groups(stores)
+    return groups[name][1] if name in groups else (name,)
+
+
 def segment_wire_class(stores: dict, name: str) -> str:
     """The dtype class a segment (a store or a group of them) travels in."""
-    groups = store_groups(stores)
-    return stores[groups[name][1][0] if name in groups else name].wire_class
+    return stores[segment_members(stores, name)[0]].wire_class
 
 
 def segment_in_place(stores: dict, name: str, rows: np.ndarray) -> bool:
@@ -128,7 +133,7 @@ def segment_in_place(stores: dict, name: str, rows: np.ndarray) -> bool:
     group's tensor) and it travels in the dtype it is held in. Inputs always are (own rows are kept head
     block by head block, so a block's rows are a run; received blocks fill slots); partial results held in
     fp32 and sent in the model dtype are converted through a buffer."""
-    if rows.size == 0 or int(rows[-1]) - int(rows[0]) + 1 != rows.size or (rows.size > 1 and np.any(np.diff(rows) != 1)):
+    if rows.size == 0 or np.any(np.diff(rows) != 1):
         return False
     groups = store_groups(stores)
     if name in groups:
@@ -148,9 +153,7 @@ def segment_wire_nbytes(stores: dict, name: str, rows: np.ndarray, head_dim: int
 
 def segment_row_elements(stores: dict, name: str, head_dim: int) -> int:
     """Elements of one row of a segment's store or group."""
-    groups = store_groups(stores)
-    members = groups[name][1] if name in groups else (name,)
-    return sum(stores[m].row_elements(head_dim) for m in members)
+    return sum(stores[m].row_elements(head_dim) for m in segment_members(stores, name))
 
 
 @dataclass(eq=False)

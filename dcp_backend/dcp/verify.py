@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 
 from dcp_backend.dcp.instructions import (Attention, Comm, DeviceProgram, Fill, Reduce, Wait, message_segments,
-                                          segment_in_place, segment_row_elements, segment_wire_class,
-                                          store_groups)
+                                          segment_in_place, segment_members, segment_row_elements,
+                                          segment_wire_class)
 
 Q_SIDE = ("q", "o", "do", "lse", "dq", "ro", "rlse", "rdq")
 
@@ -83,7 +83,6 @@ class _Device:
             self.ident[name] = ident
             self.valid[name] = ident >= 0
         self.sending = {name: np.zeros(spec.rows, dtype=np.int64) for name, spec in prog.stores.items()}
-        self.groups = store_groups(prog.stores)
         # result accumulators: count and checksum per row
         res = ("dq", "dk", "dv", "rdq", "rdk", "rdv") if backward else ("o", "ro")
         self.acc = {k: (np.zeros(prog.stores[k].rows), np.zeros(prog.stores[k].rows)) for k in res
@@ -100,10 +99,6 @@ def _segments(dev, op):
     st = dev.prog.stores
     return [(name, rows, segment_wire_class(st, name), rows.size * segment_row_elements(st, name, dev.head_dim),
              segment_in_place(st, name, rows)) for name, rows in message_segments(st, op.parts)]
-
-
-def _members(dev, name):
-    return dev.groups[name][1] if name in dev.groups else (name,)
 
 
 def _write(dev, i, name, rows, what):
@@ -151,7 +146,7 @@ def verify_pass(plan, backward: bool) -> None:
                         op_segs = _segments(dev, op)
                         for name, rows, _, _, in_place in op_segs:
                             if in_place:
-                                for m in _members(dev, name):
+                                for m in segment_members(dev.prog.stores, name):
                                     dev.sending[m][rows] += 1
                                     sent.append((m, rows))
                         snap = []

@@ -20,7 +20,7 @@ A pass starts with the executor's prologue (copy the local q/k/v into the stores
 from __future__ import annotations
 
 from dcp_backend.dcp.instructions import (Attention, Comm, Fill, Reduce, Wait, message_segments, segment_in_place,
-                                          segment_wire_nbytes, store_groups)
+                                          segment_members, segment_wire_nbytes)
 from dcp_backend.sim.op_costs import Costs
 from dcp_backend.sim.engine import Compute, Launch
 from dcp_backend.sim.engine import Wait as SimWait
@@ -32,11 +32,6 @@ def _part_bytes(prog, name: str, rows, c: Costs) -> float:
 
 def _wire_bytes(prog, name: str, rows, c: Costs) -> float:
     return float(prog.stores[name].wire_nbytes(rows.size, c.head_dim, c.element_size))
-
-
-def _members(prog, name: str) -> tuple:
-    groups = store_groups(prog.stores)
-    return groups[name][1] if name in groups else (name,)
 
 
 def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
@@ -73,7 +68,7 @@ def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
             buffered = [(nm, r) for o in ins.recvs for nm, r in message_segments(prog.stores, o.parts)
                         if not segment_in_place(prog.stores, nm, r)]
             ops.append(("unpack", ins.key, sum(_part_bytes(prog, m, r, c) for nm, r in buffered
-                                               for m in _members(prog, nm)), len(buffered)))
+                                               for m in segment_members(prog.stores, nm)), len(buffered)))
         elif isinstance(ins, Wait):
             ops.append(SimWait(ins.key, f"wait {ins.key}"))
             ops.append(("unpacked", ins.key))
