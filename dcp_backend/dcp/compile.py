@@ -258,6 +258,7 @@ class _PassCompiler:
         q_rows_total = n * heads.n_q_blocks + counts[KIND_Q] * block
         kv_rows_total = n * heads.n_kv_blocks + counts[KIND_KV] * block
         stores = prog.stores
+        self.q_store_rows = q_rows_total
         layout = STORES[self.backward]
         for name, dtype, with_dim in layout[KIND_Q]:
             stores[name] = StoreSpec(name, q_rows_total, heads.hb, with_dim, dtype)
@@ -327,6 +328,8 @@ class _PassCompiler:
             sel = received[self.inputs.kind[received] == kind]
             if sel.size:
                 out.append(Fill(names, self.rows.many(kind, self.inputs.block[sel])))
+                if kind == KIND_Q and not self.backward:
+                    self.written[out[-1].rows] = False
         return out
 
     # ------------------------------------------------------------------ the program
@@ -334,6 +337,8 @@ class _PassCompiler:
         """Communication and attention of every stage, in the key order shared by all devices."""
         inputs, outputs, sched, device = self.inputs, self.outputs, self.sched, self.device
         num_stages = sched.num_stages
+        # forward: output rows written since their reset (the pass start, or a received block's Fill)
+        self.written = np.zeros(self.q_store_rows, dtype=bool)
         for stage in range(num_stages + 1):
             if stage < num_stages:
                 sel = inputs.stage == stage + 1
@@ -344,7 +349,11 @@ class _PassCompiler:
             comps = self.my_comps[sched.comp_stage[self.my_comps] == stage]
             if comps.size:
                 q_rows, kv_rows, work = _segments(self.bs, comps, self.rows)
-                ins.append(Attention(stage, q_rows, kv_rows, work, np.sort(comps), self.backward))
+                fresh = np.zeros(0, dtype=np.int64)
+                if not self.backward:
+                    fresh = np.nonzero(~self.written[q_rows])[0]
+                    self.written[q_rows] = True
+                ins.append(Attention(stage, q_rows, kv_rows, work, np.sort(comps), self.backward, fresh))
             if stage < num_stages:
                 ins.append(Wait(f"in{stage + 1}"))
                 ins.extend(self.fills(recv1))
@@ -395,6 +404,7 @@ class _PassCompiler:
                 for rnd in sorted(rounds):
                     srs, drs = zip(*rounds[rnd])
                     ins.append(Reduce("merge", tmp_names, dst_names, np.concatenate(srs), np.concatenate(drs)))
+                    self.written[ins[-1].dst_rows] = True
             else:
                 ins.append(Reduce("sum", tmp_names, dst_names, np.concatenate(src_rows), np.concatenate(dst_rows)))
 

@@ -71,7 +71,8 @@ class ProgramRunner:
             if kind == "comm":
                 steps.append(("comm", step[1], [msg(m) for m in step[2]], [msg(m) for m in step[3]]))
             elif kind == "attn":
-                steps.append(("attn", step[1], views[step[2]], views[step[3]], step[4]))
+                fresh = step[5] if not step[5] else tuple(views[x] for x in step[5])
+                steps.append(("attn", step[1], views[step[2]], views[step[3]], step[4], fresh))
             elif kind == "fill":
                 steps.append(("fill", step[1], views[step[2]]))
             elif kind == "reduce":
@@ -125,11 +126,20 @@ class ProgramRunner:
                     st = S[name]
                     st.index_copy_(0, rows, buf.view((rows.numel(),) + tuple(st.shape[1:])).to(st.dtype))
             elif kind == "attn":
-                _, backward, qr, kr, work = step
+                _, backward, qr, kr, work, fresh = step
                 if not backward:
                     o, l = kernel.forward(S["q"].index_select(0, qr), S["k"].index_select(0, kr),
                                           S["v"].index_select(0, kr), work, scale)
-                    merge_into_(S["o"], S["lse"], o, l, rows=qr)
+                    if fresh is None:  # every row merged
+                        merge_into_(S["o"], S["lse"], o, l, rows=qr)
+                    elif not fresh:  # every row written
+                        S["o"].index_copy_(0, qr, o.to(S["o"].dtype))
+                        S["lse"].index_copy_(0, qr, l.to(S["lse"].dtype))
+                    else:
+                        fp, fr, mp, mr = fresh
+                        S["o"].index_copy_(0, fr, o.index_select(0, fp).to(S["o"].dtype))
+                        S["lse"].index_copy_(0, fr, l.index_select(0, fp).to(S["lse"].dtype))
+                        merge_into_(S["o"], S["lse"], o.index_select(0, mp), l.index_select(0, mp), rows=mr)
                 else:
                     dq, dk, dv = kernel.backward(
                         S["do"].index_select(0, qr), S["q"].index_select(0, qr), S["k"].index_select(0, kr),

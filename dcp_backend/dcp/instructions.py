@@ -18,9 +18,10 @@ so point-to-point messages between any two ranks are posted in the same order on
   else through a buffer (partial results held in fp32 may travel in the model dtype,
   ``DCPOptions.partial_dtype``);
 * ``Wait(key)`` waits for it (and copies buffered segments into their stores);
-* ``Attention(stage, q_rows, kv_rows, work, comps, backward)`` runs the block kernel once over all
-  computation blocks of a stage (forward: merges (out, lse) into ``o``/``lse`` at ``q_rows``; backward:
-  accumulates ``dq`` at ``q_rows`` and ``dk``/``dv`` at ``kv_rows``);
+* ``Attention(stage, q_rows, kv_rows, work, comps, backward, fresh)`` runs the block kernel once over all
+  computation blocks of a stage (forward: merges (out, lse) into ``o``/``lse`` at ``q_rows``, or writes
+  it at the positions ``fresh``, rows nothing has written since their reset; backward: accumulates ``dq``
+  at ``q_rows`` and ``dk``/``dv`` at ``kv_rows``);
 * ``Fill(stores, rows)`` resets the result rows of a freshly received block (out 0 / lse -inf, or
   gradients 0), since slots are reused;
 * ``Reduce(op, src, dst, src_rows, dst_rows)`` merges or sums received partials (right after the wait
@@ -182,6 +183,9 @@ class Attention:
     work: AttnWork
     comps: np.ndarray
     backward: bool
+    # forward: positions in q_rows whose output rows nothing has written since their reset (the pass start or
+    # the block's Fill): the kernel's (out, lse) is written there, not merged (a merge with nothing)
+    fresh: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 @dataclass(eq=False)

@@ -53,6 +53,19 @@ class PreparedProgram:
                 segments.append((cls, name, None, self.tables.add(rows), numel))
         return Message(op.peer, segments)
 
+    def _fresh(self, ins: Attention):
+        """How a forward attention's (out, lse) reaches the stores: None (merged into every row), () (written
+        to every row: all are fresh), or table handles (positions written, their rows, positions merged,
+        their rows)."""
+        n, fresh = ins.q_rows.size, ins.fresh
+        if ins.backward or fresh.size == 0:
+            return None
+        if fresh.size == n:
+            return ()
+        merged = np.setdiff1d(np.arange(n), fresh)
+        t = self.tables.add
+        return t(fresh), t(ins.q_rows[fresh]), t(merged), t(ins.q_rows[merged])
+
     def _prepare(self, ins):
         t = self.tables.add
         if isinstance(ins, Comm):
@@ -60,7 +73,7 @@ class PreparedProgram:
         if isinstance(ins, Wait):
             return ("wait", ins.key)
         if isinstance(ins, Attention):
-            return ("attn", ins.backward, t(ins.q_rows), t(ins.kv_rows), ins.work)
+            return ("attn", ins.backward, t(ins.q_rows), t(ins.kv_rows), ins.work, self._fresh(ins))
         if isinstance(ins, Fill):
             return ("fill", ins.stores, t(ins.rows))
         if isinstance(ins, Reduce):

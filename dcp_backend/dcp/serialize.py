@@ -60,7 +60,7 @@ def _program(w: _Writer, p: DeviceProgram) -> dict:
         elif isinstance(i, Attention):
             ins.append({"t": "attn", "stage": i.stage, "backward": i.backward, "q_rows": w.add(i.q_rows),
                         "kv_rows": w.add(i.kv_rows), "cu_q": w.add(i.work.cu_q), "cu_k": w.add(i.work.cu_k),
-                        "ranges": w.add(i.work.ranges), "comps": w.add(i.comps)})
+                        "ranges": w.add(i.work.ranges), "comps": w.add(i.comps), "fresh": w.add(i.fresh)})
         elif isinstance(i, Fill):
             ins.append({"t": "fill", "stores": list(i.stores), "rows": w.add(i.rows)})
         elif isinstance(i, Reduce):
@@ -167,7 +167,7 @@ def deserialize(data: bytes) -> DCPPlan:
             elif t == "attn":
                 work = AttnWork(A(i["cu_q"]), A(i["cu_k"]), A(i["ranges"]))
                 p.instructions.append(Attention(i["stage"], A(i["q_rows"]), A(i["kv_rows"]), work, A(i["comps"]),
-                                                i["backward"]))
+                                                i["backward"], A(i["fresh"])))
             elif t == "fill":
                 p.instructions.append(Fill(tuple(i["stores"]), A(i["rows"])))
             elif t == "reduce":

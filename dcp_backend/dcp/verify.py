@@ -13,7 +13,8 @@ count and a checksum of what was computed into them. It checks that
 * every attention segment pairs a query head block with its own KV head block;
 * forward: every owner's output rows end with exactly the keys the mask allows (count and sum of key
   token indices per (token, head block)), so every required (query, key, head) pair was computed
-  exactly once and every partial result reached its owner;
+  exactly once and every partial result reached its owner (an attention's ``fresh`` rows are
+  overwritten, so one written over earlier results loses them and fails here);
 * backward: the same for dq, and for dk/dv every key accumulated exactly the queries that see it.
 
 Violations raise :class:`PlanVerificationError` with the device, instruction and what is wrong.
@@ -257,9 +258,14 @@ def _attention(dev, i, ins: Attention, h, backward):
         _write(dev, i, "lse", rows, "attention output")
         if not np.array_equal(dev.ident["o"][rows], qid):
             _fail(dev, i, "output rows do not belong to the query block")
-        dev.acc["o"][0][rows] += count
-        dev.acc["o"][1][rows] += ksum
+        fresh = np.zeros(rows.size, dtype=bool)
+        fresh[ins.fresh] = True  # written, not merged: what the rows held before is lost
+        for j, v in ((0, count), (1, ksum)):
+            dev.acc["o"][j][rows[fresh]] = v[fresh]
+            dev.acc["o"][j][rows[~fresh]] += v[~fresh]
     else:
+        if ins.fresh.size:
+            _fail(dev, i, "a backward attention writes rows instead of accumulating")
         rows = ins.q_rows
         _write(dev, i, "dq", rows, "attention dq")
         for name in ("dq",):

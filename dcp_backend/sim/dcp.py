@@ -34,6 +34,22 @@ def _wire_bytes(prog, name: str, rows, c: Costs) -> float:
     return float(prog.stores[name].wire_nbytes(rows.size, c.head_dim, c.element_size))
 
 
+def _forward_result_copy(nq: int, fresh: int, hb: int, c: Costs) -> tuple[float, int]:
+    """(bytes, ops) of putting a forward attention's (out, lse) into the stores (the executor's ``attn``
+    step): rows merged cost ``merge_into_`` (gather, two scales, add, scatter: five passes over fp32 rows,
+    ten ops), fresh rows a cast and an ``index_copy_`` of out and lse (two passes, three ops), and a call
+    with both first splits the kernel's rows (one more pass over them, four ops)."""
+    merged = nq - fresh
+    nbytes, ops = 0.0, 0
+    if merged:
+        nbytes, ops = 5 * c.rows_bytes(merged, hb, acc=True), 10
+    if fresh:
+        nbytes, ops = nbytes + 2 * c.rows_bytes(fresh, hb, acc=True), ops + 3
+    if merged and fresh:
+        nbytes, ops = nbytes + c.rows_bytes(nq, hb), ops + 4
+    return nbytes, ops
+
+
 def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
     prog = (plan.bwd_programs if backward else plan.fwd_programs)[rank]
     h = plan.blocks.heads
@@ -77,14 +93,15 @@ def device_program(plan, rank: int, backward: bool, c: Costs) -> list:
             if backward:
                 gather = c.rows_bytes(nq, h.hb) * 3 + c.rows_bytes(nq, h.hb, acc=True, with_dim=False)
                 after = c.rows_bytes(nq, h.hb, acc=True) + 2 * c.rows_bytes(nkv, h.khb, acc=True)
+                after_ops = 3
             else:
                 gather = c.rows_bytes(nq, h.hb)
-                after = 5 * c.rows_bytes(nq, h.hb, acc=True)  # merge_into_: gather, 2 scales, add, scatter
+                after, after_ops = _forward_result_copy(nq, ins.fresh.size, h.hb, c)
             gather += 2 * c.rows_bytes(nkv, h.khb)
             ops.append(Compute(c.copy(gather, 5 if backward else 3), f"gather s{ins.stage}"))
             ops.append(Compute(c.attention(ins.work, h.hb, backward), f"attention s{ins.stage}"))
-            ops.append(Compute(c.copy(after, 3 if backward else 10), f"{'accumulate' if backward else 'merge'} "
-                                                                       f"s{ins.stage}"))
+            ops.append(Compute(c.copy(after, after_ops), f"{'accumulate' if backward else 'merge'} "
+                                                         f"s{ins.stage}"))
         elif isinstance(ins, Fill):
             nbytes = sum(_part_bytes(prog, nm, ins.rows, c) for nm in ins.stores)
             ops.append(Compute(c.copy(nbytes, len(ins.stores)), "fill"))

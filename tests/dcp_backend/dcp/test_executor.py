@@ -75,6 +75,28 @@ def test_dcp_eight_ranks_four_nodes():
             assert errs[1][key] <= 3 * errs[0][key] + 1e-3, (metric.__name__, key, errs)
 
 
+def _write_modes(plan) -> set:
+    """How the forward attention steps of a plan put their results into the stores (the executor's three
+    paths): merged everywhere, written everywhere (fresh rows), or split."""
+    modes = set()
+    for rank in range(plan.world_size):
+        for step in plan.prepared_programs(rank)[0].steps:
+            if step[0] == "attn":
+                modes.add("merge" if step[5] is None else "write" if step[5] == () else "split")
+    return modes
+
+
+def test_exactness_cases_run_every_forward_write_path():
+    """The eight-rank exactness case above (a 300-token causal document over 4 nodes, 4 stages) runs the
+    executor's three forward paths: rows written where nothing was yet, merged where something was, and
+    both in one call; so the reference comparison covers each."""
+    case = Case("dcp", [1, 300, 17, 64, 2], mask="causal",
+                options={"devices_per_node": 2, "block_size": 16, "num_stages": 4, "communication": "hierarchical",
+                         "partial_dtype": "fp32"}, seed=3)
+    plan = cp.get_backend("dcp", world_size=8, **case.options).plan(case.seqlens, case.spec())
+    assert _write_modes(plan) == {"merge", "write", "split"}
+
+
 # A tiny plan whose bytes are computed by hand. One causal document of 64 tokens, 2 query heads and 1 KV
 # head of dimension 4, on 2 devices with the static zigzag placement (documented in dcp/candidates.py):
 # block size 16 (the largest power of two giving the document two blocks per device, at least 16), token

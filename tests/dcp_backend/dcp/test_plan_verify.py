@@ -81,7 +81,15 @@ def _mutants(plan):
                     return True
         return False
 
-    return {"drop_attention": drop(Attention, "fwd"), "drop_reduce": drop(Reduce, "fwd"),
+    def write_over_results(p):  # a forward attention writes (not merges) rows that already hold results
+        for prog in p.fwd_programs:
+            for ins in prog.instructions:
+                if isinstance(ins, Attention) and ins.fresh.size < ins.q_rows.size:
+                    ins.fresh = np.arange(ins.q_rows.size)
+                    return True
+        return False
+
+    return {"write_over_results": write_over_results, "drop_attention": drop(Attention, "fwd"), "drop_reduce": drop(Reduce, "fwd"),
             "drop_bwd_reduce": drop(Reduce, "bwd"), "drop_fill": drop(Fill, "fwd"), "corrupt_kv": corrupt_kv,
             "shrink_range": shrink_range, "drop_send": drop_send}
 
@@ -91,15 +99,15 @@ def test_verifier_catches_broken_plans():
     # partial results then travel and are merged, so every mutant applies
     plan = _plan([100, 37, 64, 5, 1, 80, 200], 4, 2, block_size=16, num_stages=2, placement_seeds="none")
     verify_plan(plan)
-    applied = 0
+    applied = []
     for name, mutate in _mutants(plan).items():
         bad = copy.deepcopy(plan)
         if not mutate(bad):
             continue
-        applied += 1
+        applied.append(name)
         with pytest.raises(PlanVerificationError):
             verify_plan(bad)
-    assert applied >= 6
+    assert len(applied) >= 7 and "write_over_results" in applied
 
 
 def _remap_head_block(plan) -> bool:
