@@ -5,7 +5,11 @@ inputs are received while the previous stage computes.
 * Stages 1..S: each device receives its remote inputs in per-stage budgets of about 1/S of its total
   receive cost (a byte across nodes costs ``inter_node_cost``); a greedy picks, at every step, the
   pending computation that unlocks the most compute per byte still missing. The last stage takes the
-  rest, so every computation is scheduled.
+  rest, so every computation is scheduled. A stage whose device is behind on compute (by the end of
+  stage s, less than s/S of its remote computation ready) receives past its budget, up to
+  ``FRONT_LOAD_LIMIT`` budgets: pairs of two remote blocks unlock compute only once both arrived, so
+  equal bytes per stage would leave most of such a device's compute to its last stages, where its
+  node-mates' partials and the pass's end wait for it (not under a slot budget, which bounds bytes).
 * An input needed by several devices of one node crosses the network once: it goes to the device of
   that node that needs it first (the *gateway*; of several, the one receiving the fewest inter-node
   bytes in that stage), which forwards it inside the node as an ordinary transfer of the stage that
@@ -158,7 +162,8 @@ class PassScheduler:
 
     def _device(self, p: int, S: int, slot_budget: float = np.inf):
         """Stages of device ``p``'s computations with remote inputs, in ``S`` stages: each stage receives
-        about 1/S of its receive cost; a greedy picks the pending computation that unlocks the most
+        about 1/S of its receive cost (more while its ready compute is behind s/S of the total, up to
+        ``FRONT_LOAD_LIMIT`` times that); a greedy picks the pending computation that unlocks the most
         compute per byte still missing. With a finite ``slot_budget`` a stage also receives at most that
         many slot bytes (at least one computation's inputs), stages continue past ``S`` until every
         computation is scheduled, and the pick (:func:`_fewest_held_pick`) holds one side of the device's
@@ -200,6 +205,7 @@ class PassScheduler:
         work = self.comp_cost[remote]
         stage_of = np.full(remote.size, -1, dtype=np.int64)
         budget = cost.sum() / S
+        total_work = work.sum()
         s = 0
         while (stage_of < 0).any():
             s += 1
@@ -237,7 +243,12 @@ class PassScheduler:
                     else:
                         i = int(np.argmin(score))
                     new_slots = ((slot[q_loc[i]] if miss_q[i] else 0.0) + (slot[k_loc[i]] if miss_k[i] else 0.0))
-                    if spent > 0 and ((s < S and spent + missing[i] > budget) or held + new_slots > slot_budget):
+                    over_bytes = s < S and spent + missing[i] > budget
+                    if over_bytes and not limited and spent + missing[i] <= FRONT_LOAD_LIMIT * budget:
+                        # a stage behind on compute (pairs of two remote blocks unlock compute only once
+                        # both arrived) receives more now
+                        over_bytes = work[stage_of > 0].sum() >= s / S * total_work
+                    if spent > 0 and (over_bytes or held + new_slots > slot_budget):
                         break
                     held += new_slots
                 else:
@@ -306,6 +317,7 @@ class _Loads:
 
 
 LIGHT_SIDE_WEIGHT = 0.1  # under a slot budget, what holding a block of the side held whole costs the pick
+FRONT_LOAD_LIMIT = 3.0  # without a slot budget, a stage behind on compute receives up to this many byte budgets
 BRIEF_HOLD_STAGES = 2  # a device under a slot budget forwards a received block at most this many stages on
 
 

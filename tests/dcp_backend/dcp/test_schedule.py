@@ -115,3 +115,40 @@ def test_pick_counts_a_block_that_lingers_with_several_partners():
     score = np.array([0.1, 0.9, 0.9, 0.5, 0.9, 0.4, 0.9, 0.9])  # computation 0 is the cheapest per byte
     pend = np.ones(q_loc.size, dtype=bool)
     assert _fewest_held_pick(pend, q_loc, k_loc, miss_q, miss_k, slot, score) == 5
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_devices_behind_on_compute_receive_more_early(backward, monkeypatch):
+    # one long document over 4 nodes placed by the hypergraph alone: devices compute pairs of two remote
+    # blocks, whose compute equal bytes per stage would leave to the last stages
+    import dcp_backend.dcp.schedule as schedule
+
+    world, S = 16, 4
+    plan = cp.get_backend("dcp", world_size=world, devices_per_node=4, block_size=32, num_stages=S,
+                          placement_seeds="none").plan([4000], SPEC)
+    verify_plan(plan)
+    sch = _scheduler(plan, backward)
+
+    def last_stage_share(limit):
+        monkeypatch.setattr(schedule, "FRONT_LOAD_LIMIT", limit)
+        sch._cache.clear()
+        sc = sch.schedule(np.full(world, S))
+        assert sc.num_stages == S
+        prof = np.zeros((world, S + 1))
+        np.add.at(prof, (plan.placement.comp_device, sc.comp_stage), plan.comp_cost)
+        remote = prof[:, 1:]
+        return remote[:, -1] / np.maximum(remote.sum(1), 1e-30), sc
+
+    even_bytes, _ = last_stage_share(0.0)
+    front, sc = last_stage_share(3.0)
+    assert front.max() < even_bytes.max() and front.sum() < even_bytes.sum()
+    # no stage receives more than FRONT_LOAD_LIMIT byte budgets (beyond its first pick)
+    cost = {k: sch.in_bytes[k] for k in (KIND_Q, KIND_KV)}
+    tr = sc.inputs
+    recv = np.zeros((world, S + 1))
+    inter = plan.placement.node_of(tr.src) != plan.placement.node_of(tr.dst)
+    nbytes = np.where(tr.kind == KIND_Q, cost[KIND_Q][tr.block], cost[KIND_KV][tr.block])
+    np.add.at(recv, (tr.dst, tr.stage), nbytes * np.where(inter, plan.options.inter_node_cost, 1.0))
+    biggest = max(cost[KIND_Q].max(), cost[KIND_KV].max()) * 2 * max(plan.options.inter_node_cost, 1.0)
+    budget = recv.sum(1) / S
+    assert (recv[:, 1:S] <= 3.0 * budget[:, None] + biggest).all()
