@@ -29,20 +29,30 @@ import dcp_backend as cp
 from dcp_backend.cost_model import load_cost_model
 from dcp_backend.masks import parse_key_values, parse_mask_args
 from dcp_backend.sim.benchmark_batches import describe, paper_batches
-from dcp_backend.sim.compare import ALL_BACKENDS, BASELINES, compare_batch
+from dcp_backend.sim.compare import ALL_BACKENDS, BASELINES, DCP_COMPUTE_TOLERANCES, compare_batch
 from dcp_backend.sim.network import PRESETS, Topology, get_network
 
 
-def share_factors(text: str) -> tuple:
-    """``--dcp-shares``: token-share factors >= 1, comma-separated (whole numbers stay ints in the labels)."""
+def _numbers(text: str, valid, wanted: str) -> tuple:
+    """Comma-separated numbers that all pass ``valid``, else an argparse error naming ``wanted``."""
     try:
         vals = tuple(float(x) for x in text.split(","))
     except ValueError:
         vals = ()
-    if not vals or any(not v >= 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"takes token-share factors of at least 1 separated by commas (e.g. "
-                                         f"1,1.5,2), got {text!r}")
+    if not vals or not all(valid(v) for v in vals):
+        raise argparse.ArgumentTypeError(f"takes {wanted} separated by commas, got {text!r}")
+    return vals
+
+
+def share_factors(text: str) -> tuple:
+    """``--dcp-shares``: token-share factors >= 1, comma-separated (whole numbers stay ints in the labels)."""
+    vals = _numbers(text, lambda v: v >= 1, "token-share factors of at least 1 (e.g. 1,1.5,2)")
     return tuple(int(v) if v == int(v) else v for v in vals)
+
+
+def compute_tolerances(text: str) -> tuple:
+    """``--dcp-compute-tolerances``: compute_imbalance values above 0, comma-separated."""
+    return _numbers(text, lambda v: v > 0, "compute_imbalance values above 0 (e.g. 0.1,0.2)")
 
 
 def parse_args(argv=None):
@@ -80,6 +90,9 @@ def parse_args(argv=None):
     k.add_argument("--dcp-shares", default=(1, 2), type=share_factors,
                    help="token shares DCP's hypergraph plans are made at (2 = a device may hold twice the mean "
                         "tokens, as hybrid's 2x share), best kept")
+    k.add_argument("--dcp-compute-tolerances", default=DCP_COMPUTE_TOLERANCES, type=compute_tolerances,
+                   help="compute_imbalance values DCP's hypergraph plans are made at (a looser balance may cut "
+                        "fewer bytes across nodes), best kept")
     k.add_argument("--dcp-candidates", default="hypergraph,zigzag,zigzag2d",
                    help="dcp placements to try (hypergraph per block size, the static zigzag candidate)")
     k.add_argument("--dcp-plan-cost-model", default="table",
@@ -156,7 +169,7 @@ def main(argv=None) -> int:
                             tuple(int(x) for x in args.dcp_block_sizes.split(",")), dcp_opts,
                             [int(x) for x in args.lt_windows.split(",")] if args.lt_windows else None,
                             tuple(args.dcp_candidates.split(",")), log, fused_copies=args.fused_copies,
-                            dcp_shares=args.dcp_shares,
+                            dcp_shares=args.dcp_shares, dcp_compute_tolerances=args.dcp_compute_tolerances,
                             kernel=args.kernel)
         wall = time.perf_counter() - t0
         for label, e in res.items():

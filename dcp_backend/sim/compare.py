@@ -45,6 +45,9 @@ HYBRID_SEQLEN_FACTORS = (1, 2)
 # DCP's hypergraph plans at the same shares: a device holds at most (1 + memory_imbalance) x the mean tokens, so
 # 1x is the default memory_imbalance (0.2) and 2x allows twice the mean, what hybrid's 2x share allows a rank
 DCP_SHARE_FACTORS = (1, 2)
+# ... and at two compute tolerances (compute_imbalance): the default, and a looser one that may cut fewer bytes
+# across nodes (the partitioner's trade; which wins varies by batch, so both are planned and the faster kept)
+DCP_COMPUTE_TOLERANCES = (0.1, 0.2)
 
 
 @dataclasses.dataclass
@@ -94,10 +97,11 @@ def _te_plan(seqlens, spec, topo: Topology, comm_type):
 def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=ALL_BACKENDS,
                     dcp_block_sizes=(1024, 2048, 4096), dcp_options: DCPOptions | None = None, lt_windows=None,
                     dcp_candidates=("hypergraph", "zigzag", "zigzag2d"), element_size: int = 2, log=None,
-                    dcp_shares=DCP_SHARE_FACTORS):
+                    dcp_shares=DCP_SHARE_FACTORS, dcp_compute_tolerances=DCP_COMPUTE_TOLERANCES):
     """Every configuration of every requested backend, planned (DCP plans compiled for all devices).
     ``dcp_shares``: the memory shares DCP's hypergraph plans are made at (:data:`DCP_SHARE_FACTORS`; a share
-    f > 1 raises ``memory_imbalance`` to at least f - 1), as hybrid is planned at 1x and 2x its share."""
+    f > 1 raises ``memory_imbalance`` to at least f - 1), as hybrid is planned at 1x and 2x its share;
+    ``dcp_compute_tolerances``: the ``compute_imbalance`` values they are made at (:data:`DCP_COMPUTE_TOLERANCES`)."""
     batch = PackedBatch.from_seqlens(seqlens)
     n = topo.world_size
     out: list[Candidate] = []
@@ -133,13 +137,17 @@ def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=AL
         elif name == "dcp":
             base = dataclasses.replace(dcp_options or DCPOptions(), placement="hypergraph")
             if "hypergraph" in dcp_candidates:
-                for f in dcp_shares:
-                    shared = base if f == 1 else dataclasses.replace(
-                        base, memory_imbalance=max(base.memory_imbalance, float(f) - 1.0))
-                    for bsz in dcp_block_sizes:
-                        o = dataclasses.replace(shared, block_size=bsz)
-                        add("dcp", f"hypergraph block={bsz}" + ("" if f == 1 else f" ({f}x share)"),
-                            lambda o=o: make_plan(batch, spec, topo, o, element_size, compile_all=True))
+                for tol in dcp_compute_tolerances:
+                    for f in dcp_shares:
+                        shared = dataclasses.replace(base, compute_imbalance=float(tol)) if f == 1 else \
+                            dataclasses.replace(base, compute_imbalance=float(tol),
+                                                memory_imbalance=max(base.memory_imbalance, float(f) - 1.0))
+                        notes = ([] if f == 1 else [f"{f}x share"]) + (
+                            [] if float(tol) == base.compute_imbalance else [f"compute {tol:g}"])
+                        for bsz in dcp_block_sizes:
+                            o = dataclasses.replace(shared, block_size=bsz)
+                            add("dcp", f"hypergraph block={bsz}" + (f" ({', '.join(notes)})" if notes else ""),
+                                lambda o=o: make_plan(batch, spec, topo, o, element_size, compile_all=True))
             if n > 1 and "zigzag" in dcp_candidates:
                 add("dcp", lambda p: f"zigzag block={p.block_size}",
                     lambda: make_plan(batch, spec, topo, base, element_size, compile_all=True, strategy="zigzag"))
@@ -183,14 +191,15 @@ def simulate_candidates(cands: list[Candidate], cost_model, network, dtype="bf16
 def compare_batch(seqlens, spec: cp.AttentionSpec, topo: Topology, cost_model: CostModel | str, network,
                   dtype="bf16", backends=ALL_BACKENDS, dcp_block_sizes=(1024, 2048, 4096), dcp_options=None,
                   lt_windows=None, dcp_candidates=("hypergraph", "zigzag", "zigzag2d"), log=None,
-                  fused_copies: bool = False, kernel: str = "auto", dcp_shares=DCP_SHARE_FACTORS) -> dict:
+                  fused_copies: bool = False, kernel: str = "auto", dcp_shares=DCP_SHARE_FACTORS,
+                  dcp_compute_tolerances=DCP_COMPUTE_TOLERANCES) -> dict:
     """Plan and simulate: each backend's best configuration, {label: Entry}."""
     cm = load_cost_model(cost_model) if not isinstance(cost_model, CostModel) else cost_model
     if dcp_options is None:
         dcp_options = DCPOptions(cost_model=cm.spec)
     esize = element_size(dtype)
     cands = candidate_plans(seqlens, spec, topo, backends, dcp_block_sizes, dcp_options, lt_windows, dcp_candidates,
-                            esize, log, dcp_shares)
+                            esize, log, dcp_shares, dcp_compute_tolerances)
     return simulate_candidates(cands, cm, network, dtype, fused_copies, log, kernel=kernel)
 
 

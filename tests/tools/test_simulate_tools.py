@@ -85,3 +85,12 @@ def test_simulate_dcp_shares_take_fractions_and_refuse_bad_input(capsys):
         with pytest.raises(SystemExit):
             simulate.parse_args(["--seqlens", "100", "--dcp-shares", bad])
         assert "token-share factors of at least 1" in capsys.readouterr().err
+
+
+def test_simulate_dcp_compute_tolerances_are_parsed_and_refuse_bad_input(capsys):
+    args = simulate.parse_args(["--seqlens", "100", "--dcp-compute-tolerances", "0.1,0.25"])
+    assert args.dcp_compute_tolerances == (0.1, 0.25)
+    for bad in ("0.1,x", "0", "-0.2", ""):
+        with pytest.raises(SystemExit):
+            simulate.parse_args(["--seqlens", "100", "--dcp-compute-tolerances", bad])
+        assert "compute_imbalance values above 0" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """Simulator sanity on real plans: one device is pure compute, a plan that moves nothing waits for
 nothing, more bandwidth never slows anything down, ring's causal imbalance is longer than zigzag's."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -75,19 +77,25 @@ def test_compare_batch_keeps_best_configurations():
     assert all(e.fwd_ms > 0 and e.bwd_ms > 0 for e in res.values())
 
 
-def test_dcp_is_planned_at_the_shares_hybrid_gets():
+def test_dcp_is_planned_at_the_shares_hybrid_gets_and_two_compute_tolerances():
     # hybrid runs at 1x and 2x a rank's token share; DCP's hypergraph plans at the same two shares, the 2x
-    # one allowed to hold up to twice the mean tokens on a device (memory_imbalance 1.0)
+    # one allowed to hold up to twice the mean tokens on a device (memory_imbalance 1.0), each at the default
+    # compute tolerance and a looser one
     seqlens = [5000, 3000, 2000, 1500, 600]
     cands = candidate_plans(seqlens, SPEC, Topology.grid(2, 4), backends=("hybrid", "dcp"), dcp_block_sizes=(512,),
                             dcp_candidates=("hypergraph",))
     assert sorted(c.config.split(" (")[1] for c in cands if c.label == "hybrid") == ["1x share)", "2x share)"]
     dcp = {c.config: c.plan for c in cands if c.label == "dcp"}
-    assert set(dcp) == {"hypergraph block=512", "hypergraph block=512 (2x share)"}
+    assert set(dcp) == {"hypergraph block=512", "hypergraph block=512 (2x share)",
+                        "hypergraph block=512 (compute 0.2)", "hypergraph block=512 (2x share, compute 0.2)"}
     one, two = dcp["hypergraph block=512"], dcp["hypergraph block=512 (2x share)"]
     assert one.options.memory_imbalance == 0.2 and two.options.memory_imbalance == 1.0
+    assert one.options.compute_imbalance == 0.1 and dcp["hypergraph block=512 (2x share, compute 0.2)"].options \
+        == dataclasses.replace(two.options, compute_imbalance=0.2)
     mean = sum(seqlens) / 8
     assert max(one.stats().tokens) <= 1.2 * mean + 512 and max(two.stats().tokens) <= 2.0 * mean + 512
+    compute = {k: np.bincount(p.placement.comp_device, weights=p.comp_cost, minlength=8) for k, p in dcp.items()}
+    assert compute["hypergraph block=512"].max() <= 1.1 * compute["hypergraph block=512"].mean() * (1 + 1e-9)
     only = candidate_plans(seqlens, SPEC, Topology.grid(2, 4), backends=("dcp",), dcp_block_sizes=(512,),
-                           dcp_candidates=("hypergraph",), dcp_shares=(1,))
+                           dcp_candidates=("hypergraph",), dcp_shares=(1,), dcp_compute_tolerances=(0.1,))
     assert [c.config for c in only] == ["hypergraph block=512"]
