@@ -52,8 +52,9 @@ class DCPOptions(KernelOptions):
                                           "table (h100, cpu), a table path, or analytic:<preset> "
                                           "(dcp_backend.cost_model)")
     placement: str = option("hypergraph", "hypergraph (Mt-KaHyPar), zigzag (static snake-dealt blocks, "
-                                          "computation on the query owner) or auto (plan both and a 2D zigzag, "
-                                          "simulate them with the cost model, keep the fastest)")
+                                          "computation on the query owner) or auto (plan both, the hypergraph also at "
+                                          "twice compute_imbalance, and a 2D zigzag; simulate them with the cost "
+                                          "model, keep the fastest)")
 
     placement_seeds: str = option("structured", "structured (the hypergraph placement is compared with the "
                                                 "zigzag, node-packed and 2D zigzag placements of the same blocks, "

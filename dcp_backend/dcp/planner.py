@@ -8,6 +8,7 @@ simulator). Every phase runs on the CPU (no process group) and is timed; the res
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from dcp_backend.batch import PackedBatch
@@ -53,14 +54,21 @@ def placement_of(strategy: str, batch: PackedBatch, spec: AttentionSpec, topolog
     return bs, cost, pl
 
 
-def auto_candidates(spec: AttentionSpec, options: DCPOptions, topology: Topology) -> list[str]:
-    """The strategies ``placement="auto"`` compares: the hypergraph plan, and on several devices the
-    zigzag plan and (with several head blocks per node) the 2D zigzag plan."""
+AUTO_LOOSE_COMPUTE = 2.0  # placement="auto" also plans the hypergraph at this many times compute_imbalance
+LOOSE = "hypergraph_loose"  # that candidate's name in plan.candidates
+
+
+def auto_candidates(spec: AttentionSpec, options: DCPOptions, topology: Topology) -> dict[str, tuple]:
+    """The plans ``placement="auto"`` compares, {name: (strategy, options)}: the hypergraph plan, and on
+    several devices the hypergraph plan at ``AUTO_LOOSE_COMPUTE`` times the compute tolerance (a looser
+    balance may cut fewer bytes across nodes; which wins varies by batch), the zigzag plan and (with several
+    head blocks per node) the 2D zigzag plan."""
     if topology.world_size == 1:
-        return ["hypergraph"]
-    out = ["hypergraph", "zigzag"]
+        return {"hypergraph": ("hypergraph", options)}
+    loose = dataclasses.replace(options, compute_imbalance=AUTO_LOOSE_COMPUTE * options.compute_imbalance)
+    out = {"hypergraph": ("hypergraph", options), LOOSE: ("hypergraph", loose), "zigzag": ("zigzag", options)}
     if head_parallel_degree(spec, options, topology) > 1:
-        out.append("zigzag2d")
+        out["zigzag2d"] = ("zigzag2d", options)
     return out
 
 
@@ -73,8 +81,8 @@ def make_plan(batch: PackedBatch, spec: AttentionSpec, topology: Topology, optio
         from dcp_backend.placement_search import pick_fastest
 
         t0 = time.perf_counter()
-        plans = {name: make_plan(batch, spec, topology, options, element_size, compile_all=True, strategy=name)
-                 for name in auto_candidates(spec, options, topology)}
+        plans = {name: make_plan(batch, spec, topology, opts, element_size, compile_all=True, strategy=strategy)
+                 for name, (strategy, opts) in auto_candidates(spec, options, topology).items()}
         return pick_fastest(plans, options.cost_model, element_size, started=t0)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown DCP placement strategy {strategy!r}; choose from {STRATEGIES + ('auto',)}")

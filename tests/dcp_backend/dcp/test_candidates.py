@@ -54,9 +54,12 @@ def test_auto_keeps_the_faster_candidate():
         backend = cp.get_backend("dcp", world_size=8, devices_per_node=4, placement="auto", cost_model="h100")
         plan = backend.plan(seqlens, spec)
         c = plan.candidates
-        assert set(c) == {"chosen", "hypergraph", "zigzag", "zigzag2d"}
-        total = {k: c[k]["fwd_s"] + c[k]["bwd_s"] for k in ("hypergraph", "zigzag", "zigzag2d")}
+        names = ("hypergraph", "hypergraph_loose", "zigzag", "zigzag2d")
+        assert set(c) == {"chosen", *names}
+        total = {k: c[k]["fwd_s"] + c[k]["bwd_s"] for k in names}
         assert c["chosen"] == min(total, key=total.get)
+        # the loose candidate is the hypergraph plan at twice the compute tolerance
+        assert plan.options.compute_imbalance == (0.2 if c["chosen"] == "hypergraph_loose" else 0.1)
         verify_plan(plan)
         f, b = simulated_seconds(plan, "h100", 2)
         assert f + b == pytest.approx(total[c["chosen"]])
