@@ -1,6 +1,7 @@
 """DCP's ``placement="auto"``: of the plans of several placement strategies (the hypergraph placement at the
 options' compute tolerance and at twice it, and the structured ones, planned by
-:func:`dcp_backend.dcp.planner.make_plan`), keep the one the simulator finds fastest. It sits above the simulator (which replays DCP plans) and plans nothing itself.
+:func:`dcp_backend.dcp.planner.make_plan`), keep the one the simulator finds fastest. It sits above the
+simulator (which replays DCP plans) and plans nothing itself.
 
 Every candidate is compiled for every device and simulated (``dcp_backend.sim``) with the options' cost
 model (``cost_model``; the analytic roofline when None) and that table's network preset (H100 table:

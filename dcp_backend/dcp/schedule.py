@@ -205,7 +205,7 @@ class PassScheduler:
         work = self.comp_cost[remote]
         stage_of = np.full(remote.size, -1, dtype=np.int64)
         budget = cost.sum() / S
-        total_work = work.sum()
+        total_work, ready_work = work.sum(), 0.0
         s = 0
         while (stage_of < 0).any():
             s += 1
@@ -227,6 +227,7 @@ class PassScheduler:
                 ready = pend & (missing == 0)
                 if ready.any():
                     stage_of[ready] = s
+                    ready_work += work[ready].sum()
                     continue
                 if s < S or limited:
                     # an input's bytes are shared by the pending computations that read it (a remote query
@@ -247,7 +248,7 @@ class PassScheduler:
                     if over_bytes and not limited and spent + missing[i] <= FRONT_LOAD_LIMIT * budget:
                         # a stage behind on compute (pairs of two remote blocks unlock compute only once
                         # both arrived) receives more now
-                        over_bytes = work[stage_of > 0].sum() >= s / S * total_work
+                        over_bytes = ready_work >= s / S * total_work
                     if spent > 0 and (over_bytes or held + new_slots > slot_budget):
                         break
                     held += new_slots

@@ -31,7 +31,7 @@ from dcp_backend.cost_model import CostModel, load_cost_model
 from dcp_backend.dtypes import element_size
 from dcp_backend.dcp.candidates import head_parallel_degree
 from dcp_backend.dcp.config import DCPOptions
-from dcp_backend.dcp.planner import make_plan
+from dcp_backend.dcp.planner import AUTO_LOOSE_COMPUTE, make_plan
 from dcp_backend.registry import get_planner
 from dcp_backend.sim.simulator import simulate_plan
 from dcp_backend.topology import Topology
@@ -45,9 +45,9 @@ HYBRID_SEQLEN_FACTORS = (1, 2)
 # DCP's hypergraph plans at the same shares: a device holds at most (1 + memory_imbalance) x the mean tokens, so
 # 1x is the default memory_imbalance (0.2) and 2x allows twice the mean, what hybrid's 2x share allows a rank
 DCP_SHARE_FACTORS = (1, 2)
-# ... and at two compute tolerances (compute_imbalance): the default, and a looser one that may cut fewer bytes
-# across nodes (the partitioner's trade; which wins varies by batch, so both are planned and the faster kept)
-DCP_COMPUTE_TOLERANCES = (0.1, 0.2)
+# ... and at two compute tolerances (compute_imbalance): the default, and the looser one placement="auto" also
+# plans, which may cut fewer bytes across nodes (which wins varies by batch, so both are planned, the faster kept)
+DCP_COMPUTE_TOLERANCES = (DCPOptions().compute_imbalance, AUTO_LOOSE_COMPUTE * DCPOptions().compute_imbalance)
 
 
 @dataclasses.dataclass
@@ -139,9 +139,8 @@ def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=AL
             if "hypergraph" in dcp_candidates:
                 for tol in dcp_compute_tolerances:
                     for f in dcp_shares:
-                        shared = dataclasses.replace(base, compute_imbalance=float(tol)) if f == 1 else \
-                            dataclasses.replace(base, compute_imbalance=float(tol),
-                                                memory_imbalance=max(base.memory_imbalance, float(f) - 1.0))
+                        shared = dataclasses.replace(base, compute_imbalance=float(tol), memory_imbalance=(
+                            base.memory_imbalance if f == 1 else max(base.memory_imbalance, float(f) - 1.0)))
                         notes = ([] if f == 1 else [f"{f}x share"]) + (
                             [] if float(tol) == base.compute_imbalance else [f"compute {tol:g}"])
                         for bsz in dcp_block_sizes:
