@@ -249,7 +249,7 @@ register_mask("causal_blockwise", _causal_blockwise, {"block": 256, "k_local": 2
 
 def parse_key_values(items, what: str = "arguments") -> dict[str, Any]:
     """``["window=512", "question_fraction=0.25"]`` -> ``{"window": 512, "question_fraction": 0.25}``
-    (ints, then floats, else the string; dashes in keys become underscores); raises :class:`CPError` naming
+    (ints, then floats, then true/false, else the string; dashes in keys become underscores); raises :class:`CPError` naming
     ``what`` for an item without ``=``. Mask arguments and tools' ``--dcp-option`` use it."""
     out: dict[str, Any] = {}
     for item in items or ():
@@ -264,7 +264,7 @@ def parse_key_values(items, what: str = "arguments") -> dict[str, Any]:
             except ValueError:
                 pass
         else:
-            out[key] = value
+            out[key] = {"true": True, "false": False}.get(value.lower(), value)
     return out
 
 

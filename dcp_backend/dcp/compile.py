@@ -22,7 +22,7 @@ from dcp_backend.dcp.blocks import BlockSet, block_bytes
 from dcp_backend.dcp.instructions import (ACC, MODEL, Attention, Comm, CommOp, DeviceProgram, Fill, Reduce,
                                           StoreSpec, Wait)
 from dcp_backend.dcp.partition import Placement
-from dcp_backend.dcp.schedule import KIND_KV, KIND_Q, PassSchedule, Transfers, comp_inputs
+from dcp_backend.dcp.schedule import KIND_KV, KIND_Q, PassSchedule, Transfers, comp_inputs, receipt_busy
 from dcp_backend.kernels.work import AttnWork
 
 # The stores of a pass: (name, dtype class, rows are [heads, head_dim]) per side, forward / backward
@@ -56,16 +56,29 @@ class DeviceLayout:
 
 
 class _Rows:
-    """Row numbers of blocks inside one device's stores for one pass."""
+    """Row numbers of blocks inside one device's stores for one pass. A received block's rows are its
+    receipt's slot; the receipt a use at some stage reads is :func:`~dcp_backend.dcp.schedule.receipt_of`'s."""
 
-    def __init__(self, bs: BlockSet, layout: DeviceLayout, slots: dict):
-        self.bs, self.layout, self.slots = bs, layout, slots  # slots: (kind, block) -> slot index
+    def __init__(self, bs: BlockSet, layout: DeviceLayout, slots: dict, receipts: dict):
+        self.bs, self.layout, self.slots = bs, layout, slots  # slots: receipt (input transfer) -> slot index
+        self.receipts = receipts  # (kind, block) -> [(stage, receipt)] sorted
         self._cache: dict = {}
         heads = bs.heads
         self.q_base = layout.num_tokens * heads.n_q_blocks
         self.kv_base = layout.num_tokens * heads.n_kv_blocks
 
-    def rows(self, kind: int, block: int) -> np.ndarray:
+    def receipt(self, kind: int, block: int, stage: int) -> int:
+        """receipt_of's rule for one use: the latest receipt not after ``stage``, else the earliest."""
+        got = self.receipts[(kind, int(block))]
+        pick = got[0][1]
+        for st, r in got:
+            if st > stage:
+                break
+            pick = r
+        return pick
+
+    def rows(self, kind: int, block: int, stage: int) -> np.ndarray:
+        """Rows of ``block`` as a use at ``stage`` sees them (own rows, or its receipt's slot)."""
         bs = self.bs
         per = bs.heads.n_q_blocks if kind == KIND_Q else bs.heads.n_kv_blocks
         tb, head = divmod(int(block), per)
@@ -73,33 +86,36 @@ class _Rows:
         offset = self.layout.tb_offset[tb]
         if offset >= 0:  # own rows: head block by head block, so a block is a run
             return head * self.layout.num_tokens + offset + np.arange(tokens, dtype=np.int64)
-        slot = self.slots[(kind, int(block))]
-        base = self.q_base if kind == KIND_Q else self.kv_base
-        return base + slot * bs.block_size + np.arange(tokens, dtype=np.int64)
+        return self.slot_rows(kind, self.receipt(kind, block, stage), tokens)
 
-    def many(self, kind: int, blocks: np.ndarray) -> np.ndarray:
-        """``rows`` of several blocks, concatenated (each block's rows computed once)."""
+    def slot_rows(self, kind: int, receipt: int, tokens: int) -> np.ndarray:
+        base = self.q_base if kind == KIND_Q else self.kv_base
+        return base + self.slots[receipt] * self.bs.block_size + np.arange(tokens, dtype=np.int64)
+
+    def many(self, kind: int, blocks: np.ndarray, stage: int) -> np.ndarray:
+        """``rows`` of several blocks at one stage, concatenated (each block's rows computed once)."""
         if len(blocks) == 0:
             return np.zeros(0, np.int64)
         cache = self._cache
         out = []
         for b in np.asarray(blocks).tolist():
-            r = cache.get((kind, b))
+            r = cache.get((kind, b, stage))
             if r is None:
-                r = cache[(kind, b)] = self.rows(kind, b)
+                r = cache[(kind, b, stage)] = self.rows(kind, b, stage)
             out.append(r)
         return out[0] if len(out) == 1 else np.concatenate(out)
 
 
-def _assign_slots(entries: list[tuple[int, int, int, int]]) -> tuple[dict, dict]:
-    """entries: (kind, block, launch_time, busy_end). Interval colouring per kind: a slot can take a
-    new block launched strictly after its previous occupant's busy_end. Returns slots and counts."""
+def _assign_slots(entries: list[tuple[int, int, int, int, int]]) -> tuple[dict, dict]:
+    """entries: (kind, block, receipt, launch_time, busy_end). Interval colouring per kind: a slot can take
+    a new block launched strictly after its previous occupant's busy_end. Returns slots (by receipt) and
+    counts."""
     slots, counts = {}, {KIND_Q: 0, KIND_KV: 0}
     for kind in (KIND_Q, KIND_KV):
-        mine = sorted((entry for entry in entries if entry[0] == kind), key=lambda entry: (entry[2], entry[1]))
+        mine = sorted((entry for entry in entries if entry[0] == kind), key=lambda entry: (entry[3], entry[1], entry[2]))
         busy: list[tuple[int, int]] = []  # heap of (busy_end, slot)
         free: list[int] = []
-        for _, block, launch, end in mine:
+        for _, block, receipt, launch, end in mine:
             while busy and busy[0][0] < launch:
                 heapq.heappush(free, heapq.heappop(busy)[1])
             if free:
@@ -107,12 +123,12 @@ def _assign_slots(entries: list[tuple[int, int, int, int]]) -> tuple[dict, dict]
             else:
                 slot = counts[kind]
                 counts[kind] += 1
-            slots[(kind, block)] = slot
+            slots[receipt] = slot
             heapq.heappush(busy, (end, slot))
     return slots, counts
 
 
-def _segments(bs: BlockSet, comps: np.ndarray, rows: _Rows):
+def _segments(bs: BlockSet, comps: np.ndarray, rows: _Rows, stage: int):
     """One segment per (document, query head block) among ``comps``: returns (q_rows, kv_rows, AttnWork).
 
     A segment holds the stage's query blocks of one document and head block back to back and its key
@@ -147,8 +163,8 @@ def _segments(bs: BlockSet, comps: np.ndarray, rows: _Rows):
     cu_k = np.concatenate([[0], np.cumsum(np.bincount(u_group, weights=u_len, minlength=n_groups))]).astype(np.int64)
     u_off = np.cumsum(u_len) - u_len - cu_k[u_group]
     kv_off = u_off[np.searchsorted(ukey, group * (bs.n_tb * heads.n_kv_blocks) + ck)]
-    q_rows = rows.many(KIND_Q, seg_q)
-    kv_rows = rows.many(KIND_KV, u_kv)
+    q_rows = rows.many(KIND_Q, seg_q, stage)
+    kv_rows = rows.many(KIND_KV, u_kv, stage)
     # runs of a query block's partner key blocks that are adjacent in the document
     run_first = new_q.copy()
     run_first[1:] |= kv_tb[1:] != kv_tb[:-1] + 1
@@ -216,39 +232,19 @@ class _PassCompiler:
 
     # ------------------------------------------------------------------ rows
     def assign_slots(self) -> dict:
-        """Slots for the blocks this device receives, each busy until its last reader, result send and
-        forward are done; returns the slot counts per kind and sets ``self.rows``."""
-        inputs, sched, outputs = self.inputs, self.sched, self.outputs
-        dev = self.device
-        recv = np.nonzero(inputs.dst == dev)[0]
-        entries = []
-        if recv.size:
-            m = int(max(self.heads.n_q_blocks, self.heads.n_kv_blocks) * self.bs.n_tb)
-            code = lambda kind, block: kind * m + block  # noqa: E731
-            keys = code(inputs.kind[recv], inputs.block[recv])
-            order = np.argsort(keys)
-            sk = keys[order]
-            end = np.full(recv.size, -1, dtype=np.int64)
-
-            def fold(c, v):  # end[key] = max(end[key], v) for the received keys among codes c
-                pos = np.minimum(np.searchsorted(sk, c), sk.size - 1)
-                hit = sk[pos] == c
-                np.maximum.at(end, order[pos[hit]], v[hit])
-
-            hold = result_send_hold(self.partial_wire)
-            res = np.array([1, 1 if self.backward else 0]) * hold
-            st = sched.comp_stage[self.my_comps]
-            fold(code(KIND_Q, self.qid[self.my_comps]), st + res[KIND_Q])  # last reader (+ its result's send)
-            fold(code(KIND_KV, self.kvid[self.my_comps]), st + res[KIND_KV])
-            end = np.maximum(end, inputs.stage[recv] - 1)  # a relay or gateway only: at least its launch
-            fwd = np.nonzero(inputs.src == dev)[0]  # gateways and relays: forwards launched at stage-1
-            fold(code(inputs.kind[fwd], inputs.block[fwd]), inputs.stage[fwd] - 1)
-            snd = np.nonzero(outputs.src == dev)[0]  # result sends (a reducer's after its own last stage)
-            fold(code(outputs.kind[snd], outputs.block[snd]), outputs.stage[snd] + hold)
-            entries = list(zip(inputs.kind[recv].tolist(), inputs.block[recv].tolist(),
-                               (inputs.stage[recv] - 1).tolist(), end.tolist()))
+        """Slots for the blocks this device receives, one per receipt, each busy until its last reader,
+        result send and forward are done (:func:`~dcp_backend.dcp.schedule.receipt_busy`); returns the
+        slot counts per kind and sets ``self.rows``."""
+        inputs = self.inputs
+        recv = np.nonzero(inputs.dst == self.device)[0]
+        launch, end = receipt_busy(self.bs, self.pl, self.sched, self.backward, result_send_hold(self.partial_wire))
+        kinds, blocks, stages = inputs.kind[recv].tolist(), inputs.block[recv].tolist(), inputs.stage[recv].tolist()
+        entries = list(zip(kinds, blocks, recv.tolist(), launch[recv].tolist(), end[recv].tolist()))
         slots, counts = _assign_slots(entries)
-        self.rows = _Rows(self.bs, self.layout, slots)
+        receipts: dict = {}
+        for kind, block, st, r in sorted(zip(kinds, blocks, stages, recv.tolist())):
+            receipts.setdefault((kind, block), []).append((st, r))
+        self.rows = _Rows(self.bs, self.layout, slots, receipts)
         return counts
 
     def declare_stores(self, prog: DeviceProgram, counts: dict) -> None:
@@ -310,11 +306,21 @@ class _PassCompiler:
         return Comm(key, ops["send"], ops["recv"])
 
     def input_parts(self, kind: int, i: int):
-        rows = self.rows.many(kind, [int(self.inputs.block[i])])
+        """A received block goes into its receipt's slot; a forwarded one leaves from the receipt in use
+        when its send is launched (the stage before the one that needs it)."""
+        inputs = self.inputs
+        block = int(inputs.block[i])
+        if int(inputs.dst[i]) == self.device:
+            rows = self.rows.slot_rows(kind, i, int(self.bs.tb_tokens[block // self._per(kind)]))
+        else:
+            rows = self.rows.rows(kind, block, int(inputs.stage[i]) - 1)
         return [(name, rows) for name in self.in_parts[kind]]
 
+    def _per(self, kind: int) -> int:
+        return self.heads.n_q_blocks if kind == KIND_Q else self.heads.n_kv_blocks
+
     def result_parts(self, kind: int, i: int):
-        rows = self.rows.many(kind, [int(self.outputs.block[i])])
+        rows = self.rows.rows(kind, int(self.outputs.block[i]), int(self.outputs.stage[i]))
         return [(name, rows) for name in self.results[kind][0]]
 
     def result_recv(self, kind: int, i: int):
@@ -327,7 +333,10 @@ class _PassCompiler:
         for kind, (names, _) in self.results.items():
             sel = received[self.inputs.kind[received] == kind]
             if sel.size:
-                out.append(Fill(names, self.rows.many(kind, self.inputs.block[sel])))
+                per = self._per(kind)
+                out.append(Fill(names, np.concatenate([
+                    self.rows.slot_rows(kind, int(i), int(self.bs.tb_tokens[int(self.inputs.block[i]) // per]))
+                    for i in sel.tolist()])))
                 if kind == KIND_Q and not self.backward:
                     self.written[out[-1].rows] = False
         return out
@@ -348,7 +357,7 @@ class _PassCompiler:
                                      self.input_parts, self.input_parts))
             comps = self.my_comps[sched.comp_stage[self.my_comps] == stage]
             if comps.size:
-                q_rows, kv_rows, work = _segments(self.bs, comps, self.rows)
+                q_rows, kv_rows, work = _segments(self.bs, comps, self.rows, stage)
                 fresh = np.zeros(0, dtype=np.int64)
                 if not self.backward:
                     fresh = np.nonzero(~self.written[q_rows])[0]
@@ -391,7 +400,7 @@ class _PassCompiler:
             sel = [i for i in self.incoming if int(outputs.kind[i]) == kind and int(outputs.stage[i]) == stage]
             if not sel:
                 continue
-            dst_rows = [self.rows.rows(kind, int(outputs.block[i])) for i in sel]
+            dst_rows = [self.rows.rows(kind, int(outputs.block[i]), stage) for i in sel]
             src_rows = [self.recv_rows[int(i)] for i in sel]
             if not self.backward:  # one merge instruction per round so destination rows are unique
                 occurrence = {}
@@ -509,29 +518,9 @@ def pass_memory_bytes(bs: BlockSet, pl: Placement, sched: PassSchedule, backward
     temp_row = {kind: sum(per[kind] * (d_ if name != "lse" else 1) * size[ACC if name == "lse" else partial_wire]
                           for name in names) for kind, (names, _) in results.items()}
     total = own_memory_bytes(bs, pl, backward, element_size)
-    # slots: busy intervals [launch, end] of every received block, the most busy at once per (device, kind)
+    # slots: busy intervals [launch, end] of every receipt, the most busy at once per (device, kind)
     inputs, outputs = sched.inputs, sched.outputs
-    qid, kvid = comp_inputs(bs)
-    m = int(max(h.n_q_blocks, h.n_kv_blocks) * bs.n_tb)
-    code = lambda dev, kind, block: (dev * 2 + kind) * m + block  # noqa: E731
-    hold = result_send_hold(partial_wire)
-    res = np.array([1, 1 if backward else 0]) * hold
-    rec = code(inputs.dst, inputs.kind, inputs.block)
-    keys, inv = np.unique(rec, return_inverse=True)
-    end = inputs.stage - 1  # at least its launch (a relay or gateway only)
-    cand_code, cand_val = [], []
-    for kind, ids in ((KIND_Q, qid), (KIND_KV, kvid)):
-        cand_code.append(code(pl.comp_device, kind, ids))
-        cand_val.append(sched.comp_stage + res[kind])
-    cand_code += [code(inputs.src, inputs.kind, inputs.block), code(outputs.src, outputs.kind, outputs.block)]
-    cand_val += [inputs.stage - 1, outputs.stage + hold]
-    cc, cv = np.concatenate(cand_code), np.concatenate(cand_val)
-    pos = np.searchsorted(keys, cc)
-    hit = (pos < keys.size) & (keys[np.minimum(pos, keys.size - 1)] == cc)
-    best = np.full(keys.size, -1, dtype=np.int64)
-    np.maximum.at(best, pos[hit], cv[hit])
-    end = np.maximum(end, best[inv])
-    launch = inputs.stage - 1
+    launch, end = receipt_busy(bs, pl, sched, backward, result_send_hold(partial_wire))
     t0 = -1
     width = int(max(end.max(initial=0), launch.max(initial=0))) - t0 + 2
     diff = np.zeros((n * 2, width), dtype=np.int64)

@@ -75,9 +75,14 @@ class DCPOptions(KernelOptions):
                                                "(e.g. 2.5x) = N times the device's own rows, best effort (memory "
                                                "stays flat as the cluster grows); auto = 2x; none = no limit "
                                                "(fastest)")
+    refetch: bool = option(True, "under a memory_limit that slot budgets alone do not meet, a device may hold one "
+                                 "side of its remote query x remote key pairs in groups and receive the other side "
+                                 "again for every group (more bytes, less memory); false = every block once per pass")
 
     def validate(self) -> None:
         super().validate()
+        if not isinstance(self.refetch, bool):
+            raise CPError(f"dcp option refetch must be true or false, got {self.refetch!r}")
         positive_int("dcp", "head_block_size", self.head_block_size, allow_none=True)
         for name in ("num_stages", "min_block_size", "max_block_size"):
             positive_int("dcp", name, getattr(self, name))

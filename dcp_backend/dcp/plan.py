@@ -164,8 +164,10 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
     slot budget (the slot bytes of blocks they receive for one stage; a received block is held from the
     stage before it is needed until its result is sent, so about three stages' blocks are held at once),
     tightened until every device fits, and receive their partial results over more keys (at most two
-    blocks' rows per key). Memory is the stores and the transfer buffers. An explicit limit that cannot be met
-    raises :class:`CPError` naming the device; "auto" and "Nx" keep the schedule with the smallest excess.
+    blocks' rows per key); if that cannot fit, the same again with re-fetch (a device may hold one side of its
+    remote x remote pairs in groups and receive the other side again for every group, :class:`PassScheduler`),
+    and of schedules that do not fit the one with the lowest peak is kept. Memory is the stores and the transfer buffers. An explicit limit that cannot be met
+    raises :class:`CPError` naming the device; "auto" and "Nx" keep that schedule.
     ``floor``: a pass need not fit in less than this (the other pass's peak: a device needs that much anyway).
     Returns the schedule and its largest device's memory (0.0 without a limit, where it is not computed).
     """
@@ -184,28 +186,29 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
         return (pass_memory_bytes(bs, pl, sched, backward, element_size, wire)
                 + pass_buffer_bytes(bs, pl, sched, backward, element_size, options.partial_dtype))
 
-    budget = np.full(n, np.inf)
-    cap = np.full(n, np.inf)  # rows of partial results a device receives under one key
-    best, best_excess = sched, np.inf
-    for _ in range(12):
-        mem = pass_memory(sched)
-        excess = float(np.max(mem - limit))
-        if excess < best_excess:
-            best, best_excess = sched, excess
-        over = mem > limit * (1 + 1e-9)
-        if not over.any():
-            return sched, float(mem.max())
-        room = np.maximum(limit - own, 1.0)
-        shrink = np.minimum(budget, room / 3) * np.minimum(0.8, room / np.maximum(mem - own, 1.0))
-        new = np.where(over, np.maximum(shrink, smallest), budget)
-        new_cap = np.where(over, np.minimum(cap, 2.0 * bs.block_size), cap)
-        if np.array_equal(new, budget) and np.array_equal(new_cap, cap):
-            break
-        budget, cap = new, new_cap
-        sched = scheduler.schedule(stages, cap, budget)
-    else:  # the last schedule of the loop, not yet measured
-        if float(np.max(pass_memory(sched) - limit)) < best_excess:
-            best = sched
+    best, best_peak = sched, np.inf
+    for refetch in (False, True)[:1 + options.refetch]:  # slot budgets alone, then also blocks received again
+        budget = np.full(n, np.inf)
+        cap = np.full(n, np.inf)  # rows of partial results a device receives under one key
+        for _ in range(12):
+            mem = pass_memory(sched)
+            if float(mem.max()) < best_peak:
+                best, best_peak = sched, float(mem.max())
+            over = mem > limit * (1 + 1e-9)
+            if not over.any():
+                return sched, float(mem.max())
+            room = np.maximum(limit - own, 1.0)
+            shrink = np.minimum(budget, room / 3) * np.minimum(0.8, room / np.maximum(mem - own, 1.0))
+            new = np.where(over, np.maximum(shrink, smallest), budget)
+            new_cap = np.where(over, np.minimum(cap, 2.0 * bs.block_size), cap)
+            if np.array_equal(new, budget) and np.array_equal(new_cap, cap):
+                break
+            budget, cap = new, new_cap
+            sched = scheduler.schedule(stages, cap, budget, refetch)
+        else:  # the last schedule of the loop, not yet measured
+            if float(pass_memory(sched).max()) < best_peak:
+                best, best_peak = sched, float(pass_memory(sched).max())
+        sched = scheduler.schedule(stages)
     mem = pass_memory(best)
     over = mem > limit * (1 + 1e-9)
     if over.any() and memory_limit_is_strict(options):

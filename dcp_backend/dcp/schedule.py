@@ -10,6 +10,11 @@ inputs are received while the previous stage computes.
   ``FRONT_LOAD_LIMIT`` budgets: pairs of two remote blocks unlock compute only once both arrived, so
   equal bytes per stage would leave most of such a device's compute to its last stages, where its
   node-mates' partials and the pass's end wait for it (not under a slot budget, which bounds bytes).
+* Under a slot budget a device holds one side of its remote-query x remote-key pairs and streams the
+  other; when the held side does not fit ``REFETCH_GROUP_BUDGETS`` slot budgets it is held in groups, one
+  after another, and a streamed block is received again for every group that reads it (a block can then
+  have several *receipts* on a device in one pass: :func:`receipt_of` says which one each reader, forward
+  and result send uses, and each receipt returns its own partial result). Memory for bytes.
 * An input needed by several devices of one node crosses the network once: it goes to the device of
   that node that needs it first (the *gateway*; of several, the one receiving the fewest inter-node
   bytes in that stage), which forwards it inside the node as an ordinary transfer of the stage that
@@ -85,6 +90,68 @@ def comp_inputs(bs: BlockSet):
     return bs.pair_q[pair] * h.n_q_blocks + k, bs.pair_kv[pair] * h.n_kv_blocks + h.kv_of_q(k)
 
 
+def receipt_of(inputs: Transfers, dev, kind, block, stage) -> np.ndarray:
+    """The receipt (index into ``inputs``) through which ``dev`` uses received ``(kind, block)`` at
+    ``stage``: of the transfers of that block into the device, the latest whose stage is at most
+    ``stage``, else the earliest; -1 where it receives no such block. A block received once per pass has
+    one receipt, which every use maps to; one received again (re-fetch under a slot budget) has one per
+    residency. The compiler (slots, rows), the scheduler (a partial result per receipt) and the memory
+    count all map uses by this one rule, so they agree even where a use outlives a residency (its slot
+    then stays busy that long)."""
+    dev, kind, block, stage = (np.asarray(a, dtype=np.int64) for a in (dev, kind, block, stage))
+    n = len(inputs)
+    if n == 0:
+        return np.full(dev.shape, -1, dtype=np.int64)
+    m = int(max(int(inputs.block.max()), int(block.max(initial=0)))) + 1
+    big = int(max(int(inputs.stage.max()), int(stage.max(initial=0)))) + 2
+    code_in = (inputs.dst * 2 + inputs.kind) * m + inputs.block
+    order = np.lexsort((inputs.stage, code_in))
+    sc = code_in[order]
+    comb = sc * big + inputs.stage[order]
+    q = (dev * 2 + kind) * m + block
+    lo = np.searchsorted(sc, q, "left")
+    hi = np.searchsorted(sc, q, "right")
+    pos = np.searchsorted(comb, q * big + np.clip(stage, 0, big - 1), "right") - 1
+    pos = np.where(pos >= lo, pos, lo)
+    return np.where(hi > lo, order[np.minimum(pos, n - 1)], -1)
+
+
+def receipt_busy(bs: BlockSet, pl: Placement, sched: "PassSchedule", backward: bool, hold: int):
+    """Per input transfer: the stage its receiver launches it (``stage - 1``) and the last stage its slot is
+    busy: its readers (plus ``hold`` for a side with results, whose send reads the slot until its wait), the
+    forwards launched from it and its result sends (plus ``hold``), each use mapped by :func:`receipt_of`.
+    Cached on the schedule (the compiler asks once per device)."""
+    cache = sched.__dict__.setdefault("_busy", {})
+    if (backward, hold) in cache:
+        return cache[(backward, hold)]
+    inputs, outputs = sched.inputs, sched.outputs
+    launch = inputs.stage - 1
+    end = launch.copy()
+    if len(inputs):
+        qid, kvid = comp_inputs(bs)
+        res = {KIND_Q: hold, KIND_KV: hold if backward else 0}
+        dev, st = pl.comp_device, sched.comp_stage
+        uses = [(dev, np.full(dev.size, kind), ids, st, st + res[kind]) for kind, ids in ((KIND_Q, qid), (KIND_KV, kvid))]
+        uses.append((inputs.src, inputs.kind, inputs.block, inputs.stage - 1, inputs.stage - 1))
+        if len(outputs):
+            uses.append((outputs.src, outputs.kind, outputs.block, outputs.stage, outputs.stage + hold))
+        for d, k, b, at, busy in uses:
+            r = receipt_of(inputs, d, k, b, at)
+            ok = r >= 0
+            np.maximum.at(end, r[ok], busy[ok])
+    cache[(backward, hold)] = (launch, end)
+    return launch, end
+
+
+def repeated_receipts(inputs: Transfers) -> np.ndarray:
+    """Per input transfer: whether its receiver receives the same block more than once in the pass."""
+    if not len(inputs):
+        return np.zeros(0, dtype=bool)
+    code = (inputs.dst * 2 + inputs.kind) * (int(inputs.block.max()) + 1) + inputs.block
+    _, inv, counts = np.unique(code, return_inverse=True, return_counts=True)
+    return counts[inv] > 1
+
+
 def schedule_pass(bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: np.ndarray, kv_bytes: np.ndarray,
                   num_stages: int, inter_node_cost: float, kv_outputs: bool, out_bytes: dict | None = None,
                   hierarchical: bool = True) -> PassSchedule:
@@ -125,12 +192,13 @@ class PassScheduler:
         self._cache: dict = {}  # (device, stages) -> (remote comps, their stages, need kinds, blocks, stages)
 
     def schedule(self, device_stages: np.ndarray, arrival_cap: np.ndarray | None = None,
-                 slot_budget: np.ndarray | None = None) -> PassSchedule:
+                 slot_budget: np.ndarray | None = None, refetch: bool = False) -> PassSchedule:
         """Stages ``1..device_stages[p]`` for device ``p`` (its last one takes the rest); the pass has as many
         stages as its busiest device. ``arrival_cap``: per device, the most rows of partial results it
         receives under one key (later ones are sent a key later; None: no cap). ``slot_budget``: per device,
         the most slot bytes (``slot_bytes``) of blocks it receives for one stage (inf: no budget); a device
-        whose budget is finite takes as many stages as its budget needs (at least ``device_stages[p]``)."""
+        whose budget is finite takes as many stages as its budget needs (at least ``device_stages[p]``).
+        ``refetch``: such a device may hold the held side in groups and receive streamed blocks again."""
         bs, pl = self.bs, self.pl
         if slot_budget is None:
             slot_budget = np.full(pl.num_devices, np.inf)
@@ -138,9 +206,10 @@ class PassScheduler:
         need_kind, need_block, need_dev, need_stage = [], [], [], []
         S = int(np.max(device_stages))
         for p in range(pl.num_devices):  # loop over devices; the work inside is vectorised
-            key = (p, int(device_stages[p]), float(slot_budget[p]))
+            limited = bool(np.isfinite(slot_budget[p]))
+            key = (p, int(device_stages[p]), float(slot_budget[p]), refetch and limited)
             if key not in self._cache:
-                self._cache[key] = self._device(p, int(device_stages[p]), float(slot_budget[p]))
+                self._cache[key] = self._device(p, int(device_stages[p]), float(slot_budget[p]), refetch)
             got = self._cache[key]
             if got is None:
                 continue
@@ -160,7 +229,7 @@ class PassScheduler:
             outputs = _spread_arrivals(bs, pl, outputs, arrival_cap, brief)
         return PassSchedule(comp_stage, inputs, outputs, S)
 
-    def _device(self, p: int, S: int, slot_budget: float = np.inf):
+    def _device(self, p: int, S: int, slot_budget: float = np.inf, refetch: bool = False):
         """Stages of device ``p``'s computations with remote inputs, in ``S`` stages: each stage receives
         about 1/S of its receive cost (more while its ready compute is behind s/S of the total, up to
         ``FRONT_LOAD_LIMIT`` times that); a greedy picks the pending computation that unlocks the most
@@ -169,7 +238,11 @@ class PassScheduler:
         computation is scheduled, and the pick (:func:`_fewest_held_pick`) holds one side of the device's
         remote-query x remote-key pairs whole and streams the other (the side whose whole bytes plus two
         blocks of the other side peak lower; holding a block of that side costs the pick
-        ``LIGHT_SIDE_WEIGHT`` of its bytes)."""
+        ``LIGHT_SIDE_WEIGHT`` of its bytes). With ``refetch``, a held side larger than
+        ``REFETCH_GROUP_BUDGETS`` budgets (less two streamed blocks) is held in groups, one after another (a
+        group's inputs come from the stage after the previous group's last computation), and every group
+        receives the streamed blocks it reads again; an input that also pairs with a local block is received
+        for those pairs alone."""
         h, pl = self.bs.heads, self.pl
         dpn = pl.devices_per_node
         qid, kvid, q_remote, kv_remote = self.qid, self.kvid, self.q_remote, self.kv_remote
@@ -194,6 +267,8 @@ class PassScheduler:
                                np.full(uk.size, float(self.slot_bytes[KIND_KV]))])
         limited = np.isfinite(slot_budget)
         pick_slot = slot
+        base = np.arange(cost.size)  # local input -> the input it receives again (itself unless a re-fetch)
+        group = np.full(remote.size, -1, dtype=np.int64)  # held-side group of a remote x remote pair
         if limited:  # hold one side of the remote x remote pairs whole and stream the other, whichever peaks lower
             both = (q_loc >= 0) & (k_loc >= 0)
             bq, bk = np.unique(q_loc[both]), np.unique(k_loc[both])
@@ -201,11 +276,35 @@ class PassScheduler:
                 q_first = slot[bq].sum() + 2 * slot[bk].max() < slot[bk].sum() + 2 * slot[bq].max()
                 light = (np.arange(cost.size) < nq) == q_first
                 pick_slot = np.where(light, slot * LIGHT_SIDE_WEIGHT, slot)
+                held_loc, stream_loc = (q_loc, k_loc) if q_first else (k_loc, q_loc)
+                held_side = bq if q_first else bk
+                room = REFETCH_GROUP_BUDGETS * slot_budget - 2 * float(slot[bk if q_first else bq].max())
+                gid = _groups_within(slot[held_side], room)
+                if refetch and gid[-1] > 0:  # the held side does not fit: groups, and the streamed side once per group
+                    of = np.zeros(cost.size, dtype=np.int64)
+                    of[held_side] = gid
+                    idx = np.nonzero(both)[0]
+                    group[idx] = g = of[held_loc[idx]]
+                    span = int(gid[-1]) + 1
+                    for loc in (held_loc, stream_loc):
+                        # an input that pairs with a local block too is received for those pairs alone
+                        # (they finish as it arrives); a group's pairs read a copy received for that
+                        # group (the first group reading a block that pairs only remotely reads the block)
+                        first_g = np.full(cost.size, np.iinfo(np.int64).max)
+                        np.minimum.at(first_g, loc[idx], g)
+                        first_g[loc[~both & (loc >= 0)]] = -1
+                        late = g > first_g[loc[idx]]
+                        pairs, copy = np.unique(loc[idx[late]] * span + g[late], return_inverse=True)
+                        loc[idx[late]] = base.size + copy
+                        base = np.concatenate([base, pairs // span])
+                    cost, slot, pick_slot = cost[base], slot[base], pick_slot[base]
         ready_at = np.full(cost.size, -1, dtype=np.int64)  # stage an input arrives (-1: not scheduled)
         work = self.comp_cost[remote]
         stage_of = np.full(remote.size, -1, dtype=np.int64)
         budget = cost.sum() / S
         total_work, ready_work = work.sum(), 0.0
+        current = 0  # the held-side group being computed (groups go one after another)
+        last_group = int(group.max())
         s = 0
         while (stage_of < 0).any():
             s += 1
@@ -228,7 +327,15 @@ class PassScheduler:
                 if ready.any():
                     stage_of[ready] = s
                     ready_work += work[ready].sum()
+                    left = pend & ~ready
+                    if current < last_group and not (left & (group == current)).any():
+                        while current < last_group and not (left & (group == current)).any():
+                            current += 1
+                        break  # the next group's inputs come from the next stage on
                     continue
+                if not (pend & (group <= current)).any():
+                    current = int(group[pend].min())
+                pend = pend & (group <= current)
                 if s < S or limited:
                     # an input's bytes are shared by the pending computations that read it (a remote query
                     # block fetched once serves all its key blocks), so blocks enter in a sweep rather than
@@ -264,8 +371,23 @@ class PassScheduler:
         used_stage = np.concatenate([stage_of[q_loc >= 0], stage_of[k_loc >= 0]])
         first = np.full(cost.size, s + 1, dtype=np.int64)
         np.minimum.at(first, used, used_stage)
-        kinds = np.concatenate([np.full(nq, KIND_Q), np.full(uk.size, KIND_KV)])
-        return remote, stage_of, kinds, np.concatenate([uq, uk]), first
+        kinds = np.concatenate([np.full(nq, KIND_Q), np.full(uk.size, KIND_KV)])[base]
+        blocks = np.concatenate([uq, uk])[base]
+        need = first <= s  # every input is read (a re-fetched block's first copy too: it goes to its first group)
+        return remote, stage_of, kinds[need], blocks[need], first[need]
+
+
+def _groups_within(nbytes: np.ndarray, room: float) -> np.ndarray:
+    """Consecutive groups of blocks whose bytes add up to at most ``room`` (at least one block each):
+    the group of every block, 0, 1, ..."""
+    gid = np.zeros(nbytes.size, dtype=np.int64)
+    g, acc = 0, 0.0
+    for i, b in enumerate(nbytes.tolist()):
+        if acc > 0 and acc + b > room:
+            g, acc = g + 1, 0.0
+        gid[i] = g
+        acc += b
+    return gid
 
 
 def _fewest_held_pick(pend, q_loc, k_loc, miss_q, miss_k, slot, score) -> int:
@@ -318,6 +440,7 @@ class _Loads:
 
 
 LIGHT_SIDE_WEIGHT = 0.1  # under a slot budget, what holding a block of the side held whole costs the pick
+REFETCH_GROUP_BUDGETS = 2.0  # under a slot budget, a held-side group's slot bytes (plus two streamed blocks)
 FRONT_LOAD_LIMIT = 3.0  # without a slot budget, a stage behind on compute receives up to this many byte budgets
 BRIEF_HOLD_STAGES = 2  # a device under a slot budget forwards a received block at most this many stages on
 
@@ -363,6 +486,7 @@ def _route(pl: Placement, h, need_kind, need_block, need_dev, need_stage, in_byt
         first[1:] = (k_[1:] != k_[:-1]) | (b_[1:] != b_[:-1]) | (node[1:] != node[:-1])
         if brief is not None and brief.any():
             first = _split_brief_groups(first, stage[idx], dst[idx], brief)
+            first = _split_repeated(first, dst[idx])
         starts = np.nonzero(first)[0]
         ends = np.append(starts[1:], idx.size)
         s0 = stage[idx[starts]]
@@ -426,6 +550,19 @@ def _split_brief_groups(first: np.ndarray, stage: np.ndarray, dst: np.ndarray, b
     return first
 
 
+def _split_repeated(first: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Cut crossing groups where a device needs the block again (a re-fetch): each receipt of a device
+    comes over the network in its own group (a gateway never forwards a block to itself)."""
+    first = first.copy()
+    seen: set = set()
+    for j, d in enumerate(dst.tolist()):
+        if first[j] or d in seen:
+            first[j] = True
+            seen = set()
+        seen.add(d)
+    return first
+
+
 def _pick_sender(key, owner: int, c: int, nb: float, dpn: int, loads: _Loads, holders: dict, stage,
                  brief: np.ndarray | None = None, relays: list | None = None) -> int:
     """The device of the owner's node that sends a crossing of stage ``c``: the owner, a node-mate that
@@ -479,16 +616,20 @@ def _outputs(bs: BlockSet, pl: Placement, comp_stage, qid, kvid, kv_outputs: boo
                                   inputs.stage.tolist()):
             key = (d_, k_, b_)
             arrival[key] = min(arrival.get(key, s_), s_)
+    again = repeated_receipts(inputs) if inputs is not None else np.zeros(0, dtype=bool)
     for kind, ids, per in sides:
         owner = pl.owner[ids // per]
         rem = owner != dev
         if not rem.any():
             continue
         key_dev, key_blk, st = dev[rem], ids[rem], comp_stage[rem]
-        order = np.lexsort((key_blk, key_dev))
-        key_dev, key_blk, st = key_dev[order], key_blk[order], st[order]
+        # one partial per receipt: a block received again returns a partial from every residency
+        rc = (receipt_of(inputs, key_dev, np.full(key_dev.size, kind), key_blk, st) if again.any()
+              else np.zeros(key_dev.size, dtype=np.int64))
+        order = np.lexsort((rc, key_blk, key_dev))
+        key_dev, key_blk, st, rc = key_dev[order], key_blk[order], st[order], rc[order]
         first = np.ones(key_dev.size, dtype=bool)
-        first[1:] = (key_dev[1:] != key_dev[:-1]) | (key_blk[1:] != key_blk[:-1])
+        first[1:] = (key_dev[1:] != key_dev[:-1]) | (key_blk[1:] != key_blk[:-1]) | (rc[1:] != rc[:-1])
         starts = np.nonzero(first)[0]
         last_stage = np.maximum.reduceat(st, starts)
         d, b = key_dev[starts], key_blk[starts]
@@ -496,7 +637,8 @@ def _outputs(bs: BlockSet, pl: Placement, comp_stage, qid, kvid, kv_outputs: boo
         dst = o.copy()
         stage = last_stage.copy()
         if hierarchical:  # arrival: every contributor received the block (it is remote to it)
-            remote = (d // dpn) != (o // dpn)
+            # (a device receiving the block again sends each residency's partial straight to the owner)
+            remote = ((d // dpn) != (o // dpn)) & ~(again[rc[starts]] if again.any() else False)
             ri = np.nonzero(remote)[0]
             if ri.size:
                 node = d[ri] // dpn

@@ -11,6 +11,7 @@ import torch
 import dcp_backend as cp
 from dcp_backend import CommunicationError
 from dcp_backend.dcp.compile import own_memory_bytes
+from dcp_backend.dcp.schedule import repeated_receipts
 from tests.cp_check import Case, case_errors, check_results, random_seqlens, rel_err, rms_err, worker
 from tests.dcp_backend.baselines.test_ring_family import MASKS
 from tests.distributed import run_ranks
@@ -61,6 +62,11 @@ def test_dcp_eight_ranks_four_nodes():
     # that finishes one before the next, partials sent to the owner where an in-node reducer would hold long
     cases.append(Case("dcp", [1, 300, 17, 64, 2, 700], mask="causal", seed=6,
                       options={**opts, "memory_limit": "2x"}))
+    # 1.5x: blocks received again for every group of the held side (a partial result per receipt)
+    again = Case("dcp", [1, 300, 17, 64, 2, 700], mask="causal", seed=7, options={**opts, "memory_limit": "1.5x"})
+    assert repeated_receipts(cp.get_backend("dcp", world_size=8, **again.options).plan(
+        again.seqlens, again.spec()).bwd.inputs).any()
+    cases.append(again)
     # bf16 partials against fp32 partials on a long document (many partials per block, reduced in nodes)
     pair = [Case("dcp", [1500, 200], mask="causal", dtype="bf16", seed=5,
                  options={"devices_per_node": 2, "block_size": 32, "num_stages": 3, "partial_dtype": p,

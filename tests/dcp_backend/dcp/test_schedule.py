@@ -2,7 +2,8 @@
 a device with a slot budget receives at most that many slot bytes of new blocks per stage (one
 computation's inputs at least), every computation is still scheduled once, and the schedule holds fewer
 received blocks at once than the unbudgeted one; an explicit memory limit at 2-3x a device's own rows is
-met on long documents over two and four nodes, and "Nx" limits are best effort."""
+met on long documents over two and four nodes, and "Nx" limits are best effort; re-fetch (a block received
+again for every group of the held side) meets limits that slot budgets alone cannot, at more bytes."""
 import numpy as np
 import pytest
 
@@ -10,7 +11,7 @@ import dcp_backend as cp
 from dcp_backend.dcp.compile import own_memory_bytes, pass_memory_bytes, row_bytes
 from dcp_backend.dcp.blocks import block_bytes
 from dcp_backend.dcp.plan import partial_wire
-from dcp_backend.dcp.schedule import KIND_KV, KIND_Q, PassScheduler, comp_inputs
+from dcp_backend.dcp.schedule import KIND_KV, KIND_Q, PassScheduler, comp_inputs, receipt_of, repeated_receipts
 from dcp_backend.dcp.verify import verify_plan
 
 SPEC = cp.AttentionSpec(4, 2, 8, mask="causal")
@@ -84,6 +85,51 @@ def test_memory_limit_in_own_rows_is_met(nodes, factor):
     verify_plan(plan)
     assert max(plan.stats().memory_bytes) <= limit * 1e6 < max(free.stats().memory_bytes)
     assert np.array_equal(plan.placement.comp_device, free.placement.comp_device)  # the same placement
+
+
+def test_refetch_meets_a_limit_that_slot_budgets_alone_cannot():
+    """At 1.5x a device's own rows, holding one side of a remote x remote grid whole does not fit; receiving
+    the streamed side again for every group of the held side does: the peak drops under the limit, more
+    bytes move, a block received twice has a partial result per receipt, and the plan is exact (verifier)."""
+    opts = dict(world_size=8, devices_per_node=2, block_size=16, num_stages=2)
+    seqlens = [1, 300, 17, 64, 2, 700]
+    plans = {r: cp.get_backend("dcp", memory_limit="1.5x", refetch=r, **opts).plan(seqlens, SPEC) for r in (False, True)}
+    again = plans[True]
+    verify_plan(again)
+    own = own_memory_bytes(again.blocks, again.placement, True)
+    limit = 1.5 * np.maximum(own, own.mean())
+    peak = {r: np.array(p.stats().extra["bwd_memory_bytes_per_rank"]) for r, p in plans.items()}
+    assert (peak[True] <= limit * (1 + 1e-9)).all() and (peak[False] > limit).any()
+    assert not repeated_receipts(plans[False].bwd.inputs).any()
+    rep = repeated_receipts(again.bwd.inputs)
+    assert rep.any()
+    st = {r: p.stats() for r, p in plans.items()}
+    assert st[True].bwd_intra_node_bytes + st[True].bwd_inter_node_bytes > \
+        st[False].bwd_intra_node_bytes + st[False].bwd_inter_node_bytes
+    # every receipt of a block received again has readers, and returns its own partial (dq or dk/dv)
+    sched, pl = again.bwd, again.placement
+    qid, kvid = comp_inputs(again.blocks)
+    for kind, ids in ((KIND_Q, qid), (KIND_KV, kvid)):
+        used = receipt_of(sched.inputs, pl.comp_device, np.full(ids.size, kind), ids, sched.comp_stage)
+        mine = np.nonzero(rep & (sched.inputs.kind == kind))[0]
+        assert np.isin(mine, used).all()
+        out = sched.outputs
+        sent = receipt_of(sched.inputs, out.src, out.kind, out.block, out.stage)
+        assert np.isin(mine, sent).all()
+    with pytest.raises(cp.CPError, match="refetch must be true or false"):
+        cp.get_backend("dcp", refetch="yes", **opts)
+
+
+def test_receipt_of_maps_a_use_to_the_latest_receipt_not_after_it():
+    from dcp_backend.dcp.schedule import Transfers
+    a = lambda *x: np.array(x, dtype=np.int64)  # noqa: E731
+    # device 3 receives kv block 7 for stages 2 and 6, q block 7 for stage 4; device 1 receives kv 7 at 5
+    inputs = Transfers(kind=a(1, 1, 0, 1), block=a(7, 7, 7, 7), src=a(0, 0, 0, 0), dst=a(3, 3, 3, 1),
+                       stage=a(6, 2, 4, 5), phase=a(1, 1, 1, 1))
+    got = receipt_of(inputs, a(3, 3, 3, 3, 3, 3, 1, 2), a(1, 1, 1, 1, 0, 0, 1, 1), a(7, 7, 7, 7, 7, 7, 7, 7),
+                     a(1, 2, 5, 9, 0, 9, 9, 9))
+    assert got.tolist() == [1, 1, 1, 0, 2, 2, 3, -1]  # before the first receipt: the earliest
+    assert repeated_receipts(inputs).tolist() == [True, True, False, False]
 
 
 def test_own_rows_limits_are_best_effort_and_validated():
