@@ -67,10 +67,18 @@ def _str_or_none(text: str):
     return None if text.lower() == "none" else text
 
 
+def _bool_word(text: str) -> bool:
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
 # Flag value types from the annotations of option fields (string annotations: the option modules use
 # ``from __future__ import annotations``).
 _FIELD_TYPES = {"int": int, "int | None": int, "float": float, "str": str, "str | None": _str_or_none,
-                "int | str": _int_or_auto, "float | str": _float_or_word}
+                "int | str": _int_or_auto, "float | str": _float_or_word,
+                "bool": _bool_word}
 
 
 def _field_parser(annotation: str):

@@ -31,7 +31,8 @@ def _setup_error(argv, world=4, monkeypatch=None, cp_size=None) -> str:
 
 def test_unknown_backend_or_flag_is_a_one_line_usage_error(data, capsys):
     for bad, expected in ((("--cp-backend", "blockwise"), "invalid choice: 'blockwise'"),
-                          (("--cp-backend", "ring", "--no-such-flag"), "unrecognized arguments: --no-such-flag")):
+                          (("--cp-backend", "ring", "--no-such-flag"), "unrecognized arguments: --no-such-flag"),
+                          (("--cp-backend", "dcp", "--dcp-refetch", "maybe"), "expected true or false, got 'maybe'")):
         with pytest.raises(SystemExit) as info:
             parse_args(_argv(data, *bad))
         assert info.value.code == 2
@@ -79,12 +80,13 @@ def test_defaults_are_resolved():
     args = parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--seq-length",
                        "256", "--train-iters", "5", "--mock-data", "ldc", "--vocab-size", "100", "--cp-backend",
                        "dcp", "--dcp-block-size", "auto", "--dcp-num-stages", "2", "--swiglu",
-                       "--attention-mask", "lambda", "--mask-window", "16", "--mask-arg", "sink=2"])
+                       "--attention-mask", "lambda", "--mask-window", "16", "--mask-arg", "sink=2",
+                       "--dcp-refetch", "false"])
     validate_args(args, world_size=8)
     assert args.num_query_groups == 8 and args.kv_channels == 8 and args.ffn_hidden_size == 128
     # Megatron-LM's defaults: no tensor/pipeline/context parallelism, so 8 ranks are 8 data-parallel replicas.
     assert args.context_parallel_size == 1 and args.data_parallel_size == 8 and args.global_batch_size == 8
-    assert args.backend_options == {"block_size": "auto", "num_stages": 2}
+    assert args.backend_options == {"block_size": "auto", "num_stages": 2, "refetch": False}
     assert args.mask_args == {"window": 16, "sink": 2}
     assert args.max_position_embeddings == 256 and args.dataset_name == "mock-ldc"
 
