@@ -165,9 +165,10 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
     stage before it is needed until its result is sent, so about three stages' blocks are held at once),
     tightened until every device fits, and receive their partial results over more keys (at most two
     blocks' rows per key); if that cannot fit, the same again with re-fetch (a device may hold one side of its
-    remote x remote pairs in groups and receive the other side again for every group, :class:`PassScheduler`),
-    and of schedules that do not fit the one with the lowest peak is kept. Memory is the stores and the transfer buffers. An explicit limit that cannot be met
-    raises :class:`CPError` naming the device; "auto" and "Nx" keep that schedule.
+    remote x remote pairs in groups and receive the other side again for every group, :class:`PassScheduler`);
+    of schedules that do not fit, the one with the lowest peak is kept. Memory is the stores and the transfer
+    buffers. An explicit limit that cannot be met raises :class:`CPError` naming the device; "auto" and "Nx"
+    keep that schedule.
     ``floor``: a pass need not fit in less than this (the other pass's peak: a device needs that much anyway).
     Returns the schedule and its largest device's memory (0.0 without a limit, where it is not computed).
     """
@@ -182,11 +183,15 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
     limit = np.maximum(limit, floor)
     smallest = max(scheduler.slot_bytes.values())  # one computation's inputs always fit a stage
 
-    def pass_memory(sched: PassSchedule) -> np.ndarray:  # stores and transfer buffers, as plan.stats() counts
-        return (pass_memory_bytes(bs, pl, sched, backward, element_size, wire)
-                + pass_buffer_bytes(bs, pl, sched, backward, element_size, options.partial_dtype))
+    measured: dict = {}  # id(schedule) -> (schedule, its memory): each schedule is measured once
 
-    best, best_peak = sched, np.inf
+    def pass_memory(sched: PassSchedule) -> np.ndarray:  # stores and transfer buffers, as plan.stats() counts
+        if id(sched) not in measured:
+            measured[id(sched)] = (sched, pass_memory_bytes(bs, pl, sched, backward, element_size, wire)
+                                   + pass_buffer_bytes(bs, pl, sched, backward, element_size, options.partial_dtype))
+        return measured[id(sched)][1]
+
+    best, best_peak, first = sched, np.inf, sched
     for refetch in (False, True)[:1 + options.refetch]:  # slot budgets alone, then also blocks received again
         budget = np.full(n, np.inf)
         cap = np.full(n, np.inf)  # rows of partial results a device receives under one key
@@ -208,7 +213,7 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
         else:  # the last schedule of the loop, not yet measured
             if float(pass_memory(sched).max()) < best_peak:
                 best, best_peak = sched, float(pass_memory(sched).max())
-        sched = scheduler.schedule(stages)
+        sched = first  # the re-fetch round starts from the unbudgeted schedule again (already measured)
     mem = pass_memory(best)
     over = mem > limit * (1 + 1e-9)
     if over.any() and memory_limit_is_strict(options):
