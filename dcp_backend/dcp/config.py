@@ -16,7 +16,7 @@ PARTIAL_DTYPES = ("model", "fp32")
 
 
 def own_rows_factor(memory_limit) -> float | None:
-    """The N of a ``memory_limit`` of the form ``"Nx"`` (N > 1: a multiple of a device's own rows), else None."""
+    """The N of a ``memory_limit`` of the form ``"Nx"`` (N > 1: a multiple of the mean device's own rows), else None."""
     if not isinstance(memory_limit, str) or not memory_limit.endswith("x"):
         return None
     try:
@@ -69,12 +69,12 @@ class DCPOptions(KernelOptions):
                                          "in fp32, lse travels in fp32) or fp32")
     memory_limit: float | str = option("none", "attention memory per device and pass, in MB (own rows, received "
                                                "blocks, partial results, transfer buffers): the devices over it "
-                                               "receive fewer blocks "
-                                               "per stage, in an order that finishes with a block before the next, "
-                                               "over more stages, until they fit (an error if they cannot); Nx "
-                                               "(e.g. 2.5x) = N times the device's own rows, best effort (memory "
-                                               "stays flat as the cluster grows); auto = 2x; none = no limit "
-                                               "(fastest)")
+                                               "hold fewer received blocks at once, in an order that finishes "
+                                               "with a block before the next, over more stages, until they fit "
+                                               "(an error if they cannot); Nx (e.g. 2.5x) = N times the mean "
+                                               "device's own rows, the same cap on every device, best effort "
+                                               "(memory stays flat as the cluster grows); auto = 2x; none = no "
+                                               "limit (fastest)")
     refetch: bool = option(True, "under a memory_limit that slot budgets alone do not meet, a device may hold one "
                                  "side of its remote query x remote key pairs in groups and receive the other side "
                                  "again for every group (more bytes, less memory); false = every block once per pass")

@@ -13,7 +13,7 @@ from dcp_backend.batch import PackedBatch
 from dcp_backend.contract import Plan, PlanStats
 from dcp_backend.errors import CPError
 from dcp_backend.dcp.blocks import BlockSet, block_bytes
-from dcp_backend.dcp.compile import (DeviceLayout, compile_programs, own_memory_bytes, pass_buffer_bytes,
+from dcp_backend.dcp.compile import (DeviceLayout, compile_programs, own_memory_bytes, pass_buffer_bytes, result_send_hold,
                                      pass_memory_bytes, row_bytes)
 from dcp_backend.dcp.config import DCPOptions, own_rows_factor
 from dcp_backend.dcp.instructions import ACC, MODEL, DeviceProgram
@@ -140,7 +140,7 @@ class DCPPlan(Plan):
         return plan_stats(self, element_size)
 
 
-AUTO_MEMORY_FACTOR = 2.0  # memory_limit="auto": a device's stores and buffers at most this times its own rows
+AUTO_MEMORY_FACTOR = 2.0  # memory_limit="auto": every device's stores and buffers at most this times the mean own rows
 
 
 def memory_limit_is_strict(options: DCPOptions) -> bool:
@@ -153,17 +153,17 @@ def memory_limits(options: DCPOptions, own: np.ndarray) -> np.ndarray | None:
     if options.memory_limit == "none":
         return None
     factor = AUTO_MEMORY_FACTOR if options.memory_limit == "auto" else own_rows_factor(options.memory_limit)
-    if factor is not None:
-        return factor * np.maximum(own, own.mean())
+    if factor is not None:  # the same cap on every device (the GPUs of a job have equal memory)
+        return np.full(own.size, factor * own.mean())
     return np.full(own.size, float(options.memory_limit) * 1e6)
 
 
 def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backward: bool, element_size: int,
                            wire: str, floor: float = 0.0) -> tuple[PassSchedule, float]:
     """Schedule a pass with ``options.num_stages`` stages; under a memory limit, give the devices over it a
-    slot budget (the slot bytes of blocks they receive for one stage; a received block is held from the
-    stage before it is needed until its result is sent, so about three stages' blocks are held at once),
-    tightened until every device fits, and receive their partial results over more keys (at most two
+    slot budget (the slot bytes busy at once: a received block is held from the stage before it is needed
+    until its result's send completes, :meth:`PassScheduler.schedule`), tightened until every device fits,
+    and receive their partial results over more keys (at most two
     blocks' rows per key); if that cannot fit, the same again with re-fetch (a device may hold one side of its
     remote x remote pairs in groups and receive the other side again for every group, :class:`PassScheduler`);
     of schedules that do not fit, the one with the lowest peak is kept. Memory is the stores and the transfer
@@ -181,7 +181,7 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
     if limit is None:
         return sched, 0.0
     limit = np.maximum(limit, floor)
-    smallest = max(scheduler.slot_bytes.values())  # one computation's inputs always fit a stage
+    smallest = min(scheduler.slot_bytes.values())  # a budget under one slot changes nothing
 
     measured: dict = {}  # id(schedule) -> (schedule, its memory): each schedule is measured once
 
@@ -203,7 +203,7 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
             if not over.any():
                 return sched, float(mem.max())
             room = np.maximum(limit - own, 1.0)
-            shrink = np.minimum(budget, room / 3) * np.minimum(0.8, room / np.maximum(mem - own, 1.0))
+            shrink = np.minimum(budget, room) * np.minimum(0.8, room / np.maximum(mem - own, 1.0))
             new = np.where(over, np.maximum(shrink, smallest), budget)
             new_cap = np.where(over, np.minimum(cap, 2.0 * bs.block_size), cap)
             if np.array_equal(new, budget) and np.array_equal(new_cap, cap):
@@ -241,7 +241,8 @@ def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, topology: Topol
         row = row_bytes(bs, backward, element_size)
         scheduler = PassScheduler(bs, pl, cost, q_in, b["kv"], options.inter_node_cost, kv_outputs=backward,
                                   out_bytes=outs, hierarchical=hier,
-                                  slot_bytes={kind: bs.block_size * row[kind] for kind in (KIND_Q, KIND_KV)})
+                                  slot_bytes={kind: bs.block_size * row[kind] for kind in (KIND_Q, KIND_KV)},
+                                  result_hold=result_send_hold(wire))
         passes[backward], pass_peak = schedule_within_memory(scheduler, options, backward, element_size, wire, peak)
         if backward:
             peak = pass_peak

@@ -171,12 +171,14 @@ class PassScheduler:
     partial result} (balances the reducers' sends); ``hierarchical``: spread crossings over the node's
     devices and reduce partial results inside a node (else every crossing leaves from the owner and every
     partial goes straight to the owner); ``slot_bytes``: {kind: bytes of the slot a received block of that
-    kind occupies} (what a device's slot budget counts, :meth:`schedule`)."""
+    kind occupies} (what a device's slot budget counts, :meth:`schedule`); ``result_hold``: stages a slot
+    stays busy after the stage that sends its partial result (:func:`dcp_backend.dcp.compile.result_send_hold`)."""
 
     def __init__(self, bs: BlockSet, pl: Placement, comp_cost: np.ndarray, q_bytes: np.ndarray,
                  kv_bytes: np.ndarray, inter_node_cost: float, kv_outputs: bool, out_bytes: dict | None = None,
-                 hierarchical: bool = True, slot_bytes: dict | None = None):
+                 hierarchical: bool = True, slot_bytes: dict | None = None, result_hold: int = 1):
         self.bs, self.pl, self.comp_cost = bs, pl, comp_cost
+        self.result_hold = result_hold
         self.slot_bytes = slot_bytes or {KIND_Q: 0.0, KIND_KV: 0.0}
         self.in_bytes = {KIND_Q: q_bytes, KIND_KV: kv_bytes}
         self.out_bytes = out_bytes if out_bytes is not None else dict(self.in_bytes)
@@ -196,7 +198,9 @@ class PassScheduler:
         """Stages ``1..device_stages[p]`` for device ``p`` (its last one takes the rest); the pass has as many
         stages as its busiest device. ``arrival_cap``: per device, the most rows of partial results it
         receives under one key (later ones are sent a key later; None: no cap). ``slot_budget``: per device,
-        the most slot bytes (``slot_bytes``) of blocks it receives for one stage (inf: no budget); a device
+        the most slot bytes (``slot_bytes``) busy at once when a stage's inputs launch (the stage before):
+        blocks pending computations still read, blocks read last in that stage or whose partial result's
+        send is still in flight, and the stage's new blocks (inf: no budget); a device
         whose budget is finite takes as many stages as its budget needs (at least ``device_stages[p]``).
         ``refetch``: such a device may hold the held side in groups and receive streamed blocks again."""
         bs, pl = self.bs, self.pl
@@ -233,8 +237,9 @@ class PassScheduler:
         """Stages of device ``p``'s computations with remote inputs, in ``S`` stages: each stage receives
         about 1/S of its receive cost (more while its ready compute is behind s/S of the total, up to
         ``FRONT_LOAD_LIMIT`` times that); a greedy picks the pending computation that unlocks the most
-        compute per byte still missing. With a finite ``slot_budget`` a stage also receives at most that
-        many slot bytes (at least one computation's inputs), stages continue past ``S`` until every
+        compute per byte still missing. With a finite ``slot_budget`` a stage receives only while the slots
+        busy at its launch stay within it (past it only for its first computation, and only when no slot is
+        draining; else it receives nothing and the next stage has more room), stages continue past ``S`` until every
         computation is scheduled, and the pick (:func:`_fewest_held_pick`) holds one side of the device's
         remote-query x remote-key pairs whole and streams the other (the side whose whole bytes plus two
         blocks of the other side peak lower; holding a block of that side costs the pick
@@ -299,6 +304,8 @@ class PassScheduler:
                         base = np.concatenate([base, pairs // span])
                     cost, slot, pick_slot = cost[base], slot[base], pick_slot[base]
         ready_at = np.full(cost.size, -1, dtype=np.int64)  # stage an input arrives (-1: not scheduled)
+        # stages a slot stays busy after its last reader: its partial result's send is read until its wait
+        hold_of = np.where(base < nq, self.result_hold, self.result_hold if self.kv_outputs else 0)
         work = self.comp_cost[remote]
         stage_of = np.full(remote.size, -1, dtype=np.int64)
         budget = cost.sum() / S
@@ -308,13 +315,19 @@ class PassScheduler:
         s = 0
         while (stage_of < 0).any():
             s += 1
-            spent = held = 0.0
-            if limited:  # blocks received earlier that pending computations still read stay held
+            spent = held = draining = 0.0
+            if limited:  # the slots busy at s - 1, when this stage's inputs launch: blocks that pending
+                # computations still read, and those read last at s - 1 or whose result send is in flight then
                 pend = stage_of < 0
                 users = np.concatenate([q_loc[pend], k_loc[pend]])
                 open_ = np.zeros(cost.size, dtype=bool)
                 open_[users[users >= 0]] = True
-                held = float(slot[open_ & (ready_at >= 0)].sum())
+                last = np.full(cost.size, -1, dtype=np.int64)
+                for loc in (q_loc, k_loc):
+                    ok = (loc >= 0) & ~pend
+                    np.maximum.at(last, loc[ok], stage_of[ok])
+                draining = float(slot[~open_ & (ready_at >= 0) & (last + hold_of >= s - 1)].sum())
+                held = float(slot[open_ & (ready_at >= 0)].sum()) + draining
             while True:
                 pend = stage_of < 0
                 if not pend.any():
@@ -356,7 +369,9 @@ class PassScheduler:
                         # a stage behind on compute (pairs of two remote blocks unlock compute only once
                         # both arrived) receives more now
                         over_bytes = ready_work >= s / S * total_work
-                    if spent > 0 and (over_bytes or held + new_slots > slot_budget):
+                    # a stage receives past the budget only for its first computation, and only when no
+                    # slot is draining (else it receives nothing: the next stage has more room)
+                    if (spent > 0 or draining > 0) and (over_bytes or held + new_slots > slot_budget):
                         break
                     held += new_slots
                 else:
@@ -570,7 +585,7 @@ def _pick_sender(key, owner: int, c: int, nb: float, dpn: int, loads: _Loads, ho
     a relay only when it is lighter by more than half the block. A node-mate under a slot budget
     (``brief``) is a holder only if it needs the block, or received it as a relay (``relays``: the relay
     receipts so far), within ``BRIEF_HOLD_STAGES`` of the send (it would hold the block that much longer
-    or receive it that much earlier)."""
+    or receive it that much earlier), and never a relay."""
     base = (owner // dpn) * dpn
     held = holders.get(key, {})
     best, best_load = owner, loads.egress[owner, c]
@@ -578,6 +593,8 @@ def _pick_sender(key, owner: int, c: int, nb: float, dpn: int, loads: _Loads, ho
         if d == owner:
             continue
         i = held.get(d)  # an intra-node need, or (negative) an earlier relay receipt, at stage <= c - 1
+        if i is None and brief is not None and brief[d]:
+            continue  # a device under a slot budget is no relay (the block would take one of its slots)
         if i is not None and brief is not None and brief[d]:
             got = int(stage[i]) if i >= 0 else int(relays[-i - 1][4])
             if abs(got - (c - 1)) > BRIEF_HOLD_STAGES:
