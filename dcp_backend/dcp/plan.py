@@ -13,8 +13,8 @@ from dcp_backend.batch import PackedBatch
 from dcp_backend.contract import Plan, PlanStats
 from dcp_backend.errors import CPError
 from dcp_backend.dcp.blocks import BlockSet, block_bytes
-from dcp_backend.dcp.compile import (DeviceLayout, compile_programs, own_memory_bytes, pass_buffer_bytes, result_send_hold,
-                                     pass_memory_bytes, row_bytes)
+from dcp_backend.dcp.compile import (DeviceLayout, compile_programs, own_memory_bytes, pass_buffer_bytes,
+                                     pass_memory_bytes, result_send_hold, row_bytes)
 from dcp_backend.dcp.config import DCPOptions, own_rows_factor
 from dcp_backend.dcp.instructions import ACC, MODEL, DeviceProgram
 from dcp_backend.dcp.partition import Placement
