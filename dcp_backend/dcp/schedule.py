@@ -306,6 +306,7 @@ class PassScheduler:
         ready_at = np.full(cost.size, -1, dtype=np.int64)  # stage an input arrives (-1: not scheduled)
         # stages a slot stays busy after its last reader: its partial result's send is read until its wait
         hold_of = np.where(base < nq, self.result_hold, self.result_hold if self.kv_outputs else 0)
+        last = np.full(cost.size, -1, dtype=np.int64)  # per input: the stage of its latest scheduled reader
         work = self.comp_cost[remote]
         stage_of = np.full(remote.size, -1, dtype=np.int64)
         budget = cost.sum() / S
@@ -322,10 +323,6 @@ class PassScheduler:
                 users = np.concatenate([q_loc[pend], k_loc[pend]])
                 open_ = np.zeros(cost.size, dtype=bool)
                 open_[users[users >= 0]] = True
-                last = np.full(cost.size, -1, dtype=np.int64)
-                for loc in (q_loc, k_loc):
-                    ok = (loc >= 0) & ~pend
-                    np.maximum.at(last, loc[ok], stage_of[ok])
                 draining = float(slot[~open_ & (ready_at >= 0) & (last + hold_of >= s - 1)].sum())
                 held = float(slot[open_ & (ready_at >= 0)].sum()) + draining
             while True:
@@ -339,6 +336,8 @@ class PassScheduler:
                 ready = pend & (missing == 0)
                 if ready.any():
                     stage_of[ready] = s
+                    for loc in (q_loc[ready], k_loc[ready]):
+                        last[loc[loc >= 0]] = s  # stages only grow: the latest reader so far
                     ready_work += work[ready].sum()
                     left = pend & ~ready
                     if current < last_group and not (left & (group == current)).any():
