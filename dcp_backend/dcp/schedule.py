@@ -303,68 +303,94 @@ class PassScheduler:
                         loc[idx[late]] = base.size + copy
                         base = np.concatenate([base, pairs // span])
                     cost, slot, pick_slot = cost[base], slot[base], pick_slot[base]
-        ready_at = np.full(cost.size, -1, dtype=np.int64)  # stage an input arrives (-1: not scheduled)
+        n_in = cost.size
+        ready_at = np.full(n_in, -1, dtype=np.int64)  # stage an input arrives (-1: not scheduled)
         # stages a slot stays busy after its last reader: its partial result's send is read until its wait
         hold_of = np.where(base < nq, self.result_hold, self.result_hold if self.kv_outputs else 0)
-        last = np.full(cost.size, -1, dtype=np.int64)  # per input: the stage of its latest scheduled reader
+        last = np.full(n_in, -1, dtype=np.int64)  # per input: the stage of its latest scheduled reader
         work = self.comp_cost[remote]
+        per_work = np.maximum(work, 1e-30)
         stage_of = np.full(remote.size, -1, dtype=np.int64)
         budget = cost.sum() / S
         total_work, ready_work = work.sum(), 0.0
         current = 0  # the held-side group being computed (groups go one after another)
         last_group = int(group.max())
+        grouped = last_group >= 0
+        # Kept up to date as inputs arrive (the same values a recomputation from ready_at would give):
+        # per computation, whether it is pending and which inputs it still misses; per input, its readers.
+        pend = np.ones(remote.size, dtype=bool)
+        n_pend = remote.size
+        miss_q, miss_k = q_loc >= 0, k_loc >= 0
+        order, offsets = _readers(q_loc, k_loc, n_in)
+        arrived: list[int] = []  # inputs received since the last readiness check
+
+        def current_pend(c=slice(None)):
+            return pend[c] & (group[c] <= current) if grouped else pend[c]
+
+        def amortised(c=slice(None)):
+            """A computation's missing bytes, each input's shared by the pending computations that read it
+            (a remote query block fetched once serves all its key blocks), per unit of its compute."""
+            amort = (np.where(miss_q[c], share[np.maximum(q_loc[c], 0)], 0.0)
+                     + np.where(miss_k[c], share[np.maximum(k_loc[c], 0)], 0.0))
+            return np.where(current_pend(c), amort / per_work[c], np.inf)
+
+        def refresh():  # readers per missing input change only with the current group
+            nonlocal share, score
+            pr = current_pend()
+            users = np.bincount(np.concatenate([q_loc[pr & miss_q], k_loc[pr & miss_k]]),
+                                minlength=n_in).astype(np.float64)
+            share = cost / np.maximum(users, 1.0)
+            score = amortised()
+
+        share = score = None
+        refresh()
         s = 0
-        while (stage_of < 0).any():
+        while n_pend:
             s += 1
             spent = held = draining = 0.0
             if limited:  # the slots busy at s - 1, when this stage's inputs launch: blocks that pending
                 # computations still read, and those read last at s - 1 or whose result send is in flight then
-                pend = stage_of < 0
                 users = np.concatenate([q_loc[pend], k_loc[pend]])
-                open_ = np.zeros(cost.size, dtype=bool)
+                open_ = np.zeros(n_in, dtype=bool)
                 open_[users[users >= 0]] = True
                 draining = float(slot[~open_ & (ready_at >= 0) & (last + hold_of >= s - 1)].sum())
                 held = float(slot[open_ & (ready_at >= 0)].sum()) + draining
-            while True:
-                pend = stage_of < 0
-                if not pend.any():
-                    break
-                miss_q = (q_loc >= 0) & (ready_at[np.maximum(q_loc, 0)] < 0)
-                miss_k = (k_loc >= 0) & (ready_at[np.maximum(k_loc, 0)] < 0)
-                missing = (np.where(miss_q, cost[np.maximum(q_loc, 0)], 0.0)
-                           + np.where(miss_k, cost[np.maximum(k_loc, 0)], 0.0))
-                ready = pend & (missing == 0)
-                if ready.any():
-                    stage_of[ready] = s
-                    for loc in (q_loc[ready], k_loc[ready]):
-                        last[loc[loc >= 0]] = s  # stages only grow: the latest reader so far
-                    ready_work += work[ready].sum()
-                    left = pend & ~ready
-                    if current < last_group and not (left & (group == current)).any():
-                        while current < last_group and not (left & (group == current)).any():
-                            current += 1
-                        break  # the next group's inputs come from the next stage on
-                    continue
-                if not (pend & (group <= current)).any():
+            while n_pend:
+                if arrived:  # computations whose last missing input just arrived run in this stage
+                    touched = order[offsets[arrived[0]]:offsets[arrived[0] + 1]]
+                    if len(arrived) > 1:
+                        touched = np.union1d(touched, order[offsets[arrived[1]]:offsets[arrived[1] + 1]])
+                    arrived = []
+                    score[touched] = amortised(touched)
+                    now = touched[pend[touched] & ~miss_q[touched] & ~miss_k[touched]]
+                    if now.size:
+                        ready = np.zeros(remote.size, dtype=bool)
+                        ready[now] = True
+                        stage_of[ready] = s
+                        for loc in (q_loc[ready], k_loc[ready]):
+                            last[loc[loc >= 0]] = s  # stages only grow: the latest reader so far
+                        ready_work += work[ready].sum()
+                        pend[ready] = False
+                        n_pend -= now.size
+                        score[ready] = np.inf
+                        if current < last_group and not (pend & (group == current)).any():
+                            while current < last_group and not (pend & (group == current)).any():
+                                current += 1
+                            refresh()
+                            break  # the next group's inputs come from the next stage on
+                        continue
+                if grouped and not current_pend().any():
                     current = int(group[pend].min())
-                pend = pend & (group <= current)
+                    refresh()
                 if s < S or limited:
-                    # an input's bytes are shared by the pending computations that read it (a remote query
-                    # block fetched once serves all its key blocks), so blocks enter in a sweep rather than
-                    # all at the last stage
-                    users = np.bincount(np.concatenate([q_loc[pend & miss_q], k_loc[pend & miss_k]]),
-                                        minlength=cost.size).astype(np.float64)
-                    share = cost / np.maximum(users, 1.0)
-                    amort = (np.where(miss_q, share[np.maximum(q_loc, 0)], 0.0)
-                             + np.where(miss_k, share[np.maximum(k_loc, 0)], 0.0))
-                    score = np.where(pend, amort / np.maximum(work, 1e-30), np.inf)
                     if limited:
-                        i = _fewest_held_pick(pend, q_loc, k_loc, miss_q, miss_k, pick_slot, score)
+                        i = _fewest_held_pick(current_pend(), q_loc, k_loc, miss_q, miss_k, pick_slot, score)
                     else:
                         i = int(np.argmin(score))
+                    missing = (cost[q_loc[i]] if miss_q[i] else 0.0) + (cost[k_loc[i]] if miss_k[i] else 0.0)
                     new_slots = ((slot[q_loc[i]] if miss_q[i] else 0.0) + (slot[k_loc[i]] if miss_k[i] else 0.0))
-                    over_bytes = s < S and spent + missing[i] > budget
-                    if over_bytes and not limited and spent + missing[i] <= FRONT_LOAD_LIMIT * budget:
+                    over_bytes = s < S and spent + missing > budget
+                    if over_bytes and not limited and spent + missing <= FRONT_LOAD_LIMIT * budget:
                         # a stage behind on compute (pairs of two remote blocks unlock compute only once
                         # both arrived) receives more now
                         over_bytes = ready_work >= s / S * total_work
@@ -374,12 +400,17 @@ class PassScheduler:
                         break
                     held += new_slots
                 else:
-                    i = int(np.argmax(pend))
-                spent += missing[i]
-                if miss_q[i]:
-                    ready_at[q_loc[i]] = s
-                if miss_k[i]:
-                    ready_at[k_loc[i]] = s
+                    i = int(np.argmax(current_pend()))
+                    missing = (cost[q_loc[i]] if miss_q[i] else 0.0) + (cost[k_loc[i]] if miss_k[i] else 0.0)
+                if not (miss_q[i] or miss_k[i]):  # it would have run already: stop rather than loop forever
+                    raise RuntimeError(f"dcp scheduler: device {p} picked computation {int(remote[i])}, which "
+                                       "misses no input (readiness bookkeeping out of step; please report)")
+                spent += missing
+                for x, miss in ((q_loc[i], miss_q), (k_loc[i], miss_k)):
+                    if miss[i]:
+                        ready_at[x] = s
+                        miss[order[offsets[x]:offsets[x + 1]]] = False
+                        arrived.append(int(x))
         # first stage each input is needed (the stage it was scheduled for)
         used = np.concatenate([q_loc[q_loc >= 0], k_loc[k_loc >= 0]])
         used_stage = np.concatenate([stage_of[q_loc >= 0], stage_of[k_loc >= 0]])
@@ -389,6 +420,15 @@ class PassScheduler:
         blocks = np.concatenate([uq, uk])[base]
         need = first <= s  # every input is read (a re-fetched block's first copy too: it goes to its first group)
         return remote, stage_of, kinds[need], blocks[need], first[need]
+
+
+def _readers(q_loc: np.ndarray, k_loc: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """The computations reading each input ``x`` (their ``q_loc`` or ``k_loc`` names it; -1: none) as
+    ``order[offsets[x]:offsets[x + 1]]``, in index order (an input is on one side only)."""
+    loc = np.concatenate([q_loc, k_loc])
+    valid = np.nonzero(loc >= 0)[0]
+    order = valid[np.argsort(loc[valid], kind="stable")]
+    return order % q_loc.size, np.searchsorted(loc[order], np.arange(n_in + 1))
 
 
 def _groups_within(nbytes: np.ndarray, room: float) -> np.ndarray:
