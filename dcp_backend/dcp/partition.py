@@ -272,12 +272,20 @@ class _Rebalancer:
         nz = deg > 0
         if not nz.any():
             return out
-        first = np.concatenate([[0], np.cumsum(deg[nz])[:-1]])
-        nets = self.v_nets[np.repeat(v_off[vs][nz] - first, deg[nz]) + np.arange(int(deg[nz].sum()))]
-        pins = self.counts[nets]  # [pins of all vs, k]
-        weight = self.hg.net_weight[nets][:, None]
-        contrib = weight * ((pins == 0).astype(float) - (pins[:, src] == 1).astype(float)[:, None])
-        out[nz] = np.add.reduceat(contrib, first, axis=0)
+        # Net weights are whole bytes, so these float sums are exact in any order.
+        if (deg == 2).all():  # computation vertices: their q net and their kv net
+            nets = self.v_nets[(v_off[vs][:, None] + np.arange(2)).reshape(-1)].reshape(-1, 2)
+            weight = self.hg.net_weight[nets]
+            pins0, pins1 = self.counts[nets[:, 0]], self.counts[nets[:, 1]]  # [vs, k]
+            gain = weight[:, 0] * (pins0[:, src] == 1) + weight[:, 1] * (pins1[:, src] == 1)
+            out = weight[:, :1] * (pins0 == 0) + weight[:, 1:] * (pins1 == 0) - gain[:, None]
+        else:
+            first = np.concatenate([[0], np.cumsum(deg[nz])[:-1]])
+            nets = self.v_nets[np.repeat(v_off[vs][nz] - first, deg[nz]) + np.arange(int(deg[nz].sum()))]
+            pins = self.counts[nets]  # [pins of all vs, k]
+            weight = self.hg.net_weight[nets][:, None]
+            contrib = weight * ((pins == 0).astype(float) - (pins[:, src] == 1).astype(float)[:, None])
+            out[nz] = np.add.reduceat(contrib, first, axis=0)
         inter = self.node != self.node[src]
         return np.where(out > 0, out * np.where(inter, 4.0, 1.0)[None, :], out)
 
