@@ -450,6 +450,8 @@ def _fewest_held_pick(pend, q_loc, k_loc, miss_q, miss_k, slot, score) -> int:
     missing input, minus held inputs whose pending computations all wait for an input it brings), then
     the lowest ``score``. So a device finishes with a received block before it opens the next."""
     n_in = slot.size
+    idx = np.nonzero(pend)[0]  # only pending computations count (and ties go to the first, as before)
+    q_loc, k_loc, miss_q, miss_k, score = q_loc[idx], k_loc[idx], miss_q[idx], miss_k[idx], score[idx]
 
     def single_partner(of, partner):
         """Per input: its partner if every pair (input, partner) names the same one, else -1; and whether
@@ -462,15 +464,15 @@ def _fewest_held_pick(pend, q_loc, k_loc, miss_q, miss_k, slot, score) -> int:
         return np.where(same, (s1 / np.maximum(count, 1.0)).astype(np.int64), -1), has
 
     # held inputs (arrived, remote) whose pending computations wait for one other input each
-    one_q = pend & miss_k & ~miss_q & (q_loc >= 0)
-    one_k = pend & miss_q & ~miss_k & (k_loc >= 0)
+    one_q = miss_k & ~miss_q & (q_loc >= 0)
+    one_k = miss_q & ~miss_k & (k_loc >= 0)
     closer, _ = single_partner(np.concatenate([q_loc[one_q], k_loc[one_k]]),
                                np.concatenate([k_loc[one_q], q_loc[one_k]]))
     c = closer >= 0
     gain = np.bincount(closer[c], weights=slot[c], minlength=n_in)
     # missing inputs read by pending computations with another missing input (they stay held once fetched,
     # unless that other input is the one fetched with them)
-    two = pend & miss_q & miss_k
+    two = miss_q & miss_k
     partner, lingers = single_partner(np.concatenate([q_loc[two], k_loc[two]]),
                                       np.concatenate([k_loc[two], q_loc[two]]))
     mq, mk = np.maximum(q_loc, 0), np.maximum(k_loc, 0)
@@ -480,9 +482,8 @@ def _fewest_held_pick(pend, q_loc, k_loc, miss_q, miss_k, slot, score) -> int:
     opened = (np.where(miss_q & lingers[mq] & ((partner[mq] < 0) | (partner[mq] != other_q)), slot[mq], 0.0)
               + np.where(miss_k & lingers[mk] & ((partner[mk] < 0) | (partner[mk] != other_k)), slot[mk], 0.0))
     net = opened - np.where(miss_q, gain[mq], 0.0) - np.where(miss_k, gain[mk], 0.0)
-    net = np.where(pend, net, np.inf)
     best = np.nonzero(net <= net.min() + 1e-9 * max(abs(float(net.min())), 1.0))[0]
-    return int(best[np.argmin(score[best])])
+    return int(idx[best[np.argmin(score[best])]])
 
 
 class _Loads:
