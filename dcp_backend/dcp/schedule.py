@@ -342,6 +342,9 @@ class PassScheduler:
             share = cost / np.maximum(users, 1.0)
             score = amortised()
 
+        def to_fetch(per_input, i):  # a computation's missing inputs, summed over per_input
+            return (per_input[q_loc[i]] if miss_q[i] else 0.0) + (per_input[k_loc[i]] if miss_k[i] else 0.0)
+
         share = score = None
         refresh()
         s = 0
@@ -387,8 +390,7 @@ class PassScheduler:
                         i = _fewest_held_pick(current_pend(), q_loc, k_loc, miss_q, miss_k, pick_slot, score)
                     else:
                         i = int(np.argmin(score))
-                    missing = (cost[q_loc[i]] if miss_q[i] else 0.0) + (cost[k_loc[i]] if miss_k[i] else 0.0)
-                    new_slots = ((slot[q_loc[i]] if miss_q[i] else 0.0) + (slot[k_loc[i]] if miss_k[i] else 0.0))
+                    missing, new_slots = to_fetch(cost, i), to_fetch(slot, i)
                     over_bytes = s < S and spent + missing > budget
                     if over_bytes and not limited and spent + missing <= FRONT_LOAD_LIMIT * budget:
                         # a stage behind on compute (pairs of two remote blocks unlock compute only once
@@ -401,7 +403,7 @@ class PassScheduler:
                     held += new_slots
                 else:
                     i = int(np.argmax(current_pend()))
-                    missing = (cost[q_loc[i]] if miss_q[i] else 0.0) + (cost[k_loc[i]] if miss_k[i] else 0.0)
+                    missing = to_fetch(cost, i)
                 if not (miss_q[i] or miss_k[i]):  # it would have run already: stop rather than loop forever
                     raise RuntimeError(f"dcp scheduler: device {p} picked computation {int(remote[i])}, which "
                                        "misses no input (readiness bookkeeping out of step; please report)")
