@@ -129,7 +129,9 @@ class TEPlan(Plan):
         after the all-to-all when ``head_parallel > 1``) ``P - 1`` times; the backward sends K/V ``P - 1``
         times and the dK/dV accumulator ``P - 1`` times (in the input dtype). The all-to-alls move
         ``(A-1)/A`` of q, k, v and out forward and of dout, dq, dk, dv backward. Compute counts the
-        unmasked (query, key) pairs of real tokens times the query heads a rank computes.
+        unmasked (query, key) pairs of real tokens times the query heads a rank computes. Memory is the larger
+        of the forward's and the backward's attention buffers (both per rank in ``extra``), as for the other
+        backends.
         """
         spec, n, A = self.spec, self.world_size, self.head_parallel
         P = n // A
@@ -167,10 +169,17 @@ class TEPlan(Plan):
         acc_size = acc_element_size(element_size)
         act = local * (2 * H + 2 * Hkv) * D * element_size  # q, k, v, out (padded buffers)
         ring = 2 * kv_bytes + local * H * D * acc_size  # two K/V receive buffers + fp32 out accumulator
-        memory = tuple(act + ring for _ in range(n))
+        fwd_mem = act + ring
+        # backward (TE's AttnFuncWithCPAndKVP2P.backward): the saved q, K/V, out and fp32 lse; dout; dq and
+        # each step's dq in the input dtype (q-sized); two ring buffers, each K/V plus dK/dV; each step's
+        # dK/dV (K/V-sized). An all-to-all moves heads, not bytes.
+        bwd_mem = (local * 5 * H * D * element_size + local * H * acc_size
+                   + kv_bytes + 2 * 2 * kv_bytes + kv_bytes)
+        memory = tuple(max(fwd_mem, bwd_mem) for _ in range(n))
         return PlanStats.from_traffic(
             "te", n, dpn, fwd, bwd, compute, tokens, memory,
-            extra={"cp_comm_type": self.comm_type, "head_parallel": A,
+            extra={"fwd_memory_bytes_per_rank": [fwd_mem] * n, "bwd_memory_bytes_per_rank": [bwd_mem] * n,
+                   "cp_comm_type": self.comm_type, "head_parallel": A,
                    "passes_per_layer": len(lay.length_groups) if self.comm_type == "a2a+p2p" else 1,
                    "padded_tokens": int(lay.cu_seqlens_padded[-1]),
                    "padding_fraction": 1.0 - self.batch.total_tokens / float(lay.cu_seqlens_padded[-1])})

@@ -142,6 +142,20 @@ def test_plan_stats():
     assert hier.fwd_intra_node_bytes == 4 * (1 * kv + per_peer)  # ring of 2 + one a2a peer, one node
 
 
+def test_memory_is_the_larger_pass_and_holds_what_a_ring_backward_must():
+    """Memory counts the backward as for every backend (the contract's memory_bytes: the larger pass): at least
+    q, out, dout, dq, k, v and one ring buffer of K/V with its dK/dV, over the rank's padded rows."""
+    for options in ({}, {"cp_comm_type": "a2a+p2p", "head_parallel": 2}):
+        plan = te_planner(world_size=4, devices_per_node=2, **options).plan([5, 1, 13, 8, 2, 40, 300], SPEC)
+        st = plan.stats(element_size=2)
+        fwd, bwd = st.extra["fwd_memory_bytes_per_rank"], st.extra["bwd_memory_bytes_per_rank"]
+        assert list(st.memory_bytes) == [max(f, b) for f, b in zip(fwd, bwd)]
+        local, H, Hkv, D = plan.layout.local_tokens, SPEC.num_heads, SPEC.num_kv_heads, SPEC.head_dim
+        kv = 2 * local * Hkv * D * 2
+        assert min(bwd) >= 4 * local * H * D * 2 + kv + 2 * kv
+        assert min(bwd) > max(fwd)
+
+
 def test_option_and_mask_errors():
     with pytest.raises(cp.CPError, match="cp_comm_type must be one of"):
         te_planner(world_size=2, cp_comm_type="a2a")
