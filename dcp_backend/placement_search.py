@@ -6,7 +6,8 @@ simulator (which replays DCP plans) and plans nothing itself.
 Every candidate is compiled for every device and simulated (``dcp_backend.sim``) with the options' cost
 model (``cost_model``; the analytic roofline when None) and that table's network preset (H100 table:
 ``h100-p5``; CPU table: ``cpu-loopback``; analytic: ``h100-p5``); the plan with the smallest simulated
-forward + backward time is returned (ties go to the hypergraph plan), its ``candidates`` recording every
+forward + backward time is returned (ties go to the hypergraph plan; under a ``memory_limit``, a plan within it
+before any plan over it), its ``candidates`` recording every
 candidate's times.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import time
 
 from dcp_backend.cost_model import load_cost_model
-from dcp_backend.dcp.plan import DCPPlan
+from dcp_backend.dcp.plan import DCPPlan, over_memory_limit
 from dcp_backend.dtypes import dtype_name
 from dcp_backend.sim.simulator import simulate_plan
 
@@ -27,13 +28,16 @@ def simulated_seconds(plan: DCPPlan, cost_model, element_size: int) -> tuple[flo
 
 
 def pick_fastest(plans: dict[str, DCPPlan], cost_model, element_size: int, started: float) -> DCPPlan:
-    """The plan with the smallest simulated forward + backward time (ties: the hypergraph plan), with every
+    """The plan with the smallest simulated forward + backward time (ties: the hypergraph plan; plans within the
+    memory limit first), with every
     candidate's times in ``plan.candidates`` and the selection's own time in its planning phases."""
     times = {}
     for name, p in plans.items():
         f, b = simulated_seconds(p, cost_model, element_size)
         times[name] = {"fwd_s": f, "bwd_s": b}
-    best = min(times, key=lambda k: (times[k]["fwd_s"] + times[k]["bwd_s"], k != "hypergraph"))
+        times[name]["over_memory_limit"] = over_memory_limit(p, element_size)
+    best = min(times, key=lambda k: (times[k]["over_memory_limit"], times[k]["fwd_s"] + times[k]["bwd_s"],
+                                     k != "hypergraph"))
     plan = plans[best]
     plan.candidates = {"chosen": best, **times}
     planned = sum(sum(p.phase_seconds.values()) for p in plans.values())

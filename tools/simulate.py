@@ -93,8 +93,9 @@ def parse_args(argv=None):
     k.add_argument("--dcp-compute-tolerances", default=DCP_COMPUTE_TOLERANCES, type=compute_tolerances,
                    help="compute_imbalance values DCP's hypergraph plans are made at (a looser balance may cut "
                         "fewer bytes across nodes), best kept")
-    k.add_argument("--dcp-candidates", default="hypergraph,zigzag,zigzag2d",
-                   help="dcp placements to try (hypergraph per block size, the static zigzag candidate)")
+    k.add_argument("--dcp-candidates", default="hypergraph,zigzag,zigzag2d,ring",
+                   help="dcp plans to try: hypergraph (per block size), zigzag, zigzag2d (structured placements), "
+                        "ring (the hypergraph per block size and zigzag2d with schedule=ring)")
     k.add_argument("--dcp-plan-cost-model", default="table",
                    help="cost model for DCP's planning weights: 'table' (same as --cost-model) or 'none'")
     k.add_argument("--dcp-option", action="append", default=[], metavar="KEY=VALUE",

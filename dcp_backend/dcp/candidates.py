@@ -68,7 +68,7 @@ def zigzag_placement(bs, num_devices: int, devices_per_node: int, head_parallel:
     comp = np.arange(bs.n_comp)
     q_pos = pos[bs.pair_q[bs.comp_pair(comp)]]
     comp_dev = q_pos * hp + (bs.comp_head(comp) % hp) if hp > 1 else owner[bs.pair_q[bs.comp_pair(comp)]]
-    return Placement(owner, comp_dev, num_devices, devices_per_node)
+    return Placement(owner, comp_dev, num_devices, devices_per_node, source="zigzag2d" if hp > 1 else "zigzag")
 
 
 def zigzag_blocks(batch: PackedBatch, spec: AttentionSpec, topology: Topology, options, head_parallel: int = 1):

@@ -9,10 +9,11 @@ from dcp_backend.contract import KernelOptions, option, positive_int
 from dcp_backend.errors import CPError
 
 PARTITIONERS = ("mtkahypar", "greedy")
-PLACEMENTS = ("hypergraph", "zigzag", "auto")
+PLACEMENTS = ("hypergraph", "zigzag", "zigzag2d", "auto")
 COMMUNICATIONS = ("hierarchical", "direct")
 SEEDS = ("structured", "none")
 PARTIAL_DTYPES = ("model", "fp32")
+SCHEDULES = ("stages", "ring")
 
 
 def own_rows_factor(memory_limit) -> float | None:
@@ -52,7 +53,8 @@ class DCPOptions(KernelOptions):
                                           "table (h100, cpu), a table path, or analytic:<preset> "
                                           "(dcp_backend.cost_model)")
     placement: str = option("hypergraph", "hypergraph (Mt-KaHyPar), zigzag (static snake-dealt blocks, "
-                                          "computation on the query owner) or auto (plan both, the hypergraph also at "
+                                          "computation on the query owner), zigzag2d (LoongTrain's layout: "
+                                          "head groups x snake-dealt blocks) or auto (plan both, the hypergraph also at "
                                           "twice compute_imbalance, and a 2D zigzag; simulate them with the cost "
                                           "model, keep the fastest)")
 
@@ -75,6 +77,11 @@ class DCPOptions(KernelOptions):
                                                "device's own rows, the same cap on every device, best effort "
                                                "(memory stays flat as the cluster grows); auto = 2x; none = no "
                                                "limit (fastest)")
+    schedule: str = option("stages", "stages (num_stages communication stages, each receiving the blocks that "
+                                     "unlock the most compute per byte; memory_limit bounds what is held) or ring "
+                                     "(LoongTrain's double ring in DCP's instructions: every block visits its "
+                                     "readers in ring order, crossing into each node once, with its dK/dV partial "
+                                     "accumulating along the way; little memory, one stage per ring position)")
     refetch: bool = option(True, "under a memory_limit that slot budgets alone do not meet, a device may hold one "
                                  "side of its remote query x remote key pairs in groups and receive the other side "
                                  "again for every group (more bytes, less memory); false = every block once per pass")
@@ -119,5 +126,7 @@ class DCPOptions(KernelOptions):
             raise CPError(f"dcp option communication must be one of {COMMUNICATIONS}, got {self.communication!r}")
         if self.partial_dtype not in PARTIAL_DTYPES:
             raise CPError(f"dcp option partial_dtype must be one of {PARTIAL_DTYPES}, got {self.partial_dtype!r}")
+        if self.schedule not in SCHEDULES:
+            raise CPError(f"dcp option schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.partitioner not in PARTITIONERS:
             raise CPError(f"dcp option partitioner must be one of {PARTITIONERS}, got {self.partitioner!r}")

@@ -19,6 +19,7 @@ from dcp_backend.dcp.config import DCPOptions, own_rows_factor
 from dcp_backend.dcp.instructions import ACC, MODEL, DeviceProgram
 from dcp_backend.dcp.partition import Placement
 from dcp_backend.dcp.prepared import PreparedProgram
+from dcp_backend.dcp.ring_schedule import ring_schedule
 from dcp_backend.dcp.schedule import KIND_KV, KIND_Q, PassSchedule, PassScheduler
 from dcp_backend.kernels import get_kernel
 from dcp_backend.spec import AttentionSpec
@@ -158,6 +159,15 @@ def memory_limits(options: DCPOptions, own: np.ndarray) -> np.ndarray | None:
     return np.full(own.size, float(options.memory_limit) * 1e6)
 
 
+def over_memory_limit(plan: "DCPPlan", element_size: int = 2) -> bool:
+    """Whether a plan's largest device needs more than its ``memory_limit`` (best-effort limits, "auto" and
+    "Nx", may be exceeded; the plan searches prefer the plans within them)."""
+    limit = memory_limits(plan.options, own_memory_bytes(plan.blocks, plan.placement, True, element_size))
+    if limit is None:
+        return False
+    return max(plan.stats(element_size).memory_bytes) > float(limit.max()) * (1 + 1e-9)
+
+
 def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backward: bool, element_size: int,
                            wire: str, floor: float = 0.0) -> tuple[PassSchedule, float]:
     """Schedule a pass with ``options.num_stages`` stages; under a memory limit, give the devices over it a
@@ -225,15 +235,12 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
     return best, float(mem.max())
 
 
-def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, topology: Topology, options: DCPOptions,
-                        bs: BlockSet, cost: np.ndarray, pl: Placement, timings: dict, element_size: int = 2,
-                        compile_all: bool = False) -> DCPPlan:
-    """Schedule both passes of a placement and wrap it as a plan (programs compiled lazily unless
-    ``compile_all``); every placement strategy ends here."""
-    t0 = time.perf_counter()
+def staged_passes(bs: BlockSet, pl: Placement, cost: np.ndarray, options: DCPOptions, element_size: int,
+                  wire: str) -> dict:
+    """{backward: schedule} of ``schedule="stages"`` (:class:`PassScheduler`), each within the memory limit
+    (:func:`schedule_within_memory`)."""
     b = block_bytes(bs, element_size, options.partial_dtype)
     hier = options.communication == "hierarchical"
-    wire = partial_wire(options)
     passes = {}
     peak = 0.0  # the backward pass (larger rows) first; the forward need not fit in less than its peak
     for backward, q_in, outs in ((True, b["q_bwd"], {KIND_Q: b["dq"], KIND_KV: b["dkv"]}),
@@ -246,6 +253,49 @@ def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, topology: Topol
         passes[backward], pass_peak = schedule_within_memory(scheduler, options, backward, element_size, wire, peak)
         if backward:
             peak = pass_peak
+    return passes
+
+
+def ring_passes(bs: BlockSet, pl: Placement, spec: AttentionSpec, topology: Topology, options: DCPOptions,
+                element_size: int, wire: str) -> dict:
+    """{backward: schedule} of ``schedule="ring"`` (:mod:`dcp_backend.dcp.ring_schedule`): ring positions are the
+    2D zigzag placement's head groups, single devices otherwise. Under a memory limit that the ring with
+    crossings received a whole inner sweep early does not meet, crossings are received the stage before they
+    are needed; an explicit limit that is still exceeded raises :class:`CPError` ("auto" and "Nx" keep the
+    lower peak)."""
+    from dcp_backend.dcp.candidates import head_parallel_degree
+
+    group = head_parallel_degree(spec, options, topology) if pl.source == "zigzag2d" else 1
+    limit = memory_limits(options, own_memory_bytes(bs, pl, True, element_size))
+    best, best_peak, best_mem = None, np.inf, None
+    for lead in (None, 1):  # crossings received a whole sweep early, else (over a memory limit) a stage early
+        passes = {backward: ring_schedule(bs, pl, backward, group, lead) for backward in (False, True)}
+        if limit is None:
+            return passes
+        mem = np.maximum(*(pass_memory_bytes(bs, pl, passes[bw], bw, element_size, wire) + pass_buffer_bytes(
+            bs, pl, passes[bw], bw, element_size, options.partial_dtype) for bw in (False, True)))
+        if float(mem.max()) < best_peak:
+            best, best_peak, best_mem = passes, float(mem.max()), mem
+        if (mem <= limit * (1 + 1e-9)).all():
+            return passes
+    if memory_limit_is_strict(options):
+        d = int(np.argmax(best_mem - limit))
+        raise CPError(f"dcp: memory_limit={options.memory_limit} MB cannot be met with schedule=ring: device "
+                      f"{d} needs {best_mem[d] / 1e6:.4g} MB; raise memory_limit or use schedule=stages")
+    return best
+
+
+def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, topology: Topology, options: DCPOptions,
+                        bs: BlockSet, cost: np.ndarray, pl: Placement, timings: dict, element_size: int = 2,
+                        compile_all: bool = False) -> DCPPlan:
+    """Schedule both passes of a placement and wrap it as a plan (programs compiled lazily unless
+    ``compile_all``); every placement strategy ends here."""
+    t0 = time.perf_counter()
+    wire = partial_wire(options)
+    if options.schedule == "ring":
+        passes = ring_passes(bs, pl, spec, topology, options, element_size, wire)
+    else:
+        passes = staged_passes(bs, pl, cost, options, element_size, wire)
     fwd, bwd = passes[False], passes[True]
     timings["schedule"] = time.perf_counter() - t0
     layouts, fp, bp = compile_programs(bs, pl, fwd, bwd, eager=compile_all, partial_wire=wire)

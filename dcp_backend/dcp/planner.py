@@ -61,12 +61,16 @@ LOOSE = "hypergraph_loose"  # that candidate's name in plan.candidates
 def auto_candidates(spec: AttentionSpec, options: DCPOptions, topology: Topology) -> dict[str, tuple]:
     """The plans ``placement="auto"`` compares, {name: (strategy, options)}: the hypergraph plan, and on
     several devices the hypergraph plan at ``AUTO_LOOSE_COMPUTE`` times the compute tolerance (a looser
-    balance may cut fewer bytes across nodes; which wins varies by batch), the zigzag plan and (with several
-    head blocks per node) the 2D zigzag plan."""
+    balance may cut fewer bytes across nodes; which wins varies by batch), the hypergraph plan with the other
+    schedule (``stages`` / ``ring``: the ring wins under a memory limit on batches of a few long documents), the
+    zigzag plan and (with several head blocks per node) the 2D zigzag plan."""
     if topology.world_size == 1:
         return {"hypergraph": ("hypergraph", options)}
     loose = dataclasses.replace(options, compute_imbalance=AUTO_LOOSE_COMPUTE * options.compute_imbalance)
-    out = {"hypergraph": ("hypergraph", options), LOOSE: ("hypergraph", loose), "zigzag": ("zigzag", options)}
+    other = "ring" if options.schedule == "stages" else "stages"
+    out = {"hypergraph": ("hypergraph", options), LOOSE: ("hypergraph", loose),
+           f"hypergraph_{other}": ("hypergraph", dataclasses.replace(options, schedule=other)),
+           "zigzag": ("zigzag", options)}
     if head_parallel_degree(spec, options, topology) > 1:
         out["zigzag2d"] = ("zigzag2d", options)
     return out

@@ -31,6 +31,7 @@ from dcp_backend.cost_model import CostModel, load_cost_model
 from dcp_backend.dtypes import element_size
 from dcp_backend.dcp.candidates import head_parallel_degree
 from dcp_backend.dcp.config import DCPOptions
+from dcp_backend.dcp.plan import DCPPlan, over_memory_limit
 from dcp_backend.dcp.planner import AUTO_LOOSE_COMPUTE, make_plan
 from dcp_backend.registry import get_planner
 from dcp_backend.sim.simulator import simulate_plan
@@ -66,6 +67,7 @@ class Entry:
     config: str
     report: object
     sim_seconds: float
+    over_memory_limit: bool = False  # a DCP plan over its (best-effort) memory_limit
 
     @property
     def total_ms(self) -> float:
@@ -96,7 +98,7 @@ def _te_plan(seqlens, spec, topo: Topology, comm_type):
 
 def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=ALL_BACKENDS,
                     dcp_block_sizes=(1024, 2048, 4096), dcp_options: DCPOptions | None = None, lt_windows=None,
-                    dcp_candidates=("hypergraph", "zigzag", "zigzag2d"), element_size: int = 2, log=None,
+                    dcp_candidates=("hypergraph", "zigzag", "zigzag2d", "ring"), element_size: int = 2, log=None,
                     dcp_shares=DCP_SHARE_FACTORS, dcp_compute_tolerances=DCP_COMPUTE_TOLERANCES):
     """Every configuration of every requested backend, planned (DCP plans compiled for all devices).
     ``dcp_shares``: the memory shares DCP's hypergraph plans are made at (:data:`DCP_SHARE_FACTORS`; a share
@@ -154,6 +156,15 @@ def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=AL
             if n > 1 and hp > 1 and "zigzag2d" in dcp_candidates:
                 add("dcp", lambda p: f"zigzag2d hp={hp} block={p.block_size}",
                     lambda: make_plan(batch, spec, topo, base, element_size, compile_all=True, strategy="zigzag2d"))
+            if n > 1 and "ring" in dcp_candidates and base.schedule != "ring":  # the ring schedule's plans
+                ring = dataclasses.replace(base, schedule="ring")
+                for bsz in dcp_block_sizes:
+                    o = dataclasses.replace(ring, block_size=bsz)
+                    add("dcp", f"hypergraph block={bsz} ring",
+                        lambda o=o: make_plan(batch, spec, topo, o, element_size, compile_all=True))
+                if hp > 1:
+                    add("dcp", lambda p: f"zigzag2d hp={hp} block={p.block_size} ring",
+                        lambda: make_plan(batch, spec, topo, ring, element_size, compile_all=True, strategy="zigzag2d"))
         else:
             raise ValueError(f"unknown backend {name!r}; choose from {ALL_BACKENDS}")
     return out
@@ -169,15 +180,19 @@ def simulate_candidates(cands: list[Candidate], cost_model, network, dtype="bf16
     cache = {} if cache is None else cache
     out: dict = {}
 
+    def rank(e):  # DCP plans within their memory limit before those over it (best-effort limits), then time
+        return (e.over_memory_limit, e.total_ms)
+
     def keep(label, e):
-        if label not in out or e.total_ms < out[label].total_ms:
+        if label not in out or rank(e) < rank(out[label]):
             out[label] = e
 
     for c in cands:
         t0 = time.perf_counter()
         rep = simulate_plan(c.plan, cm, network, dtype, label=c.label, cache=cache, fused_copies=fused_copies,
                             kernel=kernel)
-        e = Entry(c.label, rep.fwd_ms, rep.bwd_ms, c.config, rep, time.perf_counter() - t0)
+        e = Entry(c.label, rep.fwd_ms, rep.bwd_ms, c.config, rep, time.perf_counter() - t0,
+                  isinstance(c.plan, DCPPlan) and over_memory_limit(c.plan))
         if log:
             log(f"  {c.label:10s} {c.config:34s} fwd {e.fwd_ms:8.3f} ms  bwd {e.bwd_ms:8.3f} ms  "
                 f"(sim {e.sim_seconds:.1f} s)")
@@ -189,7 +204,7 @@ def simulate_candidates(cands: list[Candidate], cost_model, network, dtype="bf16
 
 def compare_batch(seqlens, spec: cp.AttentionSpec, topo: Topology, cost_model: CostModel | str, network,
                   dtype="bf16", backends=ALL_BACKENDS, dcp_block_sizes=(1024, 2048, 4096), dcp_options=None,
-                  lt_windows=None, dcp_candidates=("hypergraph", "zigzag", "zigzag2d"), log=None,
+                  lt_windows=None, dcp_candidates=("hypergraph", "zigzag", "zigzag2d", "ring"), log=None,
                   fused_copies: bool = False, kernel: str = "auto", dcp_shares=DCP_SHARE_FACTORS,
                   dcp_compute_tolerances=DCP_COMPUTE_TOLERANCES) -> dict:
     """Plan and simulate: each backend's best configuration, {label: Entry}."""

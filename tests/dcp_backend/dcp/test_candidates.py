@@ -54,16 +54,31 @@ def test_auto_keeps_the_faster_candidate():
         backend = cp.get_backend("dcp", world_size=8, devices_per_node=4, placement="auto", cost_model="h100")
         plan = backend.plan(seqlens, spec)
         c = plan.candidates
-        names = ("hypergraph", "hypergraph_loose", "zigzag", "zigzag2d")
+        names = ("hypergraph", "hypergraph_loose", "hypergraph_ring", "zigzag", "zigzag2d")
         assert set(c) == {"chosen", *names}
+        assert not any(c[k]["over_memory_limit"] for k in names)  # no memory limit
         total = {k: c[k]["fwd_s"] + c[k]["bwd_s"] for k in names}
         assert c["chosen"] == min(total, key=total.get)
+        assert plan.options.schedule == ("ring" if c["chosen"] == "hypergraph_ring" else "stages")
         # the loose candidate is the hypergraph plan at twice the compute tolerance
         assert plan.options.compute_imbalance == (0.2 if c["chosen"] == "hypergraph_loose" else 0.1)
         verify_plan(plan)
         f, b = simulated_seconds(plan, "h100", 2)
         assert f + b == pytest.approx(total[c["chosen"]])
         assert "select" in plan.timings and plan.options.placement == "auto"
+
+
+def test_auto_prefers_a_plan_within_the_memory_limit():
+    spec = cp.AttentionSpec(8, 2, 128, mask="causal")
+    backend = cp.get_backend("dcp", world_size=8, devices_per_node=4, placement="auto", cost_model="h100",
+                             memory_limit="2x")
+    plan = backend.plan([3000, 200, 90, 5000, 64, 7], spec)
+    c = plan.candidates
+    names = [k for k in c if k != "chosen"]
+    within = [k for k in names if not c[k]["over_memory_limit"]]
+    assert within and set(within) != set(names)  # some candidates fit twice their own rows, some do not
+    total = {k: c[k]["fwd_s"] + c[k]["bwd_s"] for k in within}
+    assert c["chosen"] == min(total, key=total.get)
 
 
 def test_zigzag_and_auto_run_correctly_on_four_ranks():
