@@ -71,6 +71,21 @@ def zigzag_placement(bs, num_devices: int, devices_per_node: int, head_parallel:
     return Placement(owner, comp_dev, num_devices, devices_per_node, source="zigzag2d" if hp > 1 else "zigzag")
 
 
+def owners_repaired(bs, pl: Placement, comp_cost: np.ndarray, memory_imbalance: float, element_size: int = 2,
+                    partial_dtype: str = "model") -> Placement:
+    """``pl`` with token-block owners moved (:func:`~dcp_backend.dcp.partition.rebalance`) until tokens per
+    device are within ``memory_imbalance``, computation blocks left where they are: the 2D zigzag placement
+    under ``schedule="ring"`` keeps every computation in its head group (whole blocks dealt to positions leave
+    some devices a block above the mean)."""
+    from dcp_backend.dcp.partition import build_hypergraph
+
+    hg = build_hypergraph(bs, element_size, partial_dtype)
+    comp, owner = rebalance(hg, pl.comp_device.copy(), pl.owner.copy(), comp_cost, bs.tb_tokens.astype(np.float64),
+                            pl.num_devices, pl.devices_per_node, np.inf, memory_imbalance)
+    assert np.array_equal(comp, pl.comp_device)
+    return Placement(owner, comp, pl.num_devices, pl.devices_per_node, source=pl.source)
+
+
 def zigzag_blocks(batch: PackedBatch, spec: AttentionSpec, topology: Topology, options, head_parallel: int = 1):
     """The block set of the zigzag candidates: the largest power of two giving the longest document at
     least two blocks per position, within ``min_block_size`` and the hypergraph plan's block size."""

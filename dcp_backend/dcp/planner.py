@@ -14,7 +14,8 @@ import time
 from dcp_backend.batch import PackedBatch
 from dcp_backend.contract import Planner
 from dcp_backend.dcp.blocks import HeadBlocks, auto_block_size, build_blocks
-from dcp_backend.dcp.candidates import head_parallel_degree, seeded_placement, zigzag_blocks, zigzag_placement
+from dcp_backend.dcp.candidates import (head_parallel_degree, owners_repaired, seeded_placement, zigzag_blocks,
+                                       zigzag_placement)
 from dcp_backend.dcp.config import DCPOptions
 from dcp_backend.dcp.partition import build_hypergraph, place
 from dcp_backend.dcp.plan import DCPPlan, pair_cost, plan_from_placement
@@ -50,6 +51,8 @@ def placement_of(strategy: str, batch: PackedBatch, spec: AttentionSpec, topolog
             pl = seeded_placement(bs, cost, hg, pl, spec, topology, options)
     else:
         pl = zigzag_placement(bs, n, dpn, hp)
+        if hp > 1 and options.schedule == "ring":  # balance memory, keep computations in their head groups
+            pl = owners_repaired(bs, pl, cost, options.memory_imbalance, element_size, options.partial_dtype)
     timings["partition"] = time.perf_counter() - t1
     return bs, cost, pl
 

@@ -6,7 +6,7 @@ import pytest
 
 import dcp_backend as cp
 from dcp_backend import CPError
-from dcp_backend.dcp.candidates import head_parallel_degree
+from dcp_backend.dcp.candidates import head_parallel_degree, zigzag_placement
 from dcp_backend.dcp.schedule import KIND_KV
 from dcp_backend.dcp.verify import verify_plan
 from tests.cp_check import Case, check_results, random_seqlens, worker
@@ -83,6 +83,21 @@ def test_ring_groups_are_the_2d_placements_head_groups():
     tr = plan.bwd.inputs
     assert np.all(tr.src[tr.kind == 0] // group == tr.dst[tr.kind == 0] // group)
     assert plan.bwd.num_stages == 8 // group
+
+
+def test_ring_2d_placement_repairs_owners_only():
+    spec = cp.AttentionSpec(8, 2, 8, mask="causal")
+    seqlens = [2000, 300, 90, 17, 5, 600, 64]  # whole blocks leave some devices a block above the mean
+    opts = {"world_size": 8, "devices_per_node": 4, "head_block_size": 1, "block_size": 64, "placement": "zigzag2d"}
+    staged = cp.get_backend("dcp", **opts).plan(seqlens, spec)
+    ring = cp.get_backend("dcp", schedule="ring", **opts).plan(seqlens, spec)
+    dealt = zigzag_placement(ring.blocks, 8, 4, 4)
+    np.testing.assert_array_equal(staged.placement.owner, dealt.owner)  # the staged plan keeps the deal
+    np.testing.assert_array_equal(ring.placement.comp_device, dealt.comp_device)  # computations stay put
+    tokens = lambda pl: np.bincount(pl.owner, weights=ring.blocks.tb_tokens, minlength=8)  # noqa: E731
+    assert tokens(dealt).max() / tokens(dealt).mean() > 1 + ring.options.memory_imbalance
+    assert tokens(ring.placement).max() / tokens(ring.placement).mean() <= 1 + ring.options.memory_imbalance
+    verify_plan(ring)
 
 
 def test_ring_matches_reference():
