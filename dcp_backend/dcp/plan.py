@@ -159,17 +159,27 @@ def memory_limits(options: DCPOptions, own: np.ndarray) -> np.ndarray | None:
     return np.full(own.size, float(options.memory_limit) * 1e6)
 
 
-def over_memory_limit(plan: "DCPPlan", element_size: int = 2) -> bool:
+def pass_total_bytes(bs: BlockSet, pl: Placement, sched: PassSchedule, backward: bool, element_size: int,
+                     options: DCPOptions) -> np.ndarray:
+    """Every device's memory in one pass from its schedule alone: stores and transfer buffers, as
+    ``plan.stats()`` counts them from the compiled programs."""
+    return (pass_memory_bytes(bs, pl, sched, backward, element_size, partial_wire(options))
+            + pass_buffer_bytes(bs, pl, sched, backward, element_size, options.partial_dtype))
+
+
+def over_memory_limit(plan: "DCPPlan", element_size: int = 2, stats: PlanStats | None = None) -> bool:
     """Whether a plan's largest device needs more than its ``memory_limit`` (best-effort limits, "auto" and
-    "Nx", may be exceeded; the plan searches prefer the plans within them)."""
+    "Nx", may be exceeded; the plan searches prefer the plans within them). ``stats``: the plan's statistics
+    at ``element_size`` when the caller has them (else computed)."""
     limit = memory_limits(plan.options, own_memory_bytes(plan.blocks, plan.placement, True, element_size))
     if limit is None:
         return False
-    return max(plan.stats(element_size).memory_bytes) > float(limit.max()) * (1 + 1e-9)
+    stats = stats if stats is not None else plan.stats(element_size)
+    return max(stats.memory_bytes) > float(limit.max()) * (1 + 1e-9)
 
 
 def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backward: bool, element_size: int,
-                           wire: str, floor: float = 0.0) -> tuple[PassSchedule, float]:
+                           floor: float = 0.0) -> tuple[PassSchedule, float]:
     """Schedule a pass with ``options.num_stages`` stages; under a memory limit, give the devices over it a
     slot budget (the slot bytes busy at once: a received block is held from the stage before it is needed
     until its result's send completes, :meth:`PassScheduler.schedule`), tightened until every device fits,
@@ -195,10 +205,9 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
 
     measured: dict = {}  # id(schedule) -> (schedule, its memory): each schedule is measured once
 
-    def pass_memory(sched: PassSchedule) -> np.ndarray:  # stores and transfer buffers, as plan.stats() counts
+    def pass_memory(sched: PassSchedule) -> np.ndarray:
         if id(sched) not in measured:
-            measured[id(sched)] = (sched, pass_memory_bytes(bs, pl, sched, backward, element_size, wire)
-                                   + pass_buffer_bytes(bs, pl, sched, backward, element_size, options.partial_dtype))
+            measured[id(sched)] = (sched, pass_total_bytes(bs, pl, sched, backward, element_size, options))
         return measured[id(sched)][1]
 
     best, best_peak, first = sched, np.inf, sched
@@ -235,8 +244,7 @@ def schedule_within_memory(scheduler: PassScheduler, options: DCPOptions, backwa
     return best, float(mem.max())
 
 
-def staged_passes(bs: BlockSet, pl: Placement, cost: np.ndarray, options: DCPOptions, element_size: int,
-                  wire: str) -> dict:
+def staged_passes(bs: BlockSet, pl: Placement, cost: np.ndarray, options: DCPOptions, element_size: int) -> dict:
     """{backward: schedule} of ``schedule="stages"`` (:class:`PassScheduler`), each within the memory limit
     (:func:`schedule_within_memory`)."""
     b = block_bytes(bs, element_size, options.partial_dtype)
@@ -249,15 +257,15 @@ def staged_passes(bs: BlockSet, pl: Placement, cost: np.ndarray, options: DCPOpt
         scheduler = PassScheduler(bs, pl, cost, q_in, b["kv"], options.inter_node_cost, kv_outputs=backward,
                                   out_bytes=outs, hierarchical=hier,
                                   slot_bytes={kind: bs.block_size * row[kind] for kind in (KIND_Q, KIND_KV)},
-                                  result_hold=result_send_hold(wire))
-        passes[backward], pass_peak = schedule_within_memory(scheduler, options, backward, element_size, wire, peak)
+                                  result_hold=result_send_hold(partial_wire(options)))
+        passes[backward], pass_peak = schedule_within_memory(scheduler, options, backward, element_size, peak)
         if backward:
             peak = pass_peak
     return passes
 
 
 def ring_passes(bs: BlockSet, pl: Placement, spec: AttentionSpec, topology: Topology, options: DCPOptions,
-                element_size: int, wire: str) -> dict:
+                element_size: int) -> dict:
     """{backward: schedule} of ``schedule="ring"`` (:mod:`dcp_backend.dcp.ring_schedule`): ring positions are the
     2D zigzag placement's head groups, single devices otherwise. Under a memory limit that the ring with
     crossings received a whole inner sweep early does not meet, crossings are received the stage before they
@@ -272,8 +280,7 @@ def ring_passes(bs: BlockSet, pl: Placement, spec: AttentionSpec, topology: Topo
         passes = {backward: ring_schedule(bs, pl, backward, group, lead) for backward in (False, True)}
         if limit is None:
             return passes
-        mem = np.maximum(*(pass_memory_bytes(bs, pl, passes[bw], bw, element_size, wire) + pass_buffer_bytes(
-            bs, pl, passes[bw], bw, element_size, options.partial_dtype) for bw in (False, True)))
+        mem = np.maximum(*(pass_total_bytes(bs, pl, passes[bw], bw, element_size, options) for bw in (False, True)))
         if float(mem.max()) < best_peak:
             best, best_peak, best_mem = passes, float(mem.max()), mem
         if (mem <= limit * (1 + 1e-9)).all():
@@ -293,9 +300,9 @@ def plan_from_placement(batch: PackedBatch, spec: AttentionSpec, topology: Topol
     t0 = time.perf_counter()
     wire = partial_wire(options)
     if options.schedule == "ring":
-        passes = ring_passes(bs, pl, spec, topology, options, element_size, wire)
+        passes = ring_passes(bs, pl, spec, topology, options, element_size)
     else:
-        passes = staged_passes(bs, pl, cost, options, element_size, wire)
+        passes = staged_passes(bs, pl, cost, options, element_size)
     fwd, bwd = passes[False], passes[True]
     timings["schedule"] = time.perf_counter() - t0
     layouts, fp, bp = compile_programs(bs, pl, fwd, bwd, eager=compile_all, partial_wire=wire)

@@ -9,10 +9,10 @@ entering it at ``Q``'s offset and sweeping it the same way. A device at outer di
 holds the computations whose query and key/value blocks are both its own.
 
 * A block travels from needer to needer of one chain (the devices of one head slot that read it, in visiting
-  order): inside a window from the previous needer, one stage before it is needed; into a window from the
-  first needer of the previous window, received up to ``w`` stages early and spread over those stages (a
-  node's crossings then use every NIC in every stage and overlap a whole inner sweep, as LoongTrain's outer
-  ring does). So every block crosses into each node once per head slot, and a device holds only the blocks of
+  order): inside a window from the previous needer, one stage before it is needed; into a window received up
+  to ``w`` stages early, spread over those stages, from the previous window's needer that holds it last before
+  that launch (a node's crossings then use every NIC in every stage and overlap a whole inner sweep, as
+  LoongTrain's outer ring does). So every block crosses into each node once per head slot, and a device holds only the blocks of
   its current and next steps and of its next crossing.
 * Backward: a block's dK/dV partial travels along the same chain and accumulates: every needer sends its
   partial to the next needer (which sums it into the rows of the block it is computing with) and the last
@@ -60,7 +60,10 @@ def ring_schedule(bs: BlockSet, pl: Placement, kv_outputs: bool, group: int = 1,
     stage[local_kv] = np.where(q_owner[local_kv] == dev[local_kv], 0, 1)
     stage[(stage == 0) & (q_owner != dev)] = 1
 
-    inputs, outputs = [_query_side(KIND_Q, qid, q_owner, dev, stage)], []
+    q_blk, q_dev, q_src, q_first, q_last = _remote_queries(qid, q_owner, dev, stage)
+    ones = np.ones(q_blk.size, dtype=np.int64)
+    inputs = [Transfers(KIND_Q * ones, q_blk, q_src, q_dev, q_first, ones)]  # from the owner, for the first use
+    outputs = [Transfers(KIND_Q * ones, q_blk, q_dev, q_src, q_last, ones)]  # the partial home after the last
     # key/value chains: (block, head slot) -> needers in stage order
     rem = ~local_kv
     top = int(stage.max()) + 1
@@ -95,7 +98,6 @@ def ring_schedule(bs: BlockSet, pl: Placement, kv_outputs: bool, group: int = 1,
         src[j] = d[a + int(np.searchsorted(st[a:b], launch[j], "right")) - 1]
     inputs.append(Transfers(np.full(blk.size, KIND_KV), blk, src, d, launch + 1, np.ones(blk.size, dtype=np.int64)))
 
-    outputs.append(_query_results(qid, q_owner, dev, stage))
     if kv_outputs:  # each needer's partial to the next needer of its chain, the last one's to the owner
         last = np.append(chain_start[1:], True)
         nxt = np.arange(blk.size) + 1
@@ -123,25 +125,16 @@ def _spread_launches(spread: list, d: np.ndarray, st: np.ndarray, launch: np.nda
             launch[j] = s - 1 - ((k - 1 - r) * span) // k
 
 
-def _query_side(kind: int, qid: np.ndarray, q_owner: np.ndarray, dev: np.ndarray, stage: np.ndarray) -> Transfers:
-    """Query blocks to the devices that compute with them, from their owners, for the first such stage."""
+def _remote_queries(qid: np.ndarray, q_owner: np.ndarray, dev: np.ndarray, stage: np.ndarray):
+    """Per (query block, computing device that does not own it): the block, the device, the owner, and the
+    first and last stage the device computes with it."""
     rem = q_owner != dev
-    key = qid[rem] * (int(dev.max()) + 1) + dev[rem]
-    uk, inv = np.unique(key, return_inverse=True)
-    first = np.full(uk.size, np.iinfo(np.int64).max)
+    width = int(dev.max(initial=0)) + 1
+    key, inv = np.unique(qid[rem] * width + dev[rem], return_inverse=True)
+    first = np.full(key.size, np.iinfo(np.int64).max)
+    last = np.full(key.size, -1, dtype=np.int64)
     np.minimum.at(first, inv, stage[rem])
-    blk, d = uk // (int(dev.max()) + 1), uk % (int(dev.max()) + 1)
-    return Transfers(np.full(uk.size, kind), blk, q_owner[rem][np.unique(inv, return_index=True)[1]], d, first,
-                     np.ones(uk.size, dtype=np.int64))
-
-
-def _query_results(qid: np.ndarray, q_owner: np.ndarray, dev: np.ndarray, stage: np.ndarray) -> Transfers:
-    """Each computing device's partial result of a query block it does not own, to the owner after its last use."""
-    rem = q_owner != dev
-    key = qid[rem] * (int(dev.max()) + 1) + dev[rem]
-    uk, inv = np.unique(key, return_inverse=True)
-    last = np.full(uk.size, -1, dtype=np.int64)
     np.maximum.at(last, inv, stage[rem])
-    blk, d = uk // (int(dev.max()) + 1), uk % (int(dev.max()) + 1)
-    return Transfers(np.full(uk.size, KIND_Q), blk, d, q_owner[rem][np.unique(inv, return_index=True)[1]], last,
-                     np.ones(uk.size, dtype=np.int64))
+    owner = np.zeros(key.size, dtype=np.int64)
+    owner[inv] = q_owner[rem]
+    return key // width, key % width, owner, first, last

@@ -192,7 +192,7 @@ def simulate_candidates(cands: list[Candidate], cost_model, network, dtype="bf16
         rep = simulate_plan(c.plan, cm, network, dtype, label=c.label, cache=cache, fused_copies=fused_copies,
                             kernel=kernel)
         e = Entry(c.label, rep.fwd_ms, rep.bwd_ms, c.config, rep, time.perf_counter() - t0,
-                  isinstance(c.plan, DCPPlan) and over_memory_limit(c.plan))
+                  isinstance(c.plan, DCPPlan) and over_memory_limit(c.plan, element_size(dtype), rep.stats))
         if log:
             log(f"  {c.label:10s} {c.config:34s} fwd {e.fwd_ms:8.3f} ms  bwd {e.bwd_ms:8.3f} ms  "
                 f"(sim {e.sim_seconds:.1f} s)")
