@@ -22,7 +22,8 @@ from dcp_backend.dcp.blocks import BlockSet, block_bytes
 from dcp_backend.dcp.instructions import (ACC, MODEL, Attention, Comm, CommOp, DeviceProgram, Fill, Reduce,
                                           StoreSpec, Wait)
 from dcp_backend.dcp.partition import Placement
-from dcp_backend.dcp.schedule import KIND_KV, KIND_Q, PassSchedule, Transfers, comp_inputs, receipt_busy
+from dcp_backend.dcp.schedule import (KIND_KV, KIND_Q, PassSchedule, Transfers, comp_inputs, receipt_busy,
+                                      receipt_of)
 from dcp_backend.kernels.work import AttnWork
 
 # The stores of a pass: (name, dtype class, rows are [heads, head_dim]) per side, forward / backward
@@ -57,10 +58,13 @@ class DeviceLayout:
 
 class _Rows:
     """Row numbers of blocks inside one device's stores for one pass. A received block's rows are its
-    receipt's slot; the receipt a use at some stage reads is :func:`~dcp_backend.dcp.schedule.receipt_of`'s."""
+    receipt's slots: one in the input stores and, on a side with results, one in the result stores (each
+    store kind has its own slots, busy for its own span); the receipt a use at some stage reads is
+    :func:`~dcp_backend.dcp.schedule.receipt_of`'s."""
 
-    def __init__(self, bs: BlockSet, layout: DeviceLayout, slots: dict, receipts: dict):
-        self.bs, self.layout, self.slots = bs, layout, slots  # slots: receipt (input transfer) -> slot index
+    def __init__(self, bs: BlockSet, layout: DeviceLayout, slots: dict, result_slots: dict, receipts: dict):
+        self.bs, self.layout = bs, layout
+        self.slots = {False: slots, True: result_slots}  # result? -> {receipt (input transfer): slot index}
         self.receipts = receipts  # (kind, block) -> [(stage, receipt)] sorted
         self._cache: dict = {}
         heads = bs.heads
@@ -77,8 +81,9 @@ class _Rows:
             pick = r
         return pick
 
-    def rows(self, kind: int, block: int, stage: int) -> np.ndarray:
-        """Rows of ``block`` as a use at ``stage`` sees them (own rows, or its receipt's slot)."""
+    def rows(self, kind: int, block: int, stage: int, result: bool = False) -> np.ndarray:
+        """Rows of ``block`` as a use at ``stage`` sees them (own rows, or its receipt's slot) in the input
+        stores, or the result stores (``result``)."""
         bs = self.bs
         per = bs.heads.n_q_blocks if kind == KIND_Q else bs.heads.n_kv_blocks
         tb, head = divmod(int(block), per)
@@ -86,30 +91,30 @@ class _Rows:
         offset = self.layout.tb_offset[tb]
         if offset >= 0:  # own rows: head block by head block, so a block is a run
             return head * self.layout.num_tokens + offset + np.arange(tokens, dtype=np.int64)
-        return self.slot_rows(kind, self.receipt(kind, block, stage), tokens)
+        return self.slot_rows(kind, self.receipt(kind, block, stage), tokens, result)
 
-    def slot_rows(self, kind: int, receipt: int, tokens: int) -> np.ndarray:
+    def slot_rows(self, kind: int, receipt: int, tokens: int, result: bool = False) -> np.ndarray:
         base = self.q_base if kind == KIND_Q else self.kv_base
-        return base + self.slots[receipt] * self.bs.block_size + np.arange(tokens, dtype=np.int64)
+        return base + self.slots[result][receipt] * self.bs.block_size + np.arange(tokens, dtype=np.int64)
 
-    def many(self, kind: int, blocks: np.ndarray, stage: int) -> np.ndarray:
+    def many(self, kind: int, blocks: np.ndarray, stage: int, result: bool = False) -> np.ndarray:
         """``rows`` of several blocks at one stage, concatenated (each block's rows computed once)."""
         if len(blocks) == 0:
             return np.zeros(0, np.int64)
         cache = self._cache
         out = []
         for b in np.asarray(blocks).tolist():
-            r = cache.get((kind, b, stage))
+            r = cache.get((kind, b, stage, result))
             if r is None:
-                r = cache[(kind, b, stage)] = self.rows(kind, b, stage)
+                r = cache[(kind, b, stage, result)] = self.rows(kind, b, stage, result)
             out.append(r)
         return out[0] if len(out) == 1 else np.concatenate(out)
 
 
 def _assign_slots(entries: list[tuple[int, int, int, int, int]]) -> tuple[dict, dict]:
-    """entries: (kind, block, receipt, launch_time, busy_end). Interval colouring per kind: a slot can take
-    a new block launched strictly after its previous occupant's busy_end. Returns slots (by receipt) and
-    counts."""
+    """entries: (kind, block, receipt, busy_start, busy_end). Interval colouring per kind: a slot can take
+    a new block whose busy span starts strictly after its previous occupant's busy_end. Returns slots (by
+    receipt) and counts."""
     slots, counts = {}, {KIND_Q: 0, KIND_KV: 0}
     for kind in (KIND_Q, KIND_KV):
         mine = sorted((entry for entry in entries if entry[0] == kind), key=lambda entry: (entry[3], entry[1], entry[2]))
@@ -128,8 +133,10 @@ def _assign_slots(entries: list[tuple[int, int, int, int, int]]) -> tuple[dict, 
     return slots, counts
 
 
-def _segments(bs: BlockSet, comps: np.ndarray, rows: _Rows, stage: int):
-    """One segment per (document, query head block) among ``comps``: returns (q_rows, kv_rows, AttnWork).
+def _segments(bs: BlockSet, comps: np.ndarray, rows: _Rows, stage: int, backward: bool):
+    """One segment per (document, query head block) among ``comps``: returns (q_rows, kv_rows, AttnWork,
+    q_out_rows, kv_out_rows), the last two the same blocks' rows in the result stores (kv_out_rows is None
+    in the forward, which has no key-side results).
 
     A segment holds the stage's query blocks of one document and head block back to back and its key
     blocks once each (not once per query block: a key block read by several query blocks is gathered, and
@@ -188,7 +195,9 @@ def _segments(bs: BlockSet, comps: np.ndarray, rows: _Rows, stage: int):
     work_row = np.broadcast_to((q_start[p_q] + p_row)[:, None], lo.shape)[live]
     sh = shift[p_run][:, None]
     ranges = _merge_runs(work_row, (lo + sh)[live], (hi + sh)[live], int(cu_q[-1]), presorted=True)
-    return q_rows, kv_rows, AttnWork(cu_q, cu_k, ranges)
+    q_out = rows.many(KIND_Q, seg_q, stage, True)
+    kv_out = rows.many(KIND_KV, u_kv, stage, True) if backward else None
+    return q_rows, kv_rows, AttnWork(cu_q, cu_k, ranges), q_out, kv_out
 
 
 def _merge_runs(row: np.ndarray, lo: np.ndarray, hi: np.ndarray, num_rows: int, presorted: bool = False) -> np.ndarray:
@@ -231,35 +240,53 @@ class _PassCompiler:
             self.results, self.in_parts = FWD_RESULT, FWD_INPUT
 
     # ------------------------------------------------------------------ rows
-    def assign_slots(self) -> dict:
-        """Slots for the blocks this device receives, one per receipt, each busy until its last reader,
-        result send and forward are done (:func:`~dcp_backend.dcp.schedule.receipt_busy`); returns the
-        slot counts per kind and sets ``self.rows``."""
+    def assign_slots(self) -> tuple[dict, dict]:
+        """Slots for the blocks this device receives, one per receipt in the input stores (busy from its
+        launch until its last reader and forward are done) and one in the result stores (busy from its first
+        computation or reduction until its result send is done), :func:`~dcp_backend.dcp.schedule.receipt_busy`;
+        returns the slot counts per kind of both and sets ``self.rows`` and ``self.result_start``."""
         inputs = self.inputs
         recv = np.nonzero(inputs.dst == self.device)[0]
-        launch, end = receipt_busy(self.bs, self.pl, self.sched, self.backward, result_send_hold(self.partial_wire))
+        launch, end, r_start, r_end = receipt_busy(self.bs, self.pl, self.sched, self.backward,
+                                                   result_send_hold(self.partial_wire))
         kinds, blocks, stages = inputs.kind[recv].tolist(), inputs.block[recv].tolist(), inputs.stage[recv].tolist()
-        entries = list(zip(kinds, blocks, recv.tolist(), launch[recv].tolist(), end[recv].tolist()))
-        slots, counts = _assign_slots(entries)
+        slots, counts = _assign_slots(list(zip(kinds, blocks, recv.tolist(), launch[recv].tolist(),
+                                               end[recv].tolist())))
+        has = r_start[recv] >= 0
+        result_slots, result_counts = _assign_slots(list(zip(
+            inputs.kind[recv][has].tolist(), inputs.block[recv][has].tolist(), recv[has].tolist(),
+            r_start[recv][has].tolist(), r_end[recv][has].tolist())))
+        # the receipts whose result rows are reset in a stage: before its attention where that reads them first,
+        # else (their span starts with a partial reduced into them) before its reductions
+        first_read = np.full(len(inputs), np.iinfo(np.int64).max, dtype=np.int64)
+        mine = self.my_comps
+        st = self.sched.comp_stage[mine]
+        for kind, ids in ((KIND_Q, self.qid), (KIND_KV, self.kvid)):
+            r = receipt_of(inputs, np.full(mine.size, self.device), np.full(mine.size, kind), ids[mine], st)
+            ok = r >= 0
+            np.minimum.at(first_read, r[ok], st[ok])
+        self.result_start = {}  # (stage, before its attention?) -> receipts
+        for r in recv[has].tolist():
+            t = int(r_start[r])
+            self.result_start.setdefault((t, bool(first_read[r] == t)), []).append(r)
         receipts: dict = {}
         for kind, block, st, r in sorted(zip(kinds, blocks, stages, recv.tolist())):
             receipts.setdefault((kind, block), []).append((st, r))
-        self.rows = _Rows(self.bs, self.layout, slots, receipts)
-        return counts
+        self.rows = _Rows(self.bs, self.layout, slots, result_slots, receipts)
+        return counts, result_counts
 
-    def declare_stores(self, prog: DeviceProgram, counts: dict) -> None:
-        """The pass's stores (own rows, then block-sized slots) and the temp stores for received results."""
+    def declare_stores(self, prog: DeviceProgram, counts: tuple[dict, dict]) -> None:
+        """The pass's stores (own rows, then block-sized slots: input stores and result stores each with
+        their own) and the temp stores for received results."""
         heads, block = self.heads, self.bs.block_size
         n = self.layout.num_tokens
-        q_rows_total = n * heads.n_q_blocks + counts[KIND_Q] * block
-        kv_rows_total = n * heads.n_kv_blocks + counts[KIND_KV] * block
         stores = prog.stores
-        self.q_store_rows = q_rows_total
-        layout = STORES[self.backward]
-        for name, dtype, with_dim in layout[KIND_Q]:
-            stores[name] = StoreSpec(name, q_rows_total, heads.hb, with_dim, dtype)
-        for name, dtype, with_dim in layout[KIND_KV]:
-            stores[name] = StoreSpec(name, kv_rows_total, heads.khb, with_dim, dtype)
+        result_names = {name for names, _ in self.results.values() for name in names}
+        for kind, per, hb in ((KIND_Q, heads.n_q_blocks, heads.hb), (KIND_KV, heads.n_kv_blocks, heads.khb)):
+            for name, dtype, with_dim in STORES[self.backward][kind]:
+                rows = n * per + counts[name in result_names][kind] * block
+                stores[name] = StoreSpec(name, rows, hb, with_dim, dtype)
+        self.q_store_rows = stores["o" if not self.backward else "dq"].rows
         # results received by this device: temp rows per key (reused by every key, reduced after its wait),
         # in (kind, block, source) order inside a key
         outputs = self.outputs
@@ -320,26 +347,28 @@ class _PassCompiler:
         return self.heads.n_q_blocks if kind == KIND_Q else self.heads.n_kv_blocks
 
     def result_parts(self, kind: int, i: int):
-        rows = self.rows.rows(kind, int(self.outputs.block[i]), int(self.outputs.stage[i]))
+        rows = self.rows.rows(kind, int(self.outputs.block[i]), int(self.outputs.stage[i]), result=True)
         return [(name, rows) for name in self.results[kind][0]]
 
     def result_recv(self, kind: int, i: int):
         rows = self.recv_rows[int(i)]
         return [(name, rows) for name in self.results[kind][1]]
 
-    def fills(self, received: np.ndarray) -> list:
-        """Reset result rows of freshly received blocks (slots are reused)."""
-        out = []
+    def fills(self, ins: list, stage: int, before_attention: bool) -> None:
+        """Reset the result rows of the received blocks whose result span starts at ``stage`` (result slots are
+        reused): before its attention (``before_attention``) those it computes into, else those a received
+        partial is reduced into first (before its reductions, after their inputs arrived)."""
+        received = np.asarray(self.result_start.get((stage, before_attention), []), dtype=np.int64)
         for kind, (names, _) in self.results.items():
             sel = received[self.inputs.kind[received] == kind]
             if sel.size:
                 per = self._per(kind)
-                out.append(Fill(names, np.concatenate([
-                    self.rows.slot_rows(kind, int(i), int(self.bs.tb_tokens[int(self.inputs.block[i]) // per]))
-                    for i in sel.tolist()])))
+                tokens = [int(self.bs.tb_tokens[int(self.inputs.block[i]) // per]) for i in sel.tolist()]
+                rows, of_rows = (np.concatenate([self.rows.slot_rows(kind, int(i), t, result)
+                                                 for i, t in zip(sel.tolist(), tokens)]) for result in (True, False))
+                ins.append(Fill(names, rows, of_rows))
                 if kind == KIND_Q and not self.backward:
-                    self.written[out[-1].rows] = False
-        return out
+                    self.written[rows] = False
 
     # ------------------------------------------------------------------ the program
     def stages(self, ins: list) -> None:
@@ -355,25 +384,26 @@ class _PassCompiler:
                 recv1 = np.nonzero(first & (inputs.dst == device))[0]
                 ins.append(self.comm(f"in{stage + 1}", np.nonzero(first & (inputs.src == device))[0], recv1, inputs,
                                      self.input_parts, self.input_parts))
+            self.fills(ins, stage, True)
             comps = self.my_comps[sched.comp_stage[self.my_comps] == stage]
             if comps.size:
-                q_rows, kv_rows, work = _segments(self.bs, comps, self.rows, stage)
+                q_rows, kv_rows, work, q_out, kv_out = _segments(self.bs, comps, self.rows, stage, self.backward)
                 fresh = np.zeros(0, dtype=np.int64)
                 if not self.backward:
-                    fresh = np.nonzero(~self.written[q_rows])[0]
-                    self.written[q_rows] = True
-                ins.append(Attention(stage, q_rows, kv_rows, work, np.sort(comps), self.backward, fresh))
+                    fresh = np.nonzero(~self.written[q_out])[0]
+                    self.written[q_out] = True
+                ins.append(Attention(stage, q_rows, kv_rows, work, np.sort(comps), self.backward, fresh, q_out,
+                                     kv_out))
             if stage < num_stages:
                 ins.append(Wait(f"in{stage + 1}"))
-                ins.extend(self.fills(recv1))
                 second = sel & (inputs.phase == 2)
                 recv2 = np.nonzero(second & (inputs.dst == device))[0]
                 ins.append(self.comm(f"in{stage + 1}p2", np.nonzero(second & (inputs.src == device))[0], recv2,
                                      inputs, self.input_parts, self.input_parts))
                 ins.append(Wait(f"in{stage + 1}p2"))
-                ins.extend(self.fills(recv2))
             if stage > 0:
                 ins.append(Wait(f"out{stage - 1}"))
+                self.fills(ins, stage, False)
                 self.reductions(ins, stage - 1)
             osel = outputs.stage == stage
             ins.append(self.comm(f"out{stage}", np.nonzero(osel & (outputs.src == device))[0],
@@ -384,12 +414,14 @@ class _PassCompiler:
         last = max(num_stages + 1, int(outputs.stage.max(initial=0)))
         for key in range(num_stages + 1, last + 1):
             ins.append(Wait(f"out{key - 1}"))
+            self.fills(ins, key, False)
             self.reductions(ins, key - 1)
             osel = outputs.stage == key
             ins.append(self.comm(f"out{key}", np.nonzero(osel & (outputs.src == device))[0],
                                  np.nonzero(osel & (outputs.dst == device))[0], outputs, self.result_parts,
                                  self.result_recv))
         ins.append(Wait(f"out{last}"))
+        self.fills(ins, last + 1, False)
         self.reductions(ins, last)
 
     def reductions(self, ins: list, stage: int) -> None:
@@ -400,7 +432,7 @@ class _PassCompiler:
             sel = [i for i in self.incoming if int(outputs.kind[i]) == kind and int(outputs.stage[i]) == stage]
             if not sel:
                 continue
-            dst_rows = [self.rows.rows(kind, int(outputs.block[i]), stage) for i in sel]
+            dst_rows = [self.rows.rows(kind, int(outputs.block[i]), stage, result=True) for i in sel]
             src_rows = [self.recv_rows[int(i)] for i in sel]
             if not self.backward:  # one merge instruction per round so destination rows are unique
                 occurrence = {}
@@ -484,12 +516,16 @@ def result_send_hold(partial_wire: str) -> int:
     return 0 if partial_wire == MODEL else 1
 
 
-def row_bytes(bs: BlockSet, backward: bool, element_size: int) -> dict:
-    """Bytes of one row of all stores of a side together, per kind."""
+def row_bytes(bs: BlockSet, backward: bool, element_size: int, part: str = "all") -> dict:
+    """Bytes of one row of the stores of a side together, per kind: all of them, or only its ``"input"`` or
+    ``"result"`` stores (which have slots of their own)."""
     h, d = bs.heads, bs.spec.head_dim
     size = {MODEL: element_size, ACC: acc_element_size(element_size)}
     per = {KIND_Q: h.hb, KIND_KV: h.khb}
-    return {kind: sum(per[kind] * (d if wd else 1) * size[c] for _, c, wd in STORES[backward][kind])
+    results = {name for names, _ in (BWD_RESULT if backward else FWD_RESULT).values() for name in names}
+    keep = {"all": lambda name: True, "input": lambda name: name not in results,
+            "result": lambda name: name in results}[part]
+    return {kind: sum(per[kind] * (d if wd else 1) * size[c] for name, c, wd in STORES[backward][kind] if keep(name))
             for kind in (KIND_Q, KIND_KV)}
 
 
@@ -505,30 +541,33 @@ def pass_memory_bytes(bs: BlockSet, pl: Placement, sched: PassSchedule, backward
                       partial_wire: str = ACC) -> np.ndarray:
     """Bytes of every device's stores for one pass, from the schedule alone (equal to the compiled
     programs' stores, :func:`dcp_backend.dcp.stats.program_memory_bytes`): own rows, received blocks'
-    slots (as many as are busy at once: a slot is busy from its block's launch to its last reader, its
-    result send and its forwards, as :meth:`_PassCompiler.assign_slots` colours them) and the temp rows
-    of the largest key of received partial results."""
+    slots in the input stores and in the result stores (as many of each as are busy at once, the spans of
+    :func:`~dcp_backend.dcp.schedule.receipt_busy`, as :meth:`_PassCompiler.assign_slots` colours them) and
+    the temp rows of the largest key of received partial results."""
     h = bs.heads
     n = pl.num_devices
     size = {MODEL: element_size, ACC: acc_element_size(element_size)}
     d_ = bs.spec.head_dim
     per = {KIND_Q: h.hb, KIND_KV: h.khb}
-    row = row_bytes(bs, backward, element_size)
     results = BWD_RESULT if backward else FWD_RESULT
     temp_row = {kind: sum(per[kind] * (d_ if name != "lse" else 1) * size[ACC if name == "lse" else partial_wire]
                           for name in names) for kind, (names, _) in results.items()}
     total = own_memory_bytes(bs, pl, backward, element_size)
-    # slots: busy intervals [launch, end] of every receipt, the most busy at once per (device, kind)
+    # slots: busy intervals [start, end] of every receipt, the most busy at once per (device, kind), for the
+    # input stores and the result stores
     inputs, outputs = sched.inputs, sched.outputs
-    launch, end = receipt_busy(bs, pl, sched, backward, result_send_hold(partial_wire))
-    t0 = -1
-    width = int(max(end.max(initial=0), launch.max(initial=0))) - t0 + 2
-    diff = np.zeros((n * 2, width), dtype=np.int64)
-    row_id = inputs.dst * 2 + inputs.kind
-    np.add.at(diff, (row_id, launch - t0), 1)
-    np.add.at(diff, (row_id, end + 1 - t0), -1)
-    slots = np.cumsum(diff, axis=1).max(axis=1).reshape(n, 2)
-    total = total + bs.block_size * (slots[:, KIND_Q] * row[KIND_Q] + slots[:, KIND_KV] * row[KIND_KV])
+    launch, end, r_start, r_end = receipt_busy(bs, pl, sched, backward, result_send_hold(partial_wire))
+    for part, start, stop in (("input", launch, end), ("result", r_start, r_end)):
+        row = row_bytes(bs, backward, element_size, part)
+        has = r_end >= 0 if part == "result" else np.ones(len(inputs), dtype=bool)
+        t0 = -1
+        width = int(max(stop.max(initial=0), start.max(initial=0))) - t0 + 2
+        diff = np.zeros((n * 2, width), dtype=np.int64)
+        row_id = (inputs.dst * 2 + inputs.kind)[has]
+        np.add.at(diff, (row_id, start[has] - t0), 1)
+        np.add.at(diff, (row_id, stop[has] + 1 - t0), -1)
+        slots = np.cumsum(diff, axis=1).max(axis=1).reshape(n, 2)
+        total = total + bs.block_size * (slots[:, KIND_Q] * row[KIND_Q] + slots[:, KIND_KV] * row[KIND_KV])
     # temp rows of received partials: the largest key
     if len(outputs):
         tok = bs.tb_tokens[np.where(outputs.kind == KIND_Q, outputs.block // h.n_q_blocks,

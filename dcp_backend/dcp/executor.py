@@ -72,7 +72,8 @@ class ProgramRunner:
                 steps.append(("comm", step[1], [msg(m) for m in step[2]], [msg(m) for m in step[3]]))
             elif kind == "attn":
                 fresh = step[5] if not step[5] else tuple(views[x] for x in step[5])
-                steps.append(("attn", step[1], views[step[2]], views[step[3]], step[4], fresh))
+                steps.append(("attn", step[1], views[step[2]], views[step[3]], step[4], fresh, views[step[6]],
+                              views[step[7]]))
             elif kind == "fill":
                 steps.append(("fill", step[1], views[step[2]]))
             elif kind == "reduce":
@@ -126,15 +127,15 @@ class ProgramRunner:
                     st = S[name]
                     st.index_copy_(0, rows, buf.view((rows.numel(),) + tuple(st.shape[1:])).to(st.dtype))
             elif kind == "attn":
-                _, backward, qr, kr, work, fresh = step
+                _, backward, qr, kr, work, fresh, qo, ko = step  # input rows, then result rows
                 if not backward:
                     o, l = kernel.forward(S["q"].index_select(0, qr), S["k"].index_select(0, kr),
                                           S["v"].index_select(0, kr), work, scale)
                     if fresh is None:  # every row merged
-                        merge_into_(S["o"], S["lse"], o, l, rows=qr)
+                        merge_into_(S["o"], S["lse"], o, l, rows=qo)
                     elif not fresh:  # every row written
-                        S["o"].index_copy_(0, qr, o.to(S["o"].dtype))
-                        S["lse"].index_copy_(0, qr, l.to(S["lse"].dtype))
+                        S["o"].index_copy_(0, qo, o.to(S["o"].dtype))
+                        S["lse"].index_copy_(0, qo, l.to(S["lse"].dtype))
                     else:
                         fp, fr, mp, mr = fresh
                         S["o"].index_copy_(0, fr, o.index_select(0, fp).to(S["o"].dtype))
@@ -146,9 +147,9 @@ class ProgramRunner:
                         S["v"].index_select(0, kr), S["o"].index_select(0, qr), S["lse"].index_select(0, qr),
                         work, scale,
                     )
-                    S["dq"].index_add_(0, qr, dq.to(self.acc))
-                    S["dk"].index_add_(0, kr, dk.to(self.acc))
-                    S["dv"].index_add_(0, kr, dv.to(self.acc))
+                    S["dq"].index_add_(0, qo, dq.to(self.acc))
+                    S["dk"].index_add_(0, ko, dk.to(self.acc))
+                    S["dv"].index_add_(0, ko, dv.to(self.acc))
             elif kind == "fill":
                 _, names, rows = step
                 for n in names:

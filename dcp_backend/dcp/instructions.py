@@ -4,7 +4,9 @@ Stores are row tables that one pass of one device uses (all rows of a store have
 
 * q-side stores (``q``, ``o``, ``do``, ``lse``, ``dq``) have one row per (token, query head block):
   the device's own tokens first, head block by head block (row ``k * n_tokens + t``, so every block is a
-  run of rows), then received blocks in ``block_size``-row slots;
+  run of rows), then received blocks in ``block_size``-row slots; input stores and result stores (forward
+  ``o``/``lse``; backward ``dq``, ``dk``/``dv``) have slots of their own, so a received block's result rows
+  exist only while it is computed into and until its partial is sent, not while its inputs wait for use;
 * kv-side stores (``k``, ``v``, ``dk``, ``dv``) likewise per (token, KV head block);
 * ``ro``/``rlse``/``rdq``/``rdk``/``rdv`` receive partial results from other devices before they are
   merged (forward, log-sum-exp) or summed (backward) into the owner's rows.
@@ -18,12 +20,14 @@ so point-to-point messages between any two ranks are posted in the same order on
   else through a buffer (partial results held in fp32 may travel in the model dtype,
   ``DCPOptions.partial_dtype``);
 * ``Wait(key)`` waits for it (and copies buffered segments into their stores);
-* ``Attention(stage, q_rows, kv_rows, work, comps, backward, fresh)`` runs the block kernel once over all
-  computation blocks of a stage (forward: merges (out, lse) into ``o``/``lse`` at ``q_rows``, or writes
-  it at the positions ``fresh``, rows nothing has written since their reset; backward: accumulates ``dq``
-  at ``q_rows`` and ``dk``/``dv`` at ``kv_rows``);
-* ``Fill(stores, rows)`` resets the result rows of a freshly received block (out 0 / lse -inf, or
-  gradients 0), since slots are reused;
+* ``Attention(stage, q_rows, kv_rows, work, comps, backward, fresh, q_out_rows, kv_out_rows)`` runs the
+  block kernel once over all computation blocks of a stage, reading inputs at ``q_rows``/``kv_rows``
+  (forward: merges (out, lse) into ``o``/``lse`` at ``q_out_rows``, or writes it at the positions ``fresh``,
+  rows nothing has written since their reset; backward: accumulates ``dq`` at ``q_out_rows`` and
+  ``dk``/``dv`` at ``kv_out_rows``: the same blocks' rows in the result stores);
+* ``Fill(stores, rows, of_rows)`` resets the result rows of a received block before they are first written
+  (out 0 / lse -inf, or gradients 0), since slots are reused; ``of_rows`` are the block's input rows (the
+  verifier follows which block the result rows belong to through them);
 * ``Reduce(op, src, dst, src_rows, dst_rows)`` merges or sums received partials (right after the wait
   that received them) into owned rows, or into a reducer's slot rows before it sends one partial on.
 """
@@ -186,12 +190,25 @@ class Attention:
     # forward: positions in q_rows whose output rows nothing has written since their reset (the pass start or
     # the block's Fill): the kernel's (out, lse) is written there, not merged (a merge with nothing)
     fresh: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    q_out_rows: np.ndarray | None = None  # the query blocks' rows in the result stores (None: q_rows)
+    kv_out_rows: np.ndarray | None = None  # the key blocks' rows in dk/dv (backward; None: kv_rows)
+
+    def __post_init__(self):
+        if self.q_out_rows is None:
+            self.q_out_rows = self.q_rows
+        if self.kv_out_rows is None:
+            self.kv_out_rows = self.kv_rows
 
 
 @dataclass(eq=False)
 class Fill:
     stores: tuple  # result stores to reset: "o"/"dq"/"dk"/"dv" -> 0, "lse" -> -inf
     rows: np.ndarray
+    of_rows: np.ndarray | None = None  # the same blocks' rows in the input stores (None: rows)
+
+    def __post_init__(self):
+        if self.of_rows is None:
+            self.of_rows = self.rows
 
 
 @dataclass(eq=False)

@@ -64,7 +64,7 @@ class PreparedProgram:
             return ()
         merged = np.setdiff1d(np.arange(n), fresh)
         t = self.tables.add
-        return t(fresh), t(ins.q_rows[fresh]), t(merged), t(ins.q_rows[merged])
+        return t(fresh), t(ins.q_out_rows[fresh]), t(merged), t(ins.q_out_rows[merged])
 
     def _prepare(self, ins):
         t = self.tables.add
@@ -73,7 +73,8 @@ class PreparedProgram:
         if isinstance(ins, Wait):
             return ("wait", ins.key)
         if isinstance(ins, Attention):
-            return ("attn", ins.backward, t(ins.q_rows), t(ins.kv_rows), ins.work, self._fresh(ins))
+            return ("attn", ins.backward, t(ins.q_rows), t(ins.kv_rows), ins.work, self._fresh(ins),
+                    t(ins.q_out_rows), t(ins.kv_out_rows))
         if isinstance(ins, Fill):
             return ("fill", ins.stores, t(ins.rows))
         if isinstance(ins, Reduce):

@@ -117,30 +117,52 @@ def receipt_of(inputs: Transfers, dev, kind, block, stage) -> np.ndarray:
 
 
 def receipt_busy(bs: BlockSet, pl: Placement, sched: "PassSchedule", backward: bool, hold: int):
-    """Per input transfer: the stage its receiver launches it (``stage - 1``) and the last stage its slot is
-    busy: its readers (plus ``hold`` for a side with results, whose send reads the slot until its wait), the
-    forwards launched from it and its result sends (plus ``hold``), each use mapped by :func:`receipt_of`.
-    Cached on the schedule (the compiler asks once per device)."""
+    """Per input transfer (a *receipt*), the stages its rows are busy on its receiver, as four arrays:
+
+    * ``launch``, ``input_end``: its input rows (q, and backward out/dout/lse; or k/v) from the stage its
+      receiver launches it (``stage - 1``) to its last reader and the forwards launched from it;
+    * ``result_start``, ``result_end``: its result rows (forward out/lse; backward dq, dk/dv), on a side with
+      results, from the first stage that computes into them or reduces a received partial into them (the
+      stage after that partial's key) to its last reader, those reductions and its result sends (readers and
+      sends plus ``hold``: a partial sent in place is read until its wait); ``result_start`` is -1 where the
+      receipt has no result rows.
+
+    Each use is mapped to its receipt by :func:`receipt_of`. Cached on the schedule (the compiler asks once per
+    device)."""
     cache = sched.__dict__.setdefault("_busy", {})
     if (backward, hold) in cache:
         return cache[(backward, hold)]
     inputs, outputs = sched.inputs, sched.outputs
+    n = len(inputs)
     launch = inputs.stage - 1
     end = launch.copy()
-    if len(inputs):
+    r_start = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    r_end = np.full(n, -1, dtype=np.int64)
+    if n:
         qid, kvid = comp_inputs(bs)
-        res = {KIND_Q: hold, KIND_KV: hold if backward else 0}
         dev, st = pl.comp_device, sched.comp_stage
-        uses = [(dev, np.full(dev.size, kind), ids, st, st + res[kind]) for kind, ids in ((KIND_Q, qid), (KIND_KV, kvid))]
-        uses.append((inputs.src, inputs.kind, inputs.block, inputs.stage - 1, inputs.stage - 1))
-        if len(outputs):
-            uses.append((outputs.src, outputs.kind, outputs.block, outputs.stage, outputs.stage + hold))
-        for d, k, b, at, busy in uses:
-            r = receipt_of(inputs, d, k, b, at)
+        has_results = {KIND_Q: True, KIND_KV: backward}
+        for kind, ids in ((KIND_Q, qid), (KIND_KV, kvid)):
+            r = receipt_of(inputs, dev, np.full(dev.size, kind), ids, st)
             ok = r >= 0
-            np.maximum.at(end, r[ok], busy[ok])
-    cache[(backward, hold)] = (launch, end)
-    return launch, end
+            np.maximum.at(end, r[ok], st[ok])
+            if has_results[kind]:
+                np.minimum.at(r_start, r[ok], st[ok])
+                np.maximum.at(r_end, r[ok], st[ok] + hold)
+        r = receipt_of(inputs, inputs.src, inputs.kind, inputs.block, inputs.stage - 1)  # forwards
+        ok = r >= 0
+        np.maximum.at(end, r[ok], inputs.stage[ok] - 1)
+        if len(outputs):
+            r = receipt_of(inputs, outputs.src, outputs.kind, outputs.block, outputs.stage)  # result sends
+            ok = r >= 0
+            np.maximum.at(r_end, r[ok], outputs.stage[ok] + hold)
+            r = receipt_of(inputs, outputs.dst, outputs.kind, outputs.block, outputs.stage)  # reduced into
+            ok = r >= 0
+            np.minimum.at(r_start, r[ok], outputs.stage[ok] + 1)
+            np.maximum.at(r_end, r[ok], outputs.stage[ok] + 1)
+    r_start = np.where(r_end >= 0, r_start, -1)
+    cache[(backward, hold)] = (launch, end, r_start, r_end)
+    return cache[(backward, hold)]
 
 
 def repeated_receipts(inputs: Transfers) -> np.ndarray:

@@ -28,9 +28,10 @@ from dcp_backend.spec import AttentionSpec
 from dcp_backend.errors import CPError
 
 MAGIC = b"DCPPLAN\0"
-VERSION = 2  # 2: a store's wire class (partial results in the model dtype), the placement's source; version 1
-# files still load
-READABLE = (1, 2)
+VERSION = 3  # 2: a store's wire class (partial results in the model dtype), the placement's source; 3: result
+# rows of an attention and a fill apart from its input rows (result stores have slots of their own); versions 1
+# and 2 still load (their result rows are the input rows)
+READABLE = (1, 2, 3)
 _TRANSFER_FIELDS = ("kind", "block", "src", "dst", "stage", "phase")
 
 
@@ -60,9 +61,10 @@ def _program(w: _Writer, p: DeviceProgram) -> dict:
         elif isinstance(i, Attention):
             ins.append({"t": "attn", "stage": i.stage, "backward": i.backward, "q_rows": w.add(i.q_rows),
                         "kv_rows": w.add(i.kv_rows), "cu_q": w.add(i.work.cu_q), "cu_k": w.add(i.work.cu_k),
-                        "ranges": w.add(i.work.ranges), "comps": w.add(i.comps), "fresh": w.add(i.fresh)})
+                        "ranges": w.add(i.work.ranges), "comps": w.add(i.comps), "fresh": w.add(i.fresh),
+                        "q_out_rows": w.add(i.q_out_rows), "kv_out_rows": w.add(i.kv_out_rows)})
         elif isinstance(i, Fill):
-            ins.append({"t": "fill", "stores": list(i.stores), "rows": w.add(i.rows)})
+            ins.append({"t": "fill", "stores": list(i.stores), "rows": w.add(i.rows), "of_rows": w.add(i.of_rows)})
         elif isinstance(i, Reduce):
             ins.append({"t": "reduce", "op": i.op, "src": list(i.src), "dst": list(i.dst),
                         "src_rows": w.add(i.src_rows), "dst_rows": w.add(i.dst_rows)})
@@ -167,9 +169,11 @@ def deserialize(data: bytes) -> DCPPlan:
             elif t == "attn":
                 work = AttnWork(A(i["cu_q"]), A(i["cu_k"]), A(i["ranges"]))
                 p.instructions.append(Attention(i["stage"], A(i["q_rows"]), A(i["kv_rows"]), work, A(i["comps"]),
-                                                i["backward"], A(i["fresh"])))
+                                                i["backward"], A(i["fresh"]), *(A(i[k]) if k in i else None
+                                                                   for k in ("q_out_rows", "kv_out_rows"))))
             elif t == "fill":
-                p.instructions.append(Fill(tuple(i["stores"]), A(i["rows"])))
+                p.instructions.append(Fill(tuple(i["stores"]), A(i["rows"]),
+                                           A(i["of_rows"]) if "of_rows" in i else None))
             elif t == "reduce":
                 p.instructions.append(Reduce(i["op"], tuple(i["src"]), tuple(i["dst"]), A(i["src_rows"]),
                                              A(i["dst_rows"])))

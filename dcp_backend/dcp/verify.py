@@ -194,9 +194,13 @@ def verify_pass(plan, backward: bool) -> None:
                         if name in dev.acc:
                             dev.acc[name][0][ins.rows] = 0
                             dev.acc[name][1][ins.rows] = 0
-                        # a result row takes the identity of the input block received into the same slot
+                        # a result row takes the identity of the input block whose rows it names (which must
+                        # have arrived)
                         src = "q" if name in Q_SIDE else "k"
-                        dev.ident[name][ins.rows] = dev.ident[src][ins.rows]
+                        _read(dev, i, src, ins.of_rows, f"fill of {name}")
+                        if ins.of_rows.size != ins.rows.size:
+                            _fail(dev, i, f"fill of {name}: result and input row lists differ in length")
+                        dev.ident[name][ins.rows] = dev.ident[src][ins.of_rows]
                         dev.valid[name][ins.rows] = True
                 elif isinstance(ins, Attention):
                     _attention(dev, i, ins, h, backward)
@@ -252,8 +256,10 @@ def _attention(dev, i, ins: Attention, h, backward):
     pk = np.concatenate([[0.0], np.cumsum(k_tok.astype(np.float64))])
     count = (e - s).sum(1).astype(np.float64)
     ksum = (pk[e] - pk[s]).sum(1)
+    if ins.q_out_rows.size != ins.q_rows.size or ins.kv_out_rows.size != ins.kv_rows.size:
+        _fail(dev, i, "result and input row lists of an attention differ in length")
     if not backward:
-        rows = ins.q_rows
+        rows = ins.q_out_rows
         _write(dev, i, "o", rows, "attention output")
         _write(dev, i, "lse", rows, "attention output")
         if not np.array_equal(dev.ident["o"][rows], qid):
@@ -266,7 +272,9 @@ def _attention(dev, i, ins: Attention, h, backward):
     else:
         if ins.fresh.size:
             _fail(dev, i, "a backward attention writes rows instead of accumulating")
-        rows = ins.q_rows
+        rows = ins.q_out_rows
+        if np.unique(rows).size != rows.size:
+            _fail(dev, i, "a dq row appears in two segments of one attention call")
         _write(dev, i, "dq", rows, "attention dq")
         for name in ("dq",):
             if not np.array_equal(dev.ident[name][rows], qid):
@@ -286,11 +294,12 @@ def _attention(dev, i, ins: Attention, h, backward):
         c_k = np.cumsum(dc)[:nk]
         s_k = np.cumsum(dsum)[:nk]
         for name in ("dk", "dv"):
-            _write(dev, i, name, ins.kv_rows, f"attention {name}")
-            if not np.array_equal(dev.ident[name][ins.kv_rows], kid):
+            out = ins.kv_out_rows
+            _write(dev, i, name, out, f"attention {name}")
+            if not np.array_equal(dev.ident[name][out], kid):
                 _fail(dev, i, f"{name} rows do not belong to the key block")
-            np.add.at(dev.acc[name][0], ins.kv_rows, c_k)
-            np.add.at(dev.acc[name][1], ins.kv_rows, s_k)
+            np.add.at(dev.acc[name][0], out, c_k)
+            np.add.at(dev.acc[name][1], out, s_k)
 
 
 def _check_totals(plan, devs, backward):

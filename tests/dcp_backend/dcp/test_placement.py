@@ -101,6 +101,8 @@ def test_memory_estimate_equals_the_compiled_stores_and_buffers():
         opts = dict(block_size=int(rng.choice([16, 32])), num_stages=int(rng.choice([1, 3])),
                     partial_dtype=str(rng.choice(["fp32", "model"])),
                     communication=str(rng.choice(["direct", "hierarchical"])))
+        # the ring, and slot budgets with blocks received again (several receipts of a block on a device)
+        opts.update([{}, {"schedule": "ring"}, {"memory_limit": "1.5x", "refetch": True}][trial % 3])
         plan = cp.get_backend("dcp", world_size=world, devices_per_node=dpn, **opts).plan(
             random_seqlens(rng, 6, 400, world), SPEC)
         for backward, sched, progs in ((False, plan.fwd, plan.fwd_programs), (True, plan.bwd, plan.bwd_programs)):

@@ -197,3 +197,48 @@ def test_plans_are_deterministic_and_serialise():
     blob[8] = 99
     with pytest.raises(CPError, match="version"):
         deserialize(bytes(blob))
+
+
+def _late_result_fill(plan) -> bool:
+    """Move the reset of a received key block's dK/dV rows after the first attention that accumulates into them."""
+    for prog in plan.bwd_programs:
+        ins = prog.instructions
+        for j, x in enumerate(ins):
+            if isinstance(x, Fill) and "dk" in x.stores:
+                for k in range(j + 1, len(ins)):
+                    if isinstance(ins[k], Attention) and np.isin(x.rows, ins[k].kv_out_rows).any():
+                        ins.insert(k, ins.pop(j))
+                        return True
+    return False
+
+
+def _early_result_slot_reuse(plan) -> bool:
+    """Reset a reused dK/dV result slot for its next block just before the launch that sends its previous
+    block's partial from it: the slot is taken while the previous block's result is still in it."""
+    for prog in plan.bwd_programs:
+        ins = prog.instructions
+        fills = [(j, x) for j, x in enumerate(ins) if isinstance(x, Fill) and "dk" in x.stores]
+        for a, (j1, f1) in enumerate(fills):
+            for j2, f2 in fills[a + 1:]:
+                reused = np.intersect1d(f2.rows, f1.rows)
+                if not reused.size:
+                    continue
+                sends = [j for j in range(j1 + 1, j2) if isinstance(ins[j], Comm) and any(
+                    name == "dk" and np.isin(rows, reused).any() for op in ins[j].sends for name, rows in op.parts)]
+                if sends:
+                    ins.insert(sends[-1], ins.pop(j2))
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("mutate,message", [(_late_result_fill, "rows do not belong to the key block"),
+                                            (_early_result_slot_reuse, "combines rows of different blocks")])
+def test_verifier_catches_result_slot_errors(mutate, message):
+    # the ring: a received key block is prefetched a stage before its use, so its result rows (a slot of their own)
+    # start later than its input rows, and result slots are reused from stage to stage
+    plan = _plan([300, 17, 1, 90], 4, 2, block_size=16, schedule="ring")
+    verify_plan(plan)
+    bad = copy.deepcopy(plan)
+    assert mutate(bad)
+    with pytest.raises(PlanVerificationError, match=message):
+        verify_plan(bad)
