@@ -100,6 +100,9 @@ def parse_args(argv=None):
                    help="cost model for DCP's planning weights: 'table' (same as --cost-model) or 'none'")
     k.add_argument("--dcp-option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other DCP option, repeatable (e.g. memory_limit=auto, communication=direct)")
+    k.add_argument("--dcp-memory-vs-zigzag", type=float, default=None, metavar="F",
+                   help="DCP keeps its fastest plan whose largest device needs at most F times zigzag's attention "
+                        "memory (e.g. 1.5); when none fits, the fastest, marked 'over the memory cap'")
     k.add_argument("--lt-windows", default=None, help="LoongTrain windows to try (default: powers of two)")
     o = p.add_argument_group("output")
     o.add_argument("--csv", help="write one row per (batch, backend)")
@@ -171,21 +174,24 @@ def main(argv=None) -> int:
                             [int(x) for x in args.lt_windows.split(",")] if args.lt_windows else None,
                             tuple(args.dcp_candidates.split(",")), log, fused_copies=args.fused_copies,
                             dcp_shares=args.dcp_shares, dcp_compute_tolerances=args.dcp_compute_tolerances,
-                            kernel=args.kernel)
+                            kernel=args.kernel, dcp_memory_vs_zigzag=args.dcp_memory_vs_zigzag)
         wall = time.perf_counter() - t0
         for label, e in res.items():
-            rows.append({"batch": bi, "backend": label, "config": e.config, "fwd_ms": e.fwd_ms, "bwd_ms": e.bwd_ms})
+            config = e.config + (" (over the memory cap)" if e.over_memory_limit else "")
+            rows.append({"batch": bi, "backend": label, "config": config, "fwd_ms": e.fwd_ms, "bwd_ms": e.bwd_ms,
+                         "memory_mb": e.memory_bytes / 1e6})
             if args.timeline:
                 _timeline(e.report, args.timeline)
         dump.append({"seqlens": list(map(int, seqlens)), "wall_s": wall,
                      "results": {k: {"config": e.config, "fwd_ms": e.fwd_ms, "bwd_ms": e.bwd_ms,
+                                     "memory_mb": e.memory_bytes / 1e6, "over_memory_limit": e.over_memory_limit,
                                      **e.report.summary()} for k, e in res.items()}})
         if log:
             log(f"batch {bi}: simulated every backend in {wall:.1f} s")
     _print_table(rows, batches)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["batch", "backend", "config", "fwd_ms", "bwd_ms"])
+            w = csv.DictWriter(f, fieldnames=["batch", "backend", "config", "fwd_ms", "bwd_ms", "memory_mb"])
             w.writeheader()
             w.writerows(rows)
     if args.json:
@@ -201,14 +207,16 @@ def _print_table(rows: list[dict], batches) -> None:
         if r["backend"] not in labels:
             labels.append(r["backend"])
     print()
-    print(f"{'backend':16s} {'fwd ms':>9s} {'bwd ms':>9s}   (mean over {len(batches)} batch(es); config of the last)")
+    print(f"{'backend':16s} {'fwd ms':>9s} {'bwd ms':>9s} {'mem MB':>8s}   (mean over {len(batches)} batch(es); "
+          f"memory: the largest device's; config of the last)")
     means = {}
     for lab in labels:
         f = np.mean([r["fwd_ms"] for r in rows if r["backend"] == lab])
         b = np.mean([r["bwd_ms"] for r in rows if r["backend"] == lab])
+        m = np.mean([r["memory_mb"] for r in rows if r["backend"] == lab])
         cfg = [r["config"] for r in rows if r["backend"] == lab][-1]
         means[lab] = (f, b)
-        print(f"{lab:16s} {f:9.3f} {b:9.3f}   {cfg}")
+        print(f"{lab:16s} {f:9.3f} {b:9.3f} {m:8.1f}   {cfg}")
     base = [lab for lab in labels if lab in BASELINES]
     if "dcp" in means and base:
         for i, which in enumerate(("fwd", "bwd")):

@@ -260,11 +260,11 @@ class _PassCompiler:
         # else (their span starts with a partial reduced into them) before its reductions
         first_read = np.full(len(inputs), np.iinfo(np.int64).max, dtype=np.int64)
         mine = self.my_comps
-        st = self.sched.comp_stage[mine]
+        comp_stage = self.sched.comp_stage[mine]
         for kind, ids in ((KIND_Q, self.qid), (KIND_KV, self.kvid)):
-            r = receipt_of(inputs, np.full(mine.size, self.device), np.full(mine.size, kind), ids[mine], st)
+            r = receipt_of(inputs, np.full(mine.size, self.device), np.full(mine.size, kind), ids[mine], comp_stage)
             ok = r >= 0
-            np.minimum.at(first_read, r[ok], st[ok])
+            np.minimum.at(first_read, r[ok], comp_stage[ok])
         self.result_start = {}  # (stage, before its attention?) -> receipts
         for r in recv[has].tolist():
             t = int(r_start[r])
@@ -529,12 +529,18 @@ def row_bytes(bs: BlockSet, backward: bool, element_size: int, part: str = "all"
             for kind in (KIND_Q, KIND_KV)}
 
 
+def token_bytes(spec, backward: bool, element_size: int = 2) -> int:
+    """Bytes of one token in every store of a pass, all heads: what a device pays per token it owns."""
+    size = {MODEL: element_size, ACC: acc_element_size(element_size)}
+    heads = {KIND_Q: spec.num_heads, KIND_KV: spec.num_kv_heads}
+    return sum(heads[kind] * (spec.head_dim if wd else 1) * size[c]
+               for kind in (KIND_Q, KIND_KV) for _, c, wd in STORES[backward][kind])
+
+
 def own_memory_bytes(bs: BlockSet, pl: Placement, backward: bool, element_size: int = 2) -> np.ndarray:
     """Bytes of every device's own rows (its tokens in every store) in one pass."""
-    h = bs.heads
-    row = row_bytes(bs, backward, element_size)
     tokens = np.bincount(pl.owner, weights=bs.tb_tokens, minlength=pl.num_devices)
-    return tokens * (h.n_q_blocks * row[KIND_Q] + h.n_kv_blocks * row[KIND_KV])
+    return tokens * token_bytes(bs.spec, backward, element_size)
 
 
 def pass_memory_bytes(bs: BlockSet, pl: Placement, sched: PassSchedule, backward: bool, element_size: int = 2,

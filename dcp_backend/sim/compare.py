@@ -30,6 +30,7 @@ from dcp_backend.batch import PackedBatch
 from dcp_backend.cost_model import CostModel, load_cost_model
 from dcp_backend.dtypes import element_size
 from dcp_backend.dcp.candidates import head_parallel_degree
+from dcp_backend.dcp.compile import token_bytes
 from dcp_backend.dcp.config import DCPOptions
 from dcp_backend.dcp.plan import DCPPlan, over_memory_limit
 from dcp_backend.dcp.planner import AUTO_LOOSE_COMPUTE, make_plan
@@ -67,7 +68,8 @@ class Entry:
     config: str
     report: object
     sim_seconds: float
-    over_memory_limit: bool = False  # a DCP plan over its (best-effort) memory_limit
+    over_memory_limit: bool = False  # a DCP plan over its (best-effort) memory_limit, or over the comparison's cap
+    memory_bytes: float = 0.0  # the largest device's attention memory (stores and buffers) in either pass
 
     @property
     def total_ms(self) -> float:
@@ -171,11 +173,14 @@ def candidate_plans(seqlens, spec: cp.AttentionSpec, topo: Topology, backends=AL
 
 
 def simulate_candidates(cands: list[Candidate], cost_model, network, dtype="bf16", fused_copies: bool = False,
-                        log=None, cache: dict | None = None, kernel: str = "auto") -> dict:
+                        log=None, cache: dict | None = None, kernel: str = "auto",
+                        dcp_memory_cap: float | None = None) -> dict:
     """Simulate every candidate; keep each label's best (forward + backward): {label: Entry}. ``cache``
     (kernel costs of the ring-family plans, keyed by the kernel costs too) may be shared by calls.
     ``kernel``: the kernel routing of :func:`~dcp_backend.sim.simulator.simulate_plan` (the same for every
-    backend: each runs full and causal segments on flash-attn under ``"auto"``/``"flash"``)."""
+    backend: each runs full and causal segments on flash-attn under ``"auto"``/``"flash"``).
+    ``dcp_memory_cap``: bytes; a DCP plan whose largest device needs more counts as over its memory limit (kept
+    only when no DCP plan fits)."""
     cm = load_cost_model(cost_model) if not isinstance(cost_model, CostModel) else cost_model
     cache = {} if cache is None else cache
     out: dict = {}
@@ -191,10 +196,13 @@ def simulate_candidates(cands: list[Candidate], cost_model, network, dtype="bf16
         t0 = time.perf_counter()
         rep = simulate_plan(c.plan, cm, network, dtype, label=c.label, cache=cache, fused_copies=fused_copies,
                             kernel=kernel)
-        e = Entry(c.label, rep.fwd_ms, rep.bwd_ms, c.config, rep, time.perf_counter() - t0,
-                  isinstance(c.plan, DCPPlan) and over_memory_limit(c.plan, element_size(dtype), rep.stats))
+        memory = float(max(rep.stats.memory_bytes)) if rep.stats is not None else 0.0
+        over = isinstance(c.plan, DCPPlan) and (over_memory_limit(c.plan, element_size(dtype), rep.stats)
+                                                 or (dcp_memory_cap is not None and memory > dcp_memory_cap))
+        e = Entry(c.label, rep.fwd_ms, rep.bwd_ms, c.config, rep, time.perf_counter() - t0, over, memory)
         if log:
             log(f"  {c.label:10s} {c.config:34s} fwd {e.fwd_ms:8.3f} ms  bwd {e.bwd_ms:8.3f} ms  "
+                f"mem {memory / 1e6:7.1f} MB{' (over the memory limit)' if over else ''}  "
                 f"(sim {e.sim_seconds:.1f} s)")
         keep(c.label, e)
         if c.label == "dcp" and c.config.startswith("hypergraph"):
@@ -206,15 +214,28 @@ def compare_batch(seqlens, spec: cp.AttentionSpec, topo: Topology, cost_model: C
                   dtype="bf16", backends=ALL_BACKENDS, dcp_block_sizes=(1024, 2048, 4096), dcp_options=None,
                   lt_windows=None, dcp_candidates=("hypergraph", "zigzag", "zigzag2d", "ring"), log=None,
                   fused_copies: bool = False, kernel: str = "auto", dcp_shares=DCP_SHARE_FACTORS,
-                  dcp_compute_tolerances=DCP_COMPUTE_TOLERANCES) -> dict:
-    """Plan and simulate: each backend's best configuration, {label: Entry}."""
+                  dcp_compute_tolerances=DCP_COMPUTE_TOLERANCES, dcp_memory_vs_zigzag: float | None = None) -> dict:
+    """Plan and simulate: each backend's best configuration, {label: Entry}. ``dcp_memory_vs_zigzag``: DCP plans
+    for (``memory_limit``, as that multiple of the mean device's own rows, unless the options set a limit)
+    and keeps the fastest of its plans whose largest device needs at most this times zigzag's largest device
+    (the fastest over it only when none fits, marked ``over_memory_limit``)."""
     cm = load_cost_model(cost_model) if not isinstance(cost_model, CostModel) else cost_model
     if dcp_options is None:
         dcp_options = DCPOptions(cost_model=cm.spec)
     esize = element_size(dtype)
+    cap = None
+    if dcp_memory_vs_zigzag is not None:
+        zigzag = get_planner("zigzag").plan(seqlens, spec, topo)
+        cap = dcp_memory_vs_zigzag * float(max(zigzag.stats(esize).memory_bytes))
+        factor = math.floor(cap / (sum(seqlens) * token_bytes(spec, True, esize) / topo.world_size) * 1e4) / 1e4
+        if dcp_options.memory_limit == "none" and factor > 1:
+            dcp_options = dataclasses.replace(dcp_options, memory_limit=f"{factor:g}x")
+        if log:
+            log(f"  DCP memory cap: {dcp_memory_vs_zigzag:g} x zigzag's {cap / dcp_memory_vs_zigzag / 1e6:.1f} MB "
+                f"= {cap / 1e6:.1f} MB per device (DCP plans with memory_limit={dcp_options.memory_limit})")
     cands = candidate_plans(seqlens, spec, topo, backends, dcp_block_sizes, dcp_options, lt_windows, dcp_candidates,
                             esize, log, dcp_shares, dcp_compute_tolerances)
-    return simulate_candidates(cands, cm, network, dtype, fused_copies, log, kernel=kernel)
+    return simulate_candidates(cands, cm, network, dtype, fused_copies, log, kernel=kernel, dcp_memory_cap=cap)
 
 
 def best_baseline(entries: dict, which: str) -> tuple[str, float]:

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 
 import dcp_backend as cp
+from dcp_backend.cost_model import load_cost_model
+from dcp_backend.dcp.config import DCPOptions
+from dcp_backend.registry import get_planner
 from dcp_backend.sim.benchmark_batches import paper_batches
 from dcp_backend.sim.compare import candidate_plans, compare_batch
-from dcp_backend.topology import Topology
 from dcp_backend.sim.simulator import compute_only_seconds, simulate_plan
+from dcp_backend.topology import Topology
 
 SPEC = cp.AttentionSpec(8, 2, 128, mask="causal")
 
@@ -99,3 +102,23 @@ def test_dcp_is_planned_at_the_shares_hybrid_gets_and_two_compute_tolerances():
     only = candidate_plans(seqlens, SPEC, Topology.grid(2, 4), backends=("dcp",), dcp_block_sizes=(512,),
                            dcp_candidates=("hypergraph",), dcp_shares=(1,), dcp_compute_tolerances=(0.1,))
     assert [c.config for c in only] == ["hypergraph block=512"]
+
+
+def test_dcp_memory_cap_against_zigzag():
+    # --dcp-memory-vs-zigzag F: DCP plans under that memory limit and keeps its fastest plan within F x zigzag's
+    # largest device, else (none fits) the fastest, marked over the limit
+    seqlens, topo = [5000, 3000, 2000, 1500, 600], Topology.grid(2, 4)
+    kw = dict(backends=("zigzag", "dcp"), dcp_block_sizes=(256, 512), dcp_candidates=("hypergraph", "ring"),
+              dcp_shares=(1,), dcp_compute_tolerances=(0.1,))
+    zig = float(max(get_planner("zigzag").plan(seqlens, SPEC, topo).stats(2).memory_bytes))
+    free = compare_batch(seqlens, SPEC, topo, "h100", "a100-p4d", "bf16", **kw)
+    assert free["zigzag"].memory_bytes == zig and not free["dcp"].over_memory_limit
+    opts = DCPOptions(cost_model=load_cost_model("h100").spec)  # what compare_batch plans with
+    mems = [float(max(c.plan.stats(2).memory_bytes))
+            for c in candidate_plans(seqlens, SPEC, topo, dcp_options=opts, **kw) if c.label == "dcp"]
+    assert min(mems) < free["dcp"].memory_bytes  # a leaner plan exists, so a cap between the two changes the pick
+    factor = (min(mems) + free["dcp"].memory_bytes) / 2 / zig
+    capped = compare_batch(seqlens, SPEC, topo, "h100", "a100-p4d", "bf16", dcp_memory_vs_zigzag=factor, **kw)
+    assert capped["dcp"].memory_bytes <= factor * zig and not capped["dcp"].over_memory_limit
+    none_fits = compare_batch(seqlens, SPEC, topo, "h100", "a100-p4d", "bf16", dcp_memory_vs_zigzag=0.01, **kw)
+    assert none_fits["dcp"].over_memory_limit and none_fits["dcp"].total_ms == free["dcp"].total_ms
