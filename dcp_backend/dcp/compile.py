@@ -22,8 +22,7 @@ from dcp_backend.dcp.blocks import BlockSet, block_bytes
 from dcp_backend.dcp.instructions import (ACC, MODEL, Attention, Comm, CommOp, DeviceProgram, Fill, Reduce,
                                           StoreSpec, Wait)
 from dcp_backend.dcp.partition import Placement
-from dcp_backend.dcp.schedule import (KIND_KV, KIND_Q, PassSchedule, Transfers, comp_inputs, receipt_busy,
-                                      receipt_of)
+from dcp_backend.dcp.schedule import KIND_KV, KIND_Q, PassSchedule, Transfers, comp_inputs, receipt_busy
 from dcp_backend.kernels.work import AttnWork
 
 # The stores of a pass: (name, dtype class, rows are [heads, head_dim]) per side, forward / backward
@@ -247,8 +246,8 @@ class _PassCompiler:
         returns the slot counts per kind of both and sets ``self.rows`` and ``self.result_start``."""
         inputs = self.inputs
         recv = np.nonzero(inputs.dst == self.device)[0]
-        launch, end, r_start, r_end = receipt_busy(self.bs, self.pl, self.sched, self.backward,
-                                                   result_send_hold(self.partial_wire))
+        launch, end, r_start, r_end, first_read = receipt_busy(self.bs, self.pl, self.sched, self.backward,
+                                                               result_send_hold(self.partial_wire))
         kinds, blocks, stages = inputs.kind[recv].tolist(), inputs.block[recv].tolist(), inputs.stage[recv].tolist()
         slots, counts = _assign_slots(list(zip(kinds, blocks, recv.tolist(), launch[recv].tolist(),
                                                end[recv].tolist())))
@@ -258,13 +257,6 @@ class _PassCompiler:
             r_start[recv][has].tolist(), r_end[recv][has].tolist())))
         # the receipts whose result rows are reset in a stage: before its attention where that reads them first,
         # else (their span starts with a partial reduced into them) before its reductions
-        first_read = np.full(len(inputs), np.iinfo(np.int64).max, dtype=np.int64)
-        mine = self.my_comps
-        comp_stage = self.sched.comp_stage[mine]
-        for kind, ids in ((KIND_Q, self.qid), (KIND_KV, self.kvid)):
-            r = receipt_of(inputs, np.full(mine.size, self.device), np.full(mine.size, kind), ids[mine], comp_stage)
-            ok = r >= 0
-            np.minimum.at(first_read, r[ok], comp_stage[ok])
         self.result_start = {}  # (stage, before its attention?) -> receipts
         for r in recv[has].tolist():
             t = int(r_start[r])
@@ -562,7 +554,7 @@ def pass_memory_bytes(bs: BlockSet, pl: Placement, sched: PassSchedule, backward
     # slots: busy intervals [start, end] of every receipt, the most busy at once per (device, kind), for the
     # input stores and the result stores
     inputs, outputs = sched.inputs, sched.outputs
-    launch, end, r_start, r_end = receipt_busy(bs, pl, sched, backward, result_send_hold(partial_wire))
+    launch, end, r_start, r_end, _ = receipt_busy(bs, pl, sched, backward, result_send_hold(partial_wire))
     for part, start, stop in (("input", launch, end), ("result", r_start, r_end)):
         row = row_bytes(bs, backward, element_size, part)
         has = r_end >= 0 if part == "result" else np.ones(len(inputs), dtype=bool)

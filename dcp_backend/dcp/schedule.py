@@ -117,7 +117,7 @@ def receipt_of(inputs: Transfers, dev, kind, block, stage) -> np.ndarray:
 
 
 def receipt_busy(bs: BlockSet, pl: Placement, sched: "PassSchedule", backward: bool, hold: int):
-    """Per input transfer (a *receipt*), the stages its rows are busy on its receiver, as four arrays:
+    """Per input transfer (a *receipt*), the stages its rows are busy on its receiver, as five arrays:
 
     * ``launch``, ``input_end``: its input rows (q, and backward out/dout/lse; or k/v) from the stage its
       receiver launches it (``stage - 1``) to its last reader and the forwards launched from it;
@@ -125,7 +125,8 @@ def receipt_busy(bs: BlockSet, pl: Placement, sched: "PassSchedule", backward: b
       results, from the first stage that computes into them or reduces a received partial into them (the
       stage after that partial's key) to its last reader, those reductions and its result sends (readers and
       sends plus ``hold``: a partial sent in place is read until its wait); ``result_start`` is -1 where the
-      receipt has no result rows.
+      receipt has no result rows;
+    * ``first_read``: the first stage that computes with it (a large number where none does).
 
     Each use is mapped to its receipt by :func:`receipt_of`. Cached on the schedule (the compiler asks once per
     device)."""
@@ -138,6 +139,7 @@ def receipt_busy(bs: BlockSet, pl: Placement, sched: "PassSchedule", backward: b
     end = launch.copy()
     r_start = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
     r_end = np.full(n, -1, dtype=np.int64)
+    first_read = r_start.copy()
     if n:
         qid, kvid = comp_inputs(bs)
         dev, st = pl.comp_device, sched.comp_stage
@@ -146,6 +148,7 @@ def receipt_busy(bs: BlockSet, pl: Placement, sched: "PassSchedule", backward: b
             r = receipt_of(inputs, dev, np.full(dev.size, kind), ids, st)
             ok = r >= 0
             np.maximum.at(end, r[ok], st[ok])
+            np.minimum.at(first_read, r[ok], st[ok])
             if has_results[kind]:
                 np.minimum.at(r_start, r[ok], st[ok])
                 np.maximum.at(r_end, r[ok], st[ok] + hold)
@@ -161,7 +164,7 @@ def receipt_busy(bs: BlockSet, pl: Placement, sched: "PassSchedule", backward: b
             np.minimum.at(r_start, r[ok], outputs.stage[ok] + 1)
             np.maximum.at(r_end, r[ok], outputs.stage[ok] + 1)
     r_start = np.where(r_end >= 0, r_start, -1)
-    cache[(backward, hold)] = (launch, end, r_start, r_end)
+    cache[(backward, hold)] = (launch, end, r_start, r_end, first_read)
     return cache[(backward, hold)]
 
 
