@@ -55,8 +55,9 @@ class DCPOptions(KernelOptions):
     placement: str = option("hypergraph", "hypergraph (Mt-KaHyPar), zigzag (static snake-dealt blocks, "
                                           "computation on the query owner), zigzag2d (LoongTrain's layout: "
                                           "head groups x snake-dealt blocks) or auto (plan both, the hypergraph also at "
-                                          "twice compute_imbalance, and a 2D zigzag; simulate them with the cost "
-                                          "model, keep the fastest)")
+                                          "twice compute_imbalance, and a 2D zigzag, the hypergraph and 2D zigzag "
+                                          "also with the other schedule; simulate them with the cost model, keep "
+                                          "the fastest within memory_limit)")
 
     placement_seeds: str = option("structured", "structured (the hypergraph placement is compared with the "
                                                 "zigzag, node-packed and 2D zigzag placements of the same blocks, "

@@ -66,7 +66,7 @@ def auto_candidates(spec: AttentionSpec, options: DCPOptions, topology: Topology
     several devices the hypergraph plan at ``AUTO_LOOSE_COMPUTE`` times the compute tolerance (a looser
     balance may cut fewer bytes across nodes; which wins varies by batch), the hypergraph plan with the other
     schedule (``stages`` / ``ring``: the ring wins under a memory limit on batches of a few long documents), the
-    zigzag plan and (with several head blocks per node) the 2D zigzag plan."""
+    zigzag plan and (with several head blocks per node) the 2D zigzag plan with either schedule."""
     if topology.world_size == 1:
         return {"hypergraph": ("hypergraph", options)}
     loose = dataclasses.replace(options, compute_imbalance=AUTO_LOOSE_COMPUTE * options.compute_imbalance)
@@ -76,6 +76,7 @@ def auto_candidates(spec: AttentionSpec, options: DCPOptions, topology: Topology
            "zigzag": ("zigzag", options)}
     if head_parallel_degree(spec, options, topology) > 1:
         out["zigzag2d"] = ("zigzag2d", options)
+        out[f"zigzag2d_{other}"] = ("zigzag2d", dataclasses.replace(options, schedule=other))
     return out
 
 
