@@ -73,8 +73,11 @@ class PreparedProgram:
         if isinstance(ins, Wait):
             return ("wait", ins.key)
         if isinstance(ins, Attention):
-            return ("attn", ins.backward, t(ins.q_rows), t(ins.kv_rows), ins.work, self._fresh(ins),
-                    t(ins.q_out_rows), t(ins.kv_out_rows))
+            q, kv = t(ins.q_rows), t(ins.kv_rows)
+            # result rows: the input rows' table where they are the same rows (blocks the device owns)
+            q_out = q if np.array_equal(ins.q_out_rows, ins.q_rows) else t(ins.q_out_rows)
+            kv_out = kv if np.array_equal(ins.kv_out_rows, ins.kv_rows) else t(ins.kv_out_rows)
+            return ("attn", ins.backward, q, kv, ins.work, self._fresh(ins), q_out, kv_out)
         if isinstance(ins, Fill):
             return ("fill", ins.stores, t(ins.rows))
         if isinstance(ins, Reduce):

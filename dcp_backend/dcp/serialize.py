@@ -168,12 +168,12 @@ def deserialize(data: bytes) -> DCPPlan:
                 p.instructions.append(Wait(i["key"]))
             elif t == "attn":
                 work = AttnWork(A(i["cu_q"]), A(i["cu_k"]), A(i["ranges"]))
+                out_rows = [A(i[k]) if k in i else None for k in ("q_out_rows", "kv_out_rows")]  # not in 1-2
                 p.instructions.append(Attention(i["stage"], A(i["q_rows"]), A(i["kv_rows"]), work, A(i["comps"]),
-                                                i["backward"], A(i["fresh"]), *(A(i[k]) if k in i else None
-                                                                   for k in ("q_out_rows", "kv_out_rows"))))
+                                                i["backward"], A(i["fresh"]), *out_rows))
             elif t == "fill":
-                p.instructions.append(Fill(tuple(i["stores"]), A(i["rows"]),
-                                           A(i["of_rows"]) if "of_rows" in i else None))
+                of_rows = A(i["of_rows"]) if "of_rows" in i else None  # not in versions 1-2
+                p.instructions.append(Fill(tuple(i["stores"]), A(i["rows"]), of_rows))
             elif t == "reduce":
                 p.instructions.append(Reduce(i["op"], tuple(i["src"]), tuple(i["dst"]), A(i["src_rows"]),
                                              A(i["dst_rows"])))

@@ -258,6 +258,8 @@ def _attention(dev, i, ins: Attention, h, backward):
     ksum = (pk[e] - pk[s]).sum(1)
     if ins.q_out_rows.size != ins.q_rows.size or ins.kv_out_rows.size != ins.kv_rows.size:
         _fail(dev, i, "result and input row lists of an attention differ in length")
+    if np.unique(ins.q_out_rows).size != ins.q_out_rows.size:
+        _fail(dev, i, "a result row appears in two segments of one attention call")
     if not backward:
         rows = ins.q_out_rows
         _write(dev, i, "o", rows, "attention output")
@@ -273,8 +275,6 @@ def _attention(dev, i, ins: Attention, h, backward):
         if ins.fresh.size:
             _fail(dev, i, "a backward attention writes rows instead of accumulating")
         rows = ins.q_out_rows
-        if np.unique(rows).size != rows.size:
-            _fail(dev, i, "a dq row appears in two segments of one attention call")
         _write(dev, i, "dq", rows, "attention dq")
         for name in ("dq",):
             if not np.array_equal(dev.ident[name][rows], qid):
