@@ -508,25 +508,28 @@ def result_send_hold(partial_wire: str) -> int:
     return 0 if partial_wire == MODEL else 1
 
 
-def row_bytes(bs: BlockSet, backward: bool, element_size: int, part: str = "all") -> dict:
-    """Bytes of one row of the stores of a side together, per kind: all of them, or only its ``"input"`` or
-    ``"result"`` stores (which have slots of their own)."""
-    h, d = bs.heads, bs.spec.head_dim
+def _store_row_bytes(heads: dict, head_dim: int, backward: bool, element_size: int, part: str = "all") -> dict:
+    """Bytes of one row of a pass's stores, per kind, with ``heads[kind]`` heads per row: all stores, or only
+    the ``"input"`` or ``"result"`` ones (which have slots of their own)."""
     size = {MODEL: element_size, ACC: acc_element_size(element_size)}
-    per = {KIND_Q: h.hb, KIND_KV: h.khb}
     results = {name for names, _ in (BWD_RESULT if backward else FWD_RESULT).values() for name in names}
     keep = {"all": lambda name: True, "input": lambda name: name not in results,
             "result": lambda name: name in results}[part]
-    return {kind: sum(per[kind] * (d if wd else 1) * size[c] for name, c, wd in STORES[backward][kind] if keep(name))
-            for kind in (KIND_Q, KIND_KV)}
+    return {kind: sum(heads[kind] * (head_dim if wd else 1) * size[c]
+                      for name, c, wd in STORES[backward][kind] if keep(name)) for kind in (KIND_Q, KIND_KV)}
+
+
+def row_bytes(bs: BlockSet, backward: bool, element_size: int, part: str = "all") -> dict:
+    """Bytes of one row (a token of one head block) of the stores of a side together, per kind: all of them,
+    or only its ``"input"`` or ``"result"`` stores."""
+    return _store_row_bytes({KIND_Q: bs.heads.hb, KIND_KV: bs.heads.khb}, bs.spec.head_dim, backward,
+                            element_size, part)
 
 
 def token_bytes(spec, backward: bool, element_size: int = 2) -> int:
     """Bytes of one token in every store of a pass, all heads: what a device pays per token it owns."""
-    size = {MODEL: element_size, ACC: acc_element_size(element_size)}
-    heads = {KIND_Q: spec.num_heads, KIND_KV: spec.num_kv_heads}
-    return sum(heads[kind] * (spec.head_dim if wd else 1) * size[c]
-               for kind in (KIND_Q, KIND_KV) for _, c, wd in STORES[backward][kind])
+    return sum(_store_row_bytes({KIND_Q: spec.num_heads, KIND_KV: spec.num_kv_heads}, spec.head_dim, backward,
+                                element_size).values())
 
 
 def own_memory_bytes(bs: BlockSet, pl: Placement, backward: bool, element_size: int = 2) -> np.ndarray:
