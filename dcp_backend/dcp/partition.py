@@ -11,7 +11,9 @@ Hypergraph (built vectorised from a :class:`~dcp_backend.dcp.blocks.BlockSet`):
 
 Mt-KaHyPar (deterministic preset, fixed seed) partitions first across nodes, then across the devices of
 each node (data of other nodes used there join the node's graph as light vertices, so the partitioner
-also picks the device that receives them). Mt-KaHyPar takes one weight per vertex, so it balances a
+also picks the device that receives them). The within-node calls use the same preset with a quarter of the
+initial-partitioning runs (``mtkahypar_within_node.ini``): they decide only NVLink traffic, and on 128K-token
+batches at 4 x 8 they were most of the planning time. Mt-KaHyPar takes one weight per vertex, so it balances a
 normalised, compute-dominant sum of compute and memory; a second pass (:func:`rebalance`) then enforces the two limits
 separately (compute within ``compute_imbalance``, tokens within ``memory_imbalance``) with greedy
 moves of least km1 increase per unit of load moved. The compute limit is therefore a real constraint,
@@ -19,6 +21,7 @@ not a side effect of memory weights (the published planner's weights collapsed t
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +34,9 @@ _SCALE = 1_000_000
 # acceptance batch, single long documents and LDC/LongAlign 64K batches at 4x8: 0.9 moved 10-40% fewer
 # bytes across nodes than an even 0.5 split, at the same final balance.
 COMPUTE_SHARE = 0.9
+# Mt-KaHyPar context of the within-node partitions: the deterministic preset with 5 initial-partitioning runs
+# instead of 20 (measured in docs/BENCHMARKS.md, "Planning time: lighter within-node partitions").
+WITHIN_NODE_CONTEXT = os.path.join(os.path.dirname(__file__), "mtkahypar_within_node.ini")
 
 
 def _mtk():
@@ -140,8 +146,20 @@ def _int_weights(x: np.ndarray, total: int) -> np.ndarray:
     return np.maximum(1, np.round(x * (total / s))).astype(np.int64)
 
 
-def mtkahypar_partition(hg: Hypergraph, vertex_weight: np.ndarray, k: int, epsilon: float, seed: int) -> np.ndarray:
-    """Partition into ``k`` blocks minimising km1 with Mt-KaHyPar's deterministic preset."""
+def mtkahypar_context(within_node: bool = False):
+    """Mt-KaHyPar's deterministic preset, or for within-node partitions the same with fewer
+    initial-partitioning runs (``WITHIN_NODE_CONTEXT``). Both give the same partition on every machine."""
+    import mtkahypar
+
+    mtk = _mtk()
+    if within_node:
+        return mtk.context_from_file(WITHIN_NODE_CONTEXT)
+    return mtk.context_from_preset(mtkahypar.PresetType.DETERMINISTIC)
+
+
+def mtkahypar_partition(hg: Hypergraph, vertex_weight: np.ndarray, k: int, epsilon: float, seed: int,
+                        within_node: bool = False) -> np.ndarray:
+    """Partition into ``k`` blocks minimising km1 with Mt-KaHyPar (:func:`mtkahypar_context`)."""
     import mtkahypar
 
     if k == 1 or hg.num_vertices == 0:
@@ -149,7 +167,7 @@ def mtkahypar_partition(hg: Hypergraph, vertex_weight: np.ndarray, k: int, epsil
     if hg.num_vertices <= k:  # nothing to optimise: one vertex per block
         return np.arange(hg.num_vertices, dtype=np.int64)
     mtk = _mtk()
-    ctx = mtk.context_from_preset(mtkahypar.PresetType.DETERMINISTIC)
+    ctx = mtkahypar_context(within_node)
     ctx.set_partitioning_parameters(k, max(float(epsilon), 0.01), mtkahypar.Objective.KM1)
     ctx.logging = False
     mtkahypar.set_seed(int(seed))
@@ -231,7 +249,7 @@ def place(bs: BlockSet, comp_cost: np.ndarray, num_devices: int, devices_per_nod
                 sub, old = hg.subgraph(keep)
                 w = np.where(local[old], weight[old], 0.0)
                 w = np.maximum(w, 1e-9 * max(w.max(), 1e-30))
-                part = mtkahypar_partition(sub, w, devices_per_node, eps, seed + 1 + n)
+                part = mtkahypar_partition(sub, w, devices_per_node, eps, seed + 1 + n, within_node=True)
                 sel = local[old]
                 device[old[sel]] = n * devices_per_node + part[sel]
         comp_dev, owner = device[:n_comp], device[n_comp:]

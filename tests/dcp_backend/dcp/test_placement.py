@@ -1,6 +1,6 @@
 """DCP planning properties without running anything: the seeded placement never crosses the network more
 than the structured placements repaired under the same limits (and its predicted inter-node bytes are
-exactly the compiled plan's); hierarchical routing crosses each input once per node and reduces partials
+exactly the compiled plan's); the within-node partitioner context is Mt-KaHyPar's deterministic preset but for its initial runs; hierarchical routing crosses each input once per node and reduces partials
 inside a node; the memory estimate equals the compiled stores and transfer buffers; an explicit memory limit
 is met or refused."""
 import numpy as np
@@ -11,7 +11,7 @@ from dcp_backend.batch import PackedBatch
 from dcp_backend.dcp.candidates import structured_placements
 from dcp_backend.dcp.compile import own_memory_bytes, pass_buffer_bytes, pass_memory_bytes
 from dcp_backend.dcp.config import DCPOptions
-from dcp_backend.dcp.partition import Placement, build_hypergraph, placement_costs, rebalance
+from dcp_backend.dcp.partition import Placement, build_hypergraph, mtkahypar_context, placement_costs, rebalance
 from dcp_backend.dcp.plan import pair_cost, partial_wire, plan_from_placement
 from dcp_backend.dcp.planner import make_plan
 from dcp_backend.dcp.stats import program_buffer_bytes, program_memory_bytes
@@ -57,6 +57,24 @@ def test_seeded_placement_never_crosses_more_than_a_structured_one(nodes, dpn):
             if st.compute_imbalance <= limits[0] and st.memory_imbalance <= limits[1]:
                 assert within, (seqlens, name)
                 assert _inter(plan) <= _inter(other), (seqlens, name, _inter(plan), _inter(other))
+
+
+def test_within_node_context_is_the_deterministic_preset_but_for_its_initial_runs(capfd):
+    """The shipped .ini reproduces Mt-KaHyPar's deterministic preset (as the library prints it) except the
+    number of initial-partitioning runs; k and epsilon are set per call on both."""
+    import mtkahypar
+
+    printed = []
+    for within_node in (False, True):
+        ctx = mtkahypar_context(within_node)
+        ctx.set_partitioning_parameters(8, 0.1, mtkahypar.Objective.KM1)
+        capfd.readouterr()
+        ctx.print_configuration()
+        printed.append(capfd.readouterr().out.splitlines())
+    preset, ours = printed
+    assert len(preset) == len(ours) > 40 and any("deterministic" in line for line in ours)
+    differ = [(a.split(), b.split()) for a, b in zip(preset, ours) if a != b]
+    assert differ == [(["Number", "of", "Runs:", "20"], ["Number", "of", "Runs:", "5"])]
 
 
 def test_one_long_document_crosses_no_more_than_its_zigzag_placement():
