@@ -106,10 +106,11 @@ def test_dcp_is_planned_at_the_shares_hybrid_gets_and_two_compute_tolerances():
 
 def test_dcp_memory_cap_against_zigzag():
     # --dcp-memory-vs-zigzag F: DCP plans under that memory limit and keeps its fastest plan within F x zigzag's
-    # largest device, else (none fits) the fastest, marked over the limit
+    # largest device, else (none fits) the fastest, marked over the limit. Both token shares, as simulate.py
+    # plans: the 2x share is the faster and the larger here, so a cap between the two changes the pick.
     seqlens, topo = [5000, 3000, 2000, 1500, 600], Topology.grid(2, 4)
     kw = dict(backends=("zigzag", "dcp"), dcp_block_sizes=(256, 512), dcp_candidates=("hypergraph", "ring"),
-              dcp_shares=(1,), dcp_compute_tolerances=(0.1,))
+              dcp_shares=(1, 2), dcp_compute_tolerances=(0.1,))
     zig = float(max(get_planner("zigzag").plan(seqlens, SPEC, topo).stats(2).memory_bytes))
     free = compare_batch(seqlens, SPEC, topo, "h100", "a100-p4d", "bf16", **kw)
     assert free["zigzag"].memory_bytes == zig and not free["dcp"].over_memory_limit
