@@ -22,6 +22,7 @@ not a side effect of memory weights (the published planner's weights collapsed t
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,12 +149,19 @@ def _int_weights(x: np.ndarray, total: int) -> np.ndarray:
 
 def mtkahypar_context(within_node: bool = False):
     """Mt-KaHyPar's deterministic preset, or for within-node partitions the same with fewer
-    initial-partitioning runs (``WITHIN_NODE_CONTEXT``). Both give the same partition on every machine."""
+    initial-partitioning runs (``WITHIN_NODE_CONTEXT``). Both give the same partition on every machine.
+    A Mt-KaHyPar that cannot read the file (another version's option names) gets the preset, with a warning:
+    planning is then slower, never different between ranks."""
     import mtkahypar
 
     mtk = _mtk()
     if within_node:
-        return mtk.context_from_file(WITHIN_NODE_CONTEXT)
+        try:
+            return mtk.context_from_file(WITHIN_NODE_CONTEXT)
+        except (mtkahypar.InvalidParameterError, mtkahypar.InvalidInputError) as exc:
+            warnings.warn(f"dcp: Mt-KaHyPar could not read {WITHIN_NODE_CONTEXT} ({str(exc).strip()}); within-node "
+                          f"partitions use its deterministic preset instead (slower planning). mtkahypar 1.7 reads "
+                          f"it; tests/dcp_backend/dcp/test_placement.py checks it against the installed version")
     return mtk.context_from_preset(mtkahypar.PresetType.DETERMINISTIC)
 
 

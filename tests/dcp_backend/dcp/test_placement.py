@@ -77,6 +77,23 @@ def test_within_node_context_is_the_deterministic_preset_but_for_its_initial_run
     assert differ == [(["Number", "of", "Runs:", "20"], ["Number", "of", "Runs:", "5"])]
 
 
+def test_an_unreadable_within_node_context_falls_back_to_the_preset(tmp_path, monkeypatch, capfd):
+    """Another Mt-KaHyPar's option names: a warning naming the file, then the deterministic preset."""
+    import mtkahypar
+
+    from dcp_backend.dcp import partition
+
+    bad = tmp_path / "other_version.ini"
+    bad.write_text("preset-type=deterministic\nan-option-this-version-lacks=3\n")
+    monkeypatch.setattr(partition, "WITHIN_NODE_CONTEXT", str(bad))
+    with pytest.warns(UserWarning, match="other_version.ini"):
+        ctx = mtkahypar_context(within_node=True)
+    ctx.set_partitioning_parameters(8, 0.1, mtkahypar.Objective.KM1)
+    capfd.readouterr()
+    ctx.print_configuration()
+    assert any(line.split() == ["Number", "of", "Runs:", "20"] for line in capfd.readouterr().out.splitlines())
+
+
 def test_one_long_document_crosses_no_more_than_its_zigzag_placement():
     """The issue's case: one causal document much longer than a node's share."""
     topo = cp.Topology(8, 4)
