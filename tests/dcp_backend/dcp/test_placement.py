@@ -1,6 +1,7 @@
 """DCP planning properties without running anything: the seeded placement never crosses the network more
 than the structured placements repaired under the same limits (and its predicted inter-node bytes are
-exactly the compiled plan's); the within-node partitioner context is Mt-KaHyPar's deterministic preset but for its initial runs; hierarchical routing crosses each input once per node and reduces partials
+exactly the compiled plan's); the within-node partitioner context is Mt-KaHyPar's deterministic preset but
+for its initial runs; hierarchical routing crosses each input once per node and reduces partials
 inside a node; the memory estimate equals the compiled stores and transfer buffers; an explicit memory limit
 is met or refused."""
 import numpy as np
@@ -59,19 +60,20 @@ def test_seeded_placement_never_crosses_more_than_a_structured_one(nodes, dpn):
                 assert _inter(plan) <= _inter(other), (seqlens, name, _inter(plan), _inter(other))
 
 
+def _printed_configuration(ctx, capfd) -> list[str]:
+    """The lines Mt-KaHyPar prints for a context (from C++, hence capfd), with k and epsilon set as a call does."""
+    import mtkahypar
+
+    ctx.set_partitioning_parameters(8, 0.1, mtkahypar.Objective.KM1)
+    capfd.readouterr()
+    ctx.print_configuration()
+    return capfd.readouterr().out.splitlines()
+
+
 def test_within_node_context_is_the_deterministic_preset_but_for_its_initial_runs(capfd):
     """The shipped .ini reproduces Mt-KaHyPar's deterministic preset (as the library prints it) except the
     number of initial-partitioning runs; k and epsilon are set per call on both."""
-    import mtkahypar
-
-    printed = []
-    for within_node in (False, True):
-        ctx = mtkahypar_context(within_node)
-        ctx.set_partitioning_parameters(8, 0.1, mtkahypar.Objective.KM1)
-        capfd.readouterr()
-        ctx.print_configuration()
-        printed.append(capfd.readouterr().out.splitlines())
-    preset, ours = printed
+    preset, ours = (_printed_configuration(mtkahypar_context(within_node), capfd) for within_node in (False, True))
     assert len(preset) == len(ours) > 40 and any("deterministic" in line for line in ours)
     differ = [(a.split(), b.split()) for a, b in zip(preset, ours) if a != b]
     assert differ == [(["Number", "of", "Runs:", "20"], ["Number", "of", "Runs:", "5"])]
@@ -79,8 +81,6 @@ def test_within_node_context_is_the_deterministic_preset_but_for_its_initial_run
 
 def test_an_unreadable_within_node_context_falls_back_to_the_preset(tmp_path, monkeypatch, capfd):
     """Another Mt-KaHyPar's option names: a warning naming the file, then the deterministic preset."""
-    import mtkahypar
-
     from dcp_backend.dcp import partition
 
     bad = tmp_path / "other_version.ini"
@@ -88,10 +88,7 @@ def test_an_unreadable_within_node_context_falls_back_to_the_preset(tmp_path, mo
     monkeypatch.setattr(partition, "WITHIN_NODE_CONTEXT", str(bad))
     with pytest.warns(UserWarning, match="other_version.ini"):
         ctx = mtkahypar_context(within_node=True)
-    ctx.set_partitioning_parameters(8, 0.1, mtkahypar.Objective.KM1)
-    capfd.readouterr()
-    ctx.print_configuration()
-    assert any(line.split() == ["Number", "of", "Runs:", "20"] for line in capfd.readouterr().out.splitlines())
+    assert ["Number", "of", "Runs:", "20"] in [line.split() for line in _printed_configuration(ctx, capfd)]
 
 
 def test_one_long_document_crosses_no_more_than_its_zigzag_placement():
